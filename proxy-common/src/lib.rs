@@ -1,0 +1,191 @@
+//! Map keys and values shared by the eBPF datapath (`proxy-ebpf`) and the node daemon (`proxy`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree on the byte layout.
+//! Addresses and ports are stored in network byte order, exactly as they appear in packets,
+//! so the datapath never converts them.
+#![no_std]
+
+/// Names of the maps, as pinned under the daemon's bpffs directory.
+pub mod names {
+    pub const SERVICES: &str = "FERRY_SERVICES";
+    pub const BACKENDS: &str = "FERRY_BACKENDS";
+    pub const REV_NAT: &str = "FERRY_REV_NAT";
+    pub const CONNTRACK: &str = "FERRY_CT";
+    pub const AFFINITY: &str = "FERRY_AFFINITY";
+    pub const STATS: &str = "FERRY_STATS";
+    pub const CONFIG: &str = "FERRY_CONFIG";
+    /// The tc classifier attached to the ingress of pod and node interfaces.
+    pub const PROG_INGRESS: &str = "ferry_ingress";
+}
+
+/// Map sizes. The daemon refuses input that would not fit instead of half-programming a map.
+pub mod limits {
+    pub const SERVICES: u32 = 1 << 19;
+    pub const BACKENDS: u32 = 1 << 18;
+    pub const REV_NAT: u32 = 1 << 16;
+    pub const CONNTRACK: u32 = 1 << 18;
+    pub const AFFINITY: u32 = 1 << 16;
+    /// Largest backend count of one frontend (slots 1..=MAX_BACKENDS).
+    pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
+}
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of the service map: one frontend (address, port, protocol) and a slot.
+/// Slot 0 is the frontend's header (backend count, flags); slots 1..=count name backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub slot: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl ServiceKey {
+    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr,
+            port,
+            slot,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Service flag: ClientIP session affinity is on; `affinity_timeout` holds its seconds.
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 0;
+/// Service flag: the frontend is a NodePort (reported in stats and logs only).
+pub const SVC_FLAG_NODEPORT: u16 = 1 << 1;
+
+/// Value of the service map. In slot 0: `count`, `flags`, `rev_nat_id`, `affinity_timeout`.
+/// In slots 1..=count: `backend_id` (and `rev_nat_id`, repeated for convenience).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub affinity_timeout: u32,
+}
+
+/// Value of the backend map, keyed by a `u32` backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the reverse-NAT map, keyed by a `u16` rev-NAT id: the frontend a reply must appear from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevNat {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Conntrack direction: the tuple of a client's packets towards the frontend.
+pub const CT_DIR_FORWARD: u8 = 0;
+/// Conntrack direction: the tuple of the backend's replies, after translation.
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of the conntrack map (LRU hash), the 5-tuple as seen in the packet plus a direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A TCP SYN was seen from the client (entry is in its opening phase).
+pub const CT_FLAG_SYN: u16 = 1 << 0;
+/// The connection is established (a non-SYN packet was seen after the SYN).
+pub const CT_FLAG_ESTABLISHED: u16 = 1 << 1;
+/// A FIN or RST was seen: the entry lives only for the short close timeout.
+pub const CT_FLAG_CLOSING: u16 = 1 << 2;
+/// The client is its own backend: the source is translated to the hairpin address.
+pub const CT_FLAG_HAIRPIN: u16 = 1 << 3;
+
+/// Value of the conntrack map.
+/// Forward entries: `nat_addr:nat_port` is the backend the flow was sent to.
+/// Reply entries: `nat_addr:nat_port` is the client (used to undo the hairpin source translation);
+/// `rev_nat_id` names the frontend the reply must appear from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub backend_id: u32,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub rev_nat_id: u16,
+    pub flags: u16,
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the entry is garbage.
+    pub expires: u64,
+}
+
+/// Conntrack lifetimes, in seconds (the same figures Cilium uses by default).
+pub mod ct_timeout {
+    pub const TCP_SYN: u64 = 60;
+    pub const TCP_ESTABLISHED: u64 = 21_600;
+    pub const TCP_CLOSE: u64 = 10;
+    pub const UDP: u64 = 60;
+}
+
+/// Key of the session-affinity map (LRU hash).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// Value of the session-affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last new flow that used this entry.
+    pub last_used: u64,
+}
+
+/// Per-CPU packet and byte counters of one frontend, indexed by rev-NAT id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Index in the config array: the hairpin source address (network order).
+pub const CONFIG_HAIRPIN_ADDR: u32 = 0;
+pub const CONFIG_LEN: u32 = 4;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for ServiceStats {}
+}

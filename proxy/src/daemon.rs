@@ -1,0 +1,169 @@
+//! The node daemon's main loop: input changes become map writes, links get the program,
+//! conntrack is collected and counters are exported.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::conntrack;
+use crate::datapath::Datapath;
+use crate::links::{self, Globs, LinkEvent};
+use crate::metrics::{FrontendLabels, Metrics};
+use crate::model::{desired_state, NodeInfo, Snapshot};
+use crate::reconcile::Reconciler;
+use crate::source::ServiceSource;
+
+pub struct Config {
+    pub interfaces: Globs,
+    pub node_name: String,
+    /// NodePort addresses; empty: every address of the node's non-pod interfaces.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub pin_dir: PathBuf,
+    pub hairpin_ip: Ipv4Addr,
+    pub metrics_addr: SocketAddr,
+    pub healthz_addr: SocketAddr,
+    pub gc_interval: Duration,
+}
+
+struct Daemon {
+    datapath: Datapath,
+    reconciler: Reconciler,
+    metrics: Arc<Metrics>,
+    node: NodeInfo,
+    attached: BTreeSet<String>,
+}
+
+impl Daemon {
+    fn sync(&mut self, snapshot: &Snapshot, source: &impl ServiceSource) -> Result<()> {
+        let start = Instant::now();
+        let desired = desired_state(snapshot, &self.node, source.strictness())?;
+        let stats = self.reconciler.apply(&mut self.datapath.maps, &desired)?;
+        let took = start.elapsed();
+        let m = &self.metrics;
+        m.sync_duration.observe(took.as_secs_f64());
+        m.syncs.inc();
+        m.map_writes.inc_by(stats.writes);
+        m.last_sync_writes.set(stats.writes as i64);
+        m.frontends.set(self.reconciler.frontend_count() as i64);
+        m.backends.set(self.reconciler.backend_count() as i64);
+        m.last_sync
+            .store(crate::metrics::unix_now(), Ordering::Relaxed);
+        info!(
+            services = snapshot.services.len(),
+            slices = snapshot.slices.len(),
+            frontends = desired.len(),
+            changed = stats.frontends_changed,
+            removed = stats.frontends_removed,
+            map_writes = stats.writes,
+            conntrack_flushed = stats.conntrack_flushed,
+            took_ms = took.as_secs_f64() * 1000.0,
+            "datapath in sync"
+        );
+        Ok(())
+    }
+
+    fn link_event(&mut self, ev: LinkEvent, globs: &Globs) {
+        match ev {
+            LinkEvent::Present(name) if globs.matches(&name) && !self.attached.contains(&name) => {
+                match self.datapath.attach(&name) {
+                    Ok(()) => {
+                        self.attached.insert(name);
+                    }
+                    // The link may be gone already, or not up yet in its namespace move.
+                    Err(e) => warn!(ifname = %name, "attach failed: {e:#}"),
+                }
+            }
+            LinkEvent::Gone(name) => {
+                if self.attached.remove(&name) {
+                    info!(ifname = %name, "interface gone");
+                    self.datapath.forget_links_except(&self.attached);
+                }
+            }
+            LinkEvent::Present(_) => {}
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        match conntrack::gc(&mut self.datapath.maps, conntrack::monotonic_ns()) {
+            Ok(s) => {
+                self.metrics.conntrack_entries.set(s.connections as i64);
+                self.metrics.conntrack_gc_removed.inc_by(s.removed as u64);
+            }
+            Err(e) => warn!("conntrack gc: {e:#}"),
+        }
+        let mut live = std::collections::HashSet::new();
+        for (rev, service, fe) in self.reconciler.frontends() {
+            let labels = FrontendLabels {
+                service: service.to_string(),
+                frontend: fe.to_string(),
+            };
+            if let Ok(s) = self.datapath.maps.stats(rev) {
+                self.metrics.observe_stats(labels.clone(), s);
+            }
+            live.insert(labels);
+        }
+        self.metrics.retain_frontends(&|l| live.contains(l));
+    }
+}
+
+pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
+    let node_ips = if cfg.node_ips.is_empty() {
+        links::node_addresses(&cfg.interfaces).await?
+    } else {
+        cfg.node_ips.clone()
+    };
+    info!(node = %cfg.node_name, node_ips = ?node_ips, "starting ferry-proxy");
+    let mut datapath = Datapath::load(&cfg.pin_dir, cfg.hairpin_ip)?;
+    let reconciler =
+        Reconciler::recover(&mut datapath.maps).context("recovering state from pinned maps")?;
+    let metrics = Metrics::new();
+    metrics.frontends.set(reconciler.frontend_count() as i64);
+    crate::metrics::spawn_servers(metrics.clone(), cfg.metrics_addr, cfg.healthz_addr);
+    let mut d = Daemon {
+        datapath,
+        reconciler,
+        metrics,
+        node: NodeInfo {
+            name: cfg.node_name.clone(),
+            addresses: node_ips,
+        },
+        attached: BTreeSet::new(),
+    };
+
+    let (tx, mut link_rx) = mpsc::unbounded_channel();
+    let watcher = tokio::spawn(async move {
+        if let Err(e) = links::watch(tx).await {
+            error!("link watcher: {e:#}");
+        }
+    });
+    let mut gc = tokio::time::interval(cfg.gc_interval);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            snap = source.next() => match snap.map_err(anyhow::Error::from).and_then(|s| d.sync(&s, &source)) {
+                Ok(()) => {}
+                Err(e) => {
+                    d.metrics.sync_errors.inc();
+                    error!("input rejected, the datapath keeps its last good state: {e:#}");
+                }
+            },
+            Some(ev) = link_rx.recv() => d.link_event(ev, &cfg.interfaces),
+            _ = gc.tick() => d.housekeeping(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    watcher.abort();
+    info!("stopping; programs and maps stay pinned so traffic keeps flowing (use --cleanup to remove them)");
+    Ok(())
+}

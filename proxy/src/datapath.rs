@@ -1,0 +1,317 @@
+//! Loading the eBPF datapath, pinning it under bpffs and attaching it to interfaces.
+//!
+//! Layout under the pin directory (default /sys/fs/bpf/ferry):
+//! - `maps/FERRY_*`: every map, reused by the next daemon, so conntrack survives a restart;
+//! - `prog_ingress`: the tc program;
+//! - `links/<ifname>`: one TCX link per attached interface. A restarted daemon swaps its new
+//!   program into the existing link atomically (bpf_link_update), so no packet goes untranslated.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
+use proxy_common::{
+    names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceStats,
+    ServiceValue, CONFIG_HAIRPIN_ADDR,
+};
+use tracing::{debug, info};
+
+use crate::reconcile::DatapathMaps;
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf"));
+
+const BPFFS_MAGIC: i64 = 0xcafe4a11;
+
+/// Mounts bpffs on /sys/fs/bpf when it is not mounted yet.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) {
+        return Ok(());
+    }
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new("/sys/fs/bpf")?;
+    fs::create_dir_all(root).ok();
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPFFS_MAGIC {
+        return Ok(());
+    }
+    info!("mounting bpffs on /sys/fs/bpf");
+    let fstype = std::ffi::CString::new("bpf")?;
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            c.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("mount -t bpf bpf /sys/fs/bpf (Ferry needs root)");
+    }
+    Ok(())
+}
+
+/// The loaded datapath: the program and handles on every map.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    pub maps: Maps,
+}
+
+pub struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u16, RevNat>,
+    ct: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    stats: PerCpuArray<MapData, ServiceStats>,
+    config: Array<MapData, u32>,
+    nr_cpus: usize,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Datapath {
+    /// Loads the program, reusing maps pinned by an earlier daemon.
+    pub fn load(pin_dir: &Path, hairpin_addr: std::net::Ipv4Addr) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        let map_dir = pin_dir.join("maps");
+        fs::create_dir_all(&map_dir).with_context(|| format!("creating {}", map_dir.display()))?;
+        fs::create_dir_all(pin_dir.join("links"))?;
+        let reused = fs::read_dir(&map_dir)?.count();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(EBPF_OBJECT)
+            .with_context(|| {
+                format!("loading the eBPF datapath (maps pinned under {}; if they come from an incompatible Ferry version, run `ferry-proxy --cleanup`)", map_dir.display())
+            })?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(names::PROG_INGRESS)
+            .ok_or_else(|| anyhow!("program {} missing", names::PROG_INGRESS))?
+            .try_into()?;
+        prog.load()
+            .context("the kernel verifier rejected the datapath program")?;
+        let prog_pin = pin_dir.join("prog_ingress");
+        let _ = fs::remove_file(&prog_pin);
+        prog.pin(&prog_pin).context("pinning the program")?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let mut maps = Maps {
+            services: take(&mut ebpf, names::SERVICES)?,
+            backends: take(&mut ebpf, names::BACKENDS)?,
+            rev_nat: take(&mut ebpf, names::REV_NAT)?,
+            ct: take(&mut ebpf, names::CONNTRACK)?,
+            affinity: take(&mut ebpf, names::AFFINITY)?,
+            stats: take(&mut ebpf, names::STATS)?,
+            config: take(&mut ebpf, names::CONFIG)?,
+            nr_cpus,
+        };
+        maps.config
+            .set(
+                CONFIG_HAIRPIN_ADDR,
+                u32::from_ne_bytes(hairpin_addr.octets()),
+                0,
+            )
+            .context("writing the hairpin address")?;
+        info!(pin_dir = %pin_dir.display(), reused_maps = reused, "datapath loaded");
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            maps,
+        })
+    }
+
+    fn program(&mut self) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(names::PROG_INGRESS)
+            .ok_or_else(|| anyhow!("program missing"))?
+            .try_into()?)
+    }
+
+    fn link_pin(&self, ifname: &str) -> PathBuf {
+        self.pin_dir.join("links").join(ifname)
+    }
+
+    /// Attaches the program to the ingress of `ifname`, replacing the program of a link an
+    /// earlier daemon pinned (atomically), or creating and pinning a new TCX link.
+    pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.link_pin(ifname);
+        if pin.exists() {
+            match self.replace_in_pinned_link(&pin) {
+                Ok(()) => {
+                    debug!(ifname, "program replaced in existing link");
+                    return Ok(());
+                }
+                Err(e) => {
+                    // The interface this link belonged to is gone (or was recreated).
+                    debug!(ifname, error = %e, "stale link pin, attaching anew");
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+        }
+        if let Err(e) = tc::qdisc_add_clsact(ifname) {
+            // EEXIST is fine; TCX does not need the qdisc, but it lets `tc` users see the hook.
+            debug!(ifname, error = %e, "clsact qdisc not added");
+        }
+        let prog = self.program()?;
+        let id = prog
+            .attach(ifname, TcAttachType::Ingress)
+            .with_context(|| format!("attaching to the ingress of {ifname}"))?;
+        let link = prog.take_link(id)?;
+        let fd: FdLink = link.try_into().map_err(|e| {
+            anyhow!("{ifname}: link is not a TCX link ({e:?}); Ferry needs Linux >= 6.6")
+        })?;
+        fd.pin(&pin)
+            .with_context(|| format!("pinning link {}", pin.display()))?;
+        info!(ifname, "datapath attached");
+        Ok(())
+    }
+
+    fn replace_in_pinned_link(&mut self, pin: &Path) -> Result<()> {
+        let pinned = PinnedLink::from_pin(pin)?;
+        let fd: FdLink = pinned.into();
+        let link = SchedClassifierLink::try_from(fd)?;
+        let prog = self.program()?;
+        let id = prog.attach_to_link(link)?;
+        // The link stays pinned; give up our handle without detaching.
+        let link = prog.take_link(id)?;
+        let fd: FdLink = link.try_into().map_err(|e| anyhow!("{e:?}"))?;
+        drop(fd);
+        Ok(())
+    }
+
+    /// Removes link pins of interfaces that no longer exist or no longer match.
+    pub fn forget_links_except(&self, keep: &BTreeSet<String>) {
+        let Ok(dir) = fs::read_dir(self.pin_dir.join("links")) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                debug!(ifname = %name, "removing link pin");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Detaches everything and removes the pin directory (`ferry-proxy --cleanup`).
+pub fn cleanup(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    // Unpinning a link drops its last reference, which detaches it from the interface.
+    fs::remove_dir_all(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    info!(pin_dir = %pin_dir.display(), "datapath removed");
+    Ok(())
+}
+
+fn err(what: &str) -> impl FnOnce(aya::maps::MapError) -> anyhow::Error + '_ {
+    move |e| anyhow!("{what}: {e}")
+}
+
+impl Maps {
+    /// Packets and bytes of one frontend, summed over CPUs.
+    pub fn stats(&self, rev_nat_id: u16) -> Result<ServiceStats> {
+        let v = self
+            .stats
+            .get(&(rev_nat_id as u32), 0)
+            .map_err(err("reading stats"))?;
+        Ok(v.iter().fold(ServiceStats::default(), |a, s| ServiceStats {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+        }))
+    }
+}
+
+impl DatapathMaps for Maps {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(err("service map update"))
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<()> {
+        ignore_missing(self.services.remove(&key)).map_err(err("service map delete"))
+    }
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(err("backend map update"))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        ignore_missing(self.backends.remove(&id)).map_err(err("backend map delete"))
+    }
+    fn set_rev_nat(&mut self, id: u16, rev: RevNat) -> Result<()> {
+        self.rev_nat
+            .insert(id, rev, 0)
+            .map_err(err("rev-NAT map update"))
+    }
+    fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
+        ignore_missing(self.rev_nat.remove(&id)).map_err(err("rev-NAT map delete"))
+    }
+    fn reset_stats(&mut self, id: u16) -> Result<()> {
+        let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.nr_cpus])
+            .map_err(|e| anyhow!("{e}"))?;
+        self.stats
+            .set(id as u32, zero, 0)
+            .map_err(err("stats reset"))
+    }
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err("service map dump"))
+    }
+    fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err("backend map dump"))
+    }
+    fn rev_nats(&self) -> Result<Vec<(u16, RevNat)>> {
+        self.rev_nat
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err("rev-NAT map dump"))
+    }
+    fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        // Entries may vanish (LRU) while we walk: skip those instead of failing the walk.
+        Ok(self.ct.iter().filter_map(Result::ok).collect())
+    }
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<()> {
+        ignore_missing(self.ct.remove(&key)).map_err(err("conntrack delete"))
+    }
+    fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
+        Ok(self.affinity.iter().filter_map(Result::ok).collect())
+    }
+    fn delete_affinity(&mut self, key: AffinityKey) -> Result<()> {
+        ignore_missing(self.affinity.remove(&key)).map_err(err("affinity delete"))
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,13 @@
+//! `ferry-proxy`: the per-node daemon of Ferry. It reads Services and EndpointSlices
+//! (`source`), computes what every frontend should do (`model`), writes the difference into the
+//! eBPF maps (`reconcile`, `datapath`), attaches the datapath to matching interfaces (`links`),
+//! collects conntrack (`conntrack`) and exports metrics (`metrics`).
+
+pub mod conntrack;
+pub mod daemon;
+pub mod datapath;
+pub mod links;
+pub mod metrics;
+pub mod model;
+pub mod reconcile;
+pub mod source;

@@ -1,0 +1,80 @@
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use proxy::daemon::{self, Config};
+use proxy::links::Globs;
+use proxy::source::FileSource;
+
+/// Ferry's node daemon: programs the in-kernel Service load balancer from Kubernetes Services
+/// and EndpointSlices.
+#[derive(Parser, Debug)]
+#[command(name = "ferry-proxy", version)]
+struct Args {
+    /// Multi-document YAML of v1 Services and discovery.k8s.io/v1 EndpointSlices; reloaded on change.
+    #[arg(long, required_unless_present = "cleanup")]
+    services: Option<PathBuf>,
+    /// Glob of interfaces to attach to (host side of pod veths, NodePort-facing links); repeatable.
+    #[arg(long = "interfaces", default_value = "veth*")]
+    interfaces: Vec<String>,
+    /// This node's name, for externalTrafficPolicy/internalTrafficPolicy Local.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Address accepting NodePort traffic; repeatable. Default: every IPv4 address of non-pod interfaces.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// bpffs directory where programs, links and maps are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/ferry")]
+    bpf_dir: PathBuf,
+    /// Source address given to a pod that reaches itself through a Service (hairpin).
+    #[arg(long, default_value = "169.254.42.1")]
+    hairpin_ip: Ipv4Addr,
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    metrics_bind_address: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// Conntrack garbage-collection and counter-export period, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    gc_interval_ms: u64,
+    /// Detach the datapath and remove everything pinned under --bpf-dir, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.cleanup {
+        return proxy::datapath::cleanup(&args.bpf_dir);
+    }
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+            .trim()
+            .to_string(),
+    };
+    let cfg = Config {
+        interfaces: Globs::new(&args.interfaces)?,
+        node_name,
+        node_ips: args.node_ips,
+        pin_dir: args.bpf_dir,
+        hairpin_ip: args.hairpin_ip,
+        metrics_addr: args.metrics_bind_address,
+        healthz_addr: args.healthz_bind_address,
+        gc_interval: Duration::from_millis(args.gc_interval_ms.max(10)),
+    };
+    let source = FileSource::new(args.services.expect("required by clap"));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(daemon::run(cfg, source))
+}

@@ -1,0 +1,789 @@
+//! From Kubernetes objects to the datapath's desired state.
+//!
+//! `Snapshot` holds v1 Services and discovery.k8s.io/v1 EndpointSlices as Kubernetes defines
+//! them (k8s-openapi types). `desired_state` validates them and computes, for every frontend
+//! (ClusterIP, externalIP, LoadBalancer IP or node address with a NodePort), the ordered list of
+//! backends the datapath must balance over, applying traffic policies, terminating-endpoint
+//! fallback and session affinity the way kube-proxy does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use proxy_common::{PROTO_TCP, PROTO_UDP};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Kubernetes' default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// Everything the daemon is told about Services, as one consistent view.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+/// Which node this daemon runs on: decides `Local` traffic policies and NodePort addresses.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// A destination the datapath intercepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// A place traffic is sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// What one frontend should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    /// `namespace/name:port` of the Service port, for logs and metrics.
+    pub service: String,
+    pub nodeport: bool,
+    /// ClientIP session affinity timeout in seconds, when affinity is on.
+    pub affinity_timeout: Option<u32>,
+    /// Backends, sorted, without duplicates. Empty: the datapath drops new flows.
+    pub backends: Vec<BackendAddr>,
+}
+
+pub type DesiredState = BTreeMap<Frontend, FrontendSpec>;
+
+/// One problem found in the input, naming the object and the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidField {
+    pub object: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for InvalidField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.object, self.field, self.message)
+    }
+}
+
+/// The input was rejected; the datapath keeps its last good state.
+#[derive(Clone, Debug, thiserror::Error)]
+pub struct ValidationError(pub Vec<InvalidField>);
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} invalid field(s)", self.0.len())?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How strictly EndpointSlices are checked against Services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strictness {
+    /// A file is one consistent document: a slice naming a missing Service is an error.
+    File,
+    /// A live API may deliver a slice before its Service: such slices are ignored.
+    Live,
+}
+
+struct Errors(Vec<InvalidField>);
+
+impl Errors {
+    fn push(&mut self, object: &str, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(InvalidField {
+            object: object.to_string(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn object_name(kind: &str, ns: Option<&String>, name: Option<&String>) -> String {
+    format!(
+        "{kind} {}/{}",
+        ns.map(String::as_str).unwrap_or("default"),
+        name.map(String::as_str).unwrap_or("<unnamed>")
+    )
+}
+
+fn parse_proto(
+    errs: &mut Errors,
+    obj: &str,
+    field: String,
+    value: Option<&String>,
+) -> Option<Proto> {
+    match value.map(String::as_str).unwrap_or("TCP") {
+        "TCP" => Some(Proto::Tcp),
+        "UDP" => Some(Proto::Udp),
+        "SCTP" => {
+            errs.push(
+                obj,
+                field,
+                "protocol SCTP is not supported by Ferry's datapath; use TCP or UDP",
+            );
+            None
+        }
+        other => {
+            errs.push(
+                obj,
+                field,
+                format!("unsupported value \"{other}\": supported values are \"TCP\", \"UDP\""),
+            );
+            None
+        }
+    }
+}
+
+fn parse_port(errs: &mut Errors, obj: &str, field: String, value: i32) -> Option<u16> {
+    if (1..=65535).contains(&value) {
+        Some(value as u16)
+    } else {
+        errs.push(
+            obj,
+            field,
+            format!("invalid value {value}: must be between 1 and 65535, inclusive"),
+        );
+        None
+    }
+}
+
+fn parse_ipv4(errs: &mut Errors, obj: &str, field: String, value: &str) -> Option<Ipv4Addr> {
+    match value.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => Some(a),
+        // IPv6 is valid Kubernetes input that this IPv4 datapath does not handle yet.
+        Ok(std::net::IpAddr::V6(_)) => None,
+        Err(_) => {
+            errs.push(
+                obj,
+                field,
+                format!("invalid value \"{value}\": must be a valid IP address, (e.g. 10.9.8.7)"),
+            );
+            None
+        }
+    }
+}
+
+/// An endpoint of one Service port, after validation.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    addr: Ipv4Addr,
+    port: u16,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<String>,
+}
+
+/// Endpoints of a Service, by (port name, protocol).
+type PortEndpoints = BTreeMap<(String, Proto), Vec<Endpoint>>;
+
+/// Validates the snapshot and computes every frontend's backends.
+pub fn desired_state(
+    snapshot: &Snapshot,
+    node: &NodeInfo,
+    strictness: Strictness,
+) -> Result<DesiredState, ValidationError> {
+    let mut errs = Errors(Vec::new());
+
+    // Services by namespace/name, for slice lookups.
+    let mut services = BTreeMap::new();
+    for svc in &snapshot.services {
+        let ns = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let obj = object_name("Service", Some(&ns), svc.metadata.name.as_ref());
+        let Some(name) = svc.metadata.name.clone() else {
+            errs.push(&obj, "metadata.name", "Required value: name is required");
+            continue;
+        };
+        if services.insert((ns, name), svc).is_some() {
+            errs.push(
+                &obj,
+                "metadata.name",
+                "Duplicate value: defined twice in the input",
+            );
+        }
+    }
+
+    // Endpoints per Service and port.
+    let mut endpoints: BTreeMap<(String, String), PortEndpoints> = BTreeMap::new();
+    for slice in &snapshot.slices {
+        let ns = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let obj = object_name("EndpointSlice", Some(&ns), slice.metadata.name.as_ref());
+        let label = format!("metadata.labels[{SERVICE_NAME_LABEL}]");
+        let Some(svc_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .cloned()
+        else {
+            errs.push(
+                &obj,
+                label,
+                "Required value: the label naming the slice's Service is missing",
+            );
+            continue;
+        };
+        if !services.contains_key(&(ns.clone(), svc_name.clone())) {
+            if strictness == Strictness::File {
+                errs.push(
+                    &obj,
+                    label,
+                    format!("Not found: Service {ns}/{svc_name} does not exist in the input; add it or fix the label"),
+                );
+            }
+            continue;
+        }
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" | "FQDN" => continue,
+            other => {
+                errs.push(
+                    &obj,
+                    "addressType",
+                    format!("unsupported value \"{other}\": supported values are \"IPv4\", \"IPv6\", \"FQDN\""),
+                );
+                continue;
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in slice.ports.iter().flatten().enumerate() {
+            let proto = parse_proto(
+                &mut errs,
+                &obj,
+                format!("ports[{i}].protocol"),
+                p.protocol.as_ref(),
+            );
+            let port = match p.port {
+                Some(v) => parse_port(&mut errs, &obj, format!("ports[{i}].port"), v),
+                None => {
+                    errs.push(
+                        &obj,
+                        format!("ports[{i}].port"),
+                        "Required value: port is required",
+                    );
+                    None
+                }
+            };
+            if let (Some(proto), Some(port)) = (proto, port) {
+                ports.push((p.name.clone().unwrap_or_default(), proto, port));
+            }
+        }
+        let per_service = endpoints.entry((ns.clone(), svc_name)).or_default();
+        for (i, ep) in slice.endpoints.iter().enumerate() {
+            let cond = ep.conditions.as_ref();
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            if ep.addresses.is_empty() {
+                errs.push(
+                    &obj,
+                    format!("endpoints[{i}].addresses"),
+                    "Required value: at least one address",
+                );
+            }
+            // Kubernetes consumers use the first address of an endpoint.
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            let Some(addr) = parse_ipv4(
+                &mut errs,
+                &obj,
+                format!("endpoints[{i}].addresses[0]"),
+                first,
+            ) else {
+                continue;
+            };
+            for (name, proto, port) in &ports {
+                per_service
+                    .entry((name.clone(), *proto))
+                    .or_default()
+                    .push(Endpoint {
+                        addr,
+                        port: *port,
+                        ready,
+                        serving,
+                        terminating,
+                        node: ep.node_name.clone(),
+                    });
+            }
+        }
+    }
+
+    let mut desired = DesiredState::new();
+    let empty = PortEndpoints::new();
+    for ((ns, name), svc) in &services {
+        let obj = format!("Service {ns}/{name}");
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if svc_type == "ExternalName" {
+            continue;
+        }
+        if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
+            errs.push(
+                &obj,
+                "spec.type",
+                format!("unsupported value \"{svc_type}\": supported values are \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+            );
+            continue;
+        }
+        // Cluster-internal addresses.
+        let mut cluster_ips = Vec::new();
+        let ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(list), _) if !list.is_empty() => list.iter().collect(),
+            (_, Some(ip)) => vec![ip],
+            _ => vec![],
+        };
+        for (i, ip) in ips.into_iter().enumerate() {
+            if ip == "None" || ip.is_empty() {
+                continue; // headless
+            }
+            let field = if spec.cluster_ips.is_some() {
+                format!("spec.clusterIPs[{i}]")
+            } else {
+                "spec.clusterIP".into()
+            };
+            if let Some(a) = parse_ipv4(&mut errs, &obj, field, ip) {
+                cluster_ips.push(a);
+            }
+        }
+        // Addresses reached from outside: external IPs and load-balancer ingress IPs.
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            if let Some(a) = parse_ipv4(&mut errs, &obj, format!("spec.externalIPs[{i}]"), ip) {
+                external_ips.push(a);
+            }
+        }
+        if svc_type == "LoadBalancer" {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref());
+            for (i, ing) in ingress.into_iter().flatten().enumerate() {
+                if let Some(ip) = &ing.ip {
+                    if let Some(a) = parse_ipv4(
+                        &mut errs,
+                        &obj,
+                        format!("status.loadBalancer.ingress[{i}].ip"),
+                        ip,
+                    ) {
+                        external_ips.push(a);
+                    }
+                }
+            }
+        }
+        let affinity_timeout = match spec.session_affinity.as_deref().unwrap_or("None") {
+            "None" => None,
+            "ClientIP" => {
+                let t = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
+                if !(1..=86_400).contains(&t) {
+                    errs.push(
+                        &obj,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("invalid value {t}: must be greater than 0 and less than 86400"),
+                    );
+                    continue;
+                }
+                Some(t as u32)
+            }
+            other => {
+                errs.push(
+                    &obj,
+                    "spec.sessionAffinity",
+                    format!("unsupported value \"{other}\": supported values are \"ClientIP\", \"None\""),
+                );
+                continue;
+            }
+        };
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let eps = endpoints.get(&(ns.clone(), name.clone())).unwrap_or(&empty);
+        let Some(ports) = spec.ports.as_ref() else {
+            continue;
+        };
+        if ports.is_empty() && !cluster_ips.is_empty() {
+            errs.push(
+                &obj,
+                "spec.ports",
+                "Required value: a Service with a clusterIP needs at least one port",
+            );
+        }
+        for (i, p) in ports.iter().enumerate() {
+            let proto = parse_proto(
+                &mut errs,
+                &obj,
+                format!("spec.ports[{i}].protocol"),
+                p.protocol.as_ref(),
+            );
+            let port = parse_port(&mut errs, &obj, format!("spec.ports[{i}].port"), p.port);
+            let node_port = match p.node_port {
+                Some(np) if svc_type != "ClusterIP" => {
+                    parse_port(&mut errs, &obj, format!("spec.ports[{i}].nodePort"), np)
+                }
+                Some(_) => None,
+                None => None,
+            };
+            let (Some(proto), Some(port)) = (proto, port) else {
+                continue;
+            };
+            let port_name = p.name.clone().unwrap_or_default();
+            if ports.len() > 1 && port_name.is_empty() {
+                errs.push(
+                    &obj,
+                    format!("spec.ports[{i}].name"),
+                    "Required value: ports must be named when a Service has more than one",
+                );
+            }
+            let label = if port_name.is_empty() {
+                format!("{ns}/{name}")
+            } else {
+                format!("{ns}/{name}:{port_name}")
+            };
+            let all = eps
+                .get(&(port_name, proto))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let internal =
+                select_endpoints(all, internal_local.then_some(node.name.as_str()), proto);
+            let external =
+                select_endpoints(all, external_local.then_some(node.name.as_str()), proto);
+            let spec_for = |backends: &Vec<BackendAddr>, nodeport: bool| FrontendSpec {
+                service: label.clone(),
+                nodeport,
+                affinity_timeout,
+                backends: backends.clone(),
+            };
+            for addr in &cluster_ips {
+                desired.insert(
+                    Frontend {
+                        addr: *addr,
+                        port,
+                        proto,
+                    },
+                    spec_for(&internal, false),
+                );
+            }
+            for addr in &external_ips {
+                desired.insert(
+                    Frontend {
+                        addr: *addr,
+                        port,
+                        proto,
+                    },
+                    spec_for(&external, false),
+                );
+            }
+            if let Some(np) = node_port {
+                for addr in &node.addresses {
+                    let fe = Frontend {
+                        addr: *addr,
+                        port: np,
+                        proto,
+                    };
+                    if desired.insert(fe, spec_for(&external, true)).is_some() {
+                        errs.push(
+                            &obj,
+                            format!("spec.ports[{i}].nodePort"),
+                            format!("Duplicate value: {np}/{proto} is used by another Service"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    if errs.0.is_empty() {
+        Ok(desired)
+    } else {
+        Err(ValidationError(errs.0))
+    }
+}
+
+/// kube-proxy's rule: ready endpoints (restricted to this node for a `Local` policy); when none
+/// is left, endpoints that are serving while terminating, so a rolling update drains gracefully.
+fn select_endpoints(all: &[Endpoint], local_node: Option<&str>, proto: Proto) -> Vec<BackendAddr> {
+    let candidates = all.iter().filter(|e| match local_node {
+        Some(n) => e.node.as_deref() == Some(n),
+        None => true,
+    });
+    let ready: BTreeSet<BackendAddr> = candidates
+        .clone()
+        .filter(|e| e.ready && !e.terminating)
+        .map(|e| BackendAddr {
+            addr: e.addr,
+            port: e.port,
+            proto,
+        })
+        .collect();
+    let chosen = if ready.is_empty() {
+        candidates
+            .filter(|e| e.serving && e.terminating)
+            .map(|e| BackendAddr {
+                addr: e.addr,
+                port: e.port,
+                proto,
+            })
+            .collect()
+    } else {
+        ready
+    };
+    chosen.into_iter().collect()
+}
+
+/// Parses a multi-document YAML stream of Services and EndpointSlices (other kinds are skipped
+/// with a warning). Errors name the document and the field serde could not read.
+pub fn parse_yaml(text: &str) -> anyhow::Result<Snapshot> {
+    use serde::Deserialize;
+    let mut snap = Snapshot::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| anyhow::anyhow!("document {}: malformed YAML: {e}", i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let api = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("<unnamed>")
+            .to_string();
+        match (api.as_str(), kind.as_str()) {
+            ("v1", "Service") => snap.services.push(
+                serde_yaml::from_value(value)
+                    .map_err(|e| anyhow::anyhow!("document {} (Service {name}): {e}", i + 1))?,
+            ),
+            ("discovery.k8s.io/v1", "EndpointSlice") => snap.slices.push(
+                serde_yaml::from_value(value)
+                    .map_err(|e| anyhow::anyhow!("document {} (EndpointSlice {name}): {e}", i + 1))?,
+            ),
+            ("v1", "List") => {
+                let items = value.get("items").cloned().unwrap_or_default();
+                let text = serde_yaml::to_string(&items)?;
+                let items: Vec<serde_yaml::Value> = serde_yaml::from_str(&text)?;
+                for item in items {
+                    let one = parse_yaml(&serde_yaml::to_string(&item)?)?;
+                    snap.services.extend(one.services);
+                    snap.slices.extend(one.slices);
+                }
+            }
+            ("", _) | (_, "") => anyhow::bail!(
+                "document {}: apiVersion and kind are required (e.g. apiVersion: v1, kind: Service)",
+                i + 1
+            ),
+            _ => tracing::warn!(document = i + 1, %api, %kind, %name, "ignoring an object that is neither a v1 Service nor a discovery.k8s.io/v1 EndpointSlice"),
+        }
+    }
+    Ok(snap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".into(),
+            addresses: vec![Ipv4Addr::new(192, 168, 77, 1)],
+        }
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.3]
+  nodeName: node-a
+- addresses: [10.244.1.2]
+  nodeName: node-b
+- addresses: [10.244.1.4]
+  conditions: {ready: false, serving: true, terminating: true}
+  nodeName: node-a
+"#;
+
+    fn be(last: u8) -> BackendAddr {
+        BackendAddr {
+            addr: Ipv4Addr::new(10, 244, 1, last),
+            port: 8080,
+            proto: Proto::Tcp,
+        }
+    }
+
+    #[test]
+    fn cluster_ip_and_nodeport_get_ready_backends_sorted() {
+        let snap = parse_yaml(WEB).unwrap();
+        let d = desired_state(&snap, &node(), Strictness::File).unwrap();
+        let vip = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        let np = Frontend {
+            addr: Ipv4Addr::new(192, 168, 77, 1),
+            port: 30080,
+            proto: Proto::Tcp,
+        };
+        assert_eq!(d[&vip].backends, vec![be(2), be(3)]);
+        assert_eq!(d[&vip].service, "default/web:http");
+        assert!(d[&np].nodeport);
+        assert_eq!(d[&np].backends, vec![be(2), be(3)]);
+    }
+
+    #[test]
+    fn local_policies_keep_this_nodes_endpoints_and_fall_back_to_terminating() {
+        let yaml = WEB.replace(
+            "type: NodePort",
+            "type: NodePort\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local",
+        );
+        let snap = parse_yaml(&yaml).unwrap();
+        let d = desired_state(&snap, &node(), Strictness::File).unwrap();
+        let vip = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            proto: Proto::Tcp,
+        };
+        assert_eq!(d[&vip].backends, vec![be(3)]);
+        // Only the terminating endpoint is left on node-a once .3 is not ready.
+        let yaml = yaml.replace(
+            "- addresses: [10.244.1.3]\n",
+            "- addresses: [10.244.1.3]\n  conditions: {ready: false}\n",
+        );
+        let d = desired_state(&parse_yaml(&yaml).unwrap(), &node(), Strictness::File).unwrap();
+        assert_eq!(d[&vip].backends, vec![be(4)]);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            ("port: 80,", "port: 70000,", "spec.ports[0].port"),
+            (
+                "clusterIP: 10.96.0.10",
+                "clusterIP: 10.96.0.300",
+                "spec.clusterIP",
+            ),
+            ("protocol: TCP", "protocol: QUIC", "ports[0].protocol"),
+            (
+                "kubernetes.io/service-name: web",
+                "kubernetes.io/service-name: nope",
+                "metadata.labels[kubernetes.io/service-name]",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let snap = parse_yaml(&WEB.replace(from, to)).unwrap();
+            let err = desired_state(&snap, &node(), Strictness::File).unwrap_err();
+            assert!(
+                err.0.iter().any(|e| e.field == field),
+                "{to}: expected {field} in {err}"
+            );
+        }
+        assert!(parse_yaml("apiVersion: v1\nkind: Service\n metadata: [").is_err());
+    }
+
+    #[test]
+    fn affinity_defaults_to_three_hours() {
+        let yaml = WEB.replace(
+            "type: NodePort",
+            "type: NodePort\n  sessionAffinity: ClientIP",
+        );
+        let d = desired_state(&parse_yaml(&yaml).unwrap(), &node(), Strictness::File).unwrap();
+        assert!(d
+            .values()
+            .all(|s| s.affinity_timeout == Some(DEFAULT_AFFINITY_TIMEOUT)));
+    }
+}

@@ -1,0 +1,838 @@
+//! Where a Service becomes map entries: the incremental reconciler.
+//!
+//! `Reconciler` keeps a copy of what is installed in the datapath maps and, given a new
+//! desired state, writes only the difference, in an order that a packet in flight never sees
+//! a half-written frontend:
+//! 1. backends (and the rev-NAT entry of a new frontend) first,
+//! 2. then the frontend's slots 1..=N,
+//! 3. then slot 0, whose count publishes the new set,
+//! 4. then stale slots beyond the new count and backends nobody references any more.
+//!
+//! A backend keeps its slot while it stays, so adding or removing one endpoint writes a handful
+//! of entries, not the whole Service. On restart the installed state is rebuilt from the pinned
+//! maps, so an unchanged input writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context as _, Result};
+use proxy_common::{
+    limits, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue,
+    PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_NODEPORT,
+};
+use tracing::{debug, info, warn};
+
+use crate::model::{BackendAddr, DesiredState, Frontend, FrontendSpec, Proto};
+
+/// The datapath's maps, as the reconciler and the conntrack collector see them.
+/// `datapath::Maps` is the real implementation; unit tests use an in-memory one.
+pub trait DatapathMaps {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<()>;
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()>;
+    fn delete_backend(&mut self, id: u32) -> Result<()>;
+    fn set_rev_nat(&mut self, id: u16, rev: RevNat) -> Result<()>;
+    fn delete_rev_nat(&mut self, id: u16) -> Result<()>;
+    fn reset_stats(&mut self, id: u16) -> Result<()>;
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
+    fn backends(&self) -> Result<Vec<(u32, Backend)>>;
+    fn rev_nats(&self) -> Result<Vec<(u16, RevNat)>>;
+    fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>>;
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<()>;
+    fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>>;
+    fn delete_affinity(&mut self, key: AffinityKey) -> Result<()>;
+}
+
+/// Deletes the conntrack entries `pred` selects; returns how many.
+pub fn flush_conntrack(
+    maps: &mut dyn DatapathMaps,
+    pred: impl Fn(&CtKey, &CtValue) -> bool,
+) -> Result<usize> {
+    let doomed: Vec<CtKey> = maps
+        .conntrack()?
+        .into_iter()
+        .filter(|(k, v)| pred(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &doomed {
+        maps.delete_conntrack(*k)?;
+    }
+    Ok(doomed.len())
+}
+
+fn flush_affinity(
+    maps: &mut dyn DatapathMaps,
+    pred: impl Fn(&AffinityKey, &AffinityValue) -> bool,
+) -> Result<usize> {
+    let doomed: Vec<AffinityKey> = maps
+        .affinity()?
+        .into_iter()
+        .filter(|(k, v)| pred(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &doomed {
+        maps.delete_affinity(*k)?;
+    }
+    Ok(doomed.len())
+}
+
+/// What one reconcile did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Map entries written or deleted.
+    pub writes: u64,
+    pub frontends_changed: u64,
+    pub frontends_removed: u64,
+    pub conntrack_flushed: u64,
+}
+
+#[derive(Clone, Debug)]
+struct InstalledFrontend {
+    rev_nat_id: u16,
+    header: ServiceValue,
+    /// Backend id of slot i+1.
+    slots: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+struct InstalledBackend {
+    id: u32,
+    refs: u32,
+}
+
+/// Ids handed out from 1 (0 means none in the datapath), reusing freed ones.
+#[derive(Debug)]
+struct IdPool {
+    next: u64,
+    max: u64,
+    free: Vec<u64>,
+}
+
+impl IdPool {
+    fn new(max: u64) -> Self {
+        Self {
+            next: 1,
+            max,
+            free: Vec::new(),
+        }
+    }
+    fn take(&mut self) -> Option<u64> {
+        if let Some(id) = self.free.pop() {
+            return Some(id);
+        }
+        (self.next <= self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+    fn give(&mut self, id: u64) {
+        self.free.push(id);
+    }
+    /// Marks ids found in the maps as used.
+    fn rebuild(&mut self, used: &BTreeSet<u64>) {
+        self.next = used.iter().next_back().map_or(1, |m| m + 1);
+        self.free = (1..self.next).filter(|i| !used.contains(i)).rev().collect();
+    }
+}
+
+fn be(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+fn from_be(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr.to_ne_bytes())
+}
+
+fn service_key(fe: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(be(fe.addr), fe.port.to_be(), fe.proto.number(), slot)
+}
+
+fn header_for(spec: &FrontendSpec, rev_nat_id: u16, count: u16) -> ServiceValue {
+    let mut flags = 0;
+    if spec.affinity_timeout.is_some() {
+        flags |= SVC_FLAG_AFFINITY;
+    }
+    if spec.nodeport {
+        flags |= SVC_FLAG_NODEPORT;
+    }
+    ServiceValue {
+        backend_id: 0,
+        count,
+        flags,
+        rev_nat_id,
+        _pad: 0,
+        affinity_timeout: spec.affinity_timeout.unwrap_or(0),
+    }
+}
+
+/// Keeps each staying backend in its slot, fills holes with new backends, then compacts by
+/// moving the last slot into any remaining hole.
+fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
+    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+    let old_set: BTreeSet<u32> = old.iter().copied().collect();
+    let mut list: Vec<Option<u32>> = old
+        .iter()
+        .map(|id| wanted_set.contains(id).then_some(*id))
+        .collect();
+    let mut to_add: Vec<u32> = wanted
+        .iter()
+        .rev()
+        .filter(|id| !old_set.contains(id))
+        .copied()
+        .collect();
+    for slot in list.iter_mut().filter(|s| s.is_none()) {
+        match to_add.pop() {
+            Some(id) => *slot = Some(id),
+            None => break,
+        }
+    }
+    list.extend(to_add.into_iter().rev().map(Some));
+    loop {
+        while matches!(list.last(), Some(None)) {
+            list.pop();
+        }
+        match list.iter().position(Option::is_none) {
+            Some(i) => {
+                let last = list.pop().flatten();
+                list[i] = last;
+            }
+            None => break,
+        }
+    }
+    list.into_iter().flatten().collect()
+}
+
+#[derive(Debug)]
+pub struct Reconciler {
+    frontends: BTreeMap<Frontend, InstalledFrontend>,
+    backends: HashMap<BackendAddr, InstalledBackend>,
+    backend_ids: IdPool,
+    rev_nat_ids: IdPool,
+    /// Frontend labels (`ns/name:port`) for metrics; not stored in the maps.
+    labels: HashMap<u16, String>,
+}
+
+impl Default for Reconciler {
+    fn default() -> Self {
+        Self {
+            frontends: BTreeMap::new(),
+            backends: HashMap::new(),
+            backend_ids: IdPool::new(limits::BACKENDS as u64 * 16),
+            rev_nat_ids: IdPool::new(limits::REV_NAT as u64 - 1),
+            labels: HashMap::new(),
+        }
+    }
+}
+
+impl Reconciler {
+    /// Rebuilds the installed state from maps a previous daemon left pinned, and removes entries
+    /// that no frontend references (left by a crash mid-write).
+    pub fn recover(maps: &mut dyn DatapathMaps) -> Result<Self> {
+        let mut r = Self::default();
+        let backends: HashMap<u32, Backend> = maps.backends()?.into_iter().collect();
+        let mut services: BTreeMap<(Frontend, u16), ServiceValue> = BTreeMap::new();
+        let mut bad_keys = Vec::new();
+        for (k, v) in maps.services()? {
+            match Proto::from_number(k.proto) {
+                Some(proto) => {
+                    let fe = Frontend {
+                        addr: from_be(k.addr),
+                        port: u16::from_be(k.port),
+                        proto,
+                    };
+                    services.insert((fe, k.slot), v);
+                }
+                None => bad_keys.push(k),
+            }
+        }
+        let mut used_backends = BTreeSet::new();
+        let mut used_revnat = BTreeSet::new();
+        for ((fe, slot), header) in &services {
+            if *slot != 0 {
+                continue;
+            }
+            let mut slots = Vec::new();
+            for s in 1..=header.count {
+                let id = services.get(&(*fe, s)).map(|v| v.backend_id).unwrap_or(0);
+                let Some(b) = backends.get(&id) else {
+                    bail!("pinned service map is inconsistent: {fe} slot {s} names missing backend {id}; run `ferry-proxy --cleanup` and restart");
+                };
+                let addr = BackendAddr {
+                    addr: from_be(b.addr),
+                    port: u16::from_be(b.port),
+                    proto: fe.proto,
+                };
+                r.backends
+                    .entry(addr)
+                    .or_insert(InstalledBackend { id, refs: 0 })
+                    .refs += 1;
+                used_backends.insert(id as u64);
+                slots.push(id);
+            }
+            used_revnat.insert(header.rev_nat_id as u64);
+            r.frontends.insert(
+                *fe,
+                InstalledFrontend {
+                    rev_nat_id: header.rev_nat_id,
+                    header: *header,
+                    slots,
+                },
+            );
+        }
+        // Garbage: slots past a count, backends and rev-NAT entries nobody references.
+        for ((fe, slot), _) in &services {
+            let count = r.frontends.get(fe).map_or(0, |f| f.slots.len() as u16);
+            if *slot > count || !r.frontends.contains_key(fe) {
+                maps.delete_service(service_key(fe, *slot))?;
+            }
+        }
+        for k in bad_keys {
+            maps.delete_service(k)?;
+        }
+        for id in backends.keys() {
+            if !used_backends.contains(&(*id as u64)) {
+                maps.delete_backend(*id)?;
+            }
+        }
+        for (id, _) in maps.rev_nats()? {
+            if !used_revnat.contains(&(id as u64)) {
+                maps.delete_rev_nat(id)?;
+            }
+        }
+        r.backend_ids.rebuild(&used_backends);
+        r.rev_nat_ids.rebuild(&used_revnat);
+        if !r.frontends.is_empty() {
+            info!(
+                frontends = r.frontends.len(),
+                backends = r.backends.len(),
+                "recovered datapath state from pinned maps"
+            );
+        }
+        Ok(r)
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// `(rev_nat_id, label, frontend)` of every installed frontend.
+    pub fn frontends(&self) -> impl Iterator<Item = (u16, &str, &Frontend)> {
+        self.frontends.iter().map(|(fe, f)| {
+            (
+                f.rev_nat_id,
+                self.labels.get(&f.rev_nat_id).map_or("", String::as_str),
+                fe,
+            )
+        })
+    }
+
+    /// Refuses a desired state that would not fit the maps, before anything is written.
+    fn check_capacity(&self, desired: &DesiredState) -> Result<()> {
+        if desired.len() >= limits::REV_NAT as usize {
+            bail!(
+                "{} frontends requested; the datapath holds at most {}: remove Services or ports",
+                desired.len(),
+                limits::REV_NAT - 1
+            );
+        }
+        let mut slots = 0usize;
+        let mut distinct = BTreeSet::new();
+        for (fe, spec) in desired {
+            if spec.backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
+                bail!(
+                    "{} ({fe}): {} endpoints; the datapath holds at most {} per Service port",
+                    spec.service,
+                    spec.backends.len(),
+                    limits::MAX_BACKENDS_PER_SERVICE
+                );
+            }
+            slots += spec.backends.len() + 1;
+            distinct.extend(spec.backends.iter().copied());
+        }
+        // Old and new entries coexist while a frontend changes: keep room for both.
+        let installed_slots: usize = self.frontends.values().map(|f| f.slots.len() + 1).sum();
+        if slots + installed_slots.min(slots) > limits::SERVICES as usize {
+            bail!(
+                "{slots} service-map entries requested; the datapath holds at most {}",
+                limits::SERVICES
+            );
+        }
+        if distinct.len() + self.backends.len().min(distinct.len()) > limits::BACKENDS as usize {
+            bail!(
+                "{} distinct endpoints requested; the datapath holds at most {}",
+                distinct.len(),
+                limits::BACKENDS
+            );
+        }
+        Ok(())
+    }
+
+    /// Brings the maps to `desired`, writing only what differs.
+    pub fn apply(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        desired: &DesiredState,
+    ) -> Result<SyncStats> {
+        self.check_capacity(desired)?;
+        let mut stats = SyncStats::default();
+        // Removed frontends first: frees ids and map room for the new ones.
+        let gone: Vec<Frontend> = self
+            .frontends
+            .keys()
+            .filter(|fe| !desired.contains_key(fe))
+            .copied()
+            .collect();
+        for fe in gone {
+            self.remove_frontend(maps, &fe, &mut stats)
+                .with_context(|| format!("removing frontend {fe}"))?;
+        }
+        for (fe, spec) in desired {
+            self.apply_frontend(maps, fe, spec, &mut stats)
+                .with_context(|| format!("programming {} ({fe})", spec.service))?;
+        }
+        Ok(stats)
+    }
+
+    fn acquire_backend(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        addr: BackendAddr,
+        stats: &mut SyncStats,
+    ) -> Result<u32> {
+        if let Some(b) = self.backends.get_mut(&addr) {
+            b.refs += 1;
+            return Ok(b.id);
+        }
+        let id = self.backend_ids.take().context("backend ids exhausted")? as u32;
+        let value = Backend {
+            addr: be(addr.addr),
+            port: addr.port.to_be(),
+            proto: addr.proto.number(),
+            _pad: 0,
+        };
+        if let Err(e) = maps.set_backend(id, value) {
+            self.backend_ids.give(id as u64);
+            return Err(e);
+        }
+        stats.writes += 1;
+        self.backends.insert(addr, InstalledBackend { id, refs: 1 });
+        Ok(id)
+    }
+
+    fn release_backend(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        id: u32,
+        stats: &mut SyncStats,
+    ) -> Result<()> {
+        let Some((addr, b)) = self.backends.iter_mut().find(|(_, b)| b.id == id) else {
+            warn!(id, "releasing a backend that is not installed");
+            return Ok(());
+        };
+        b.refs -= 1;
+        if b.refs == 0 {
+            let addr = *addr;
+            maps.delete_backend(id)?;
+            stats.writes += 1;
+            self.backends.remove(&addr);
+            self.backend_ids.give(id as u64);
+        }
+        Ok(())
+    }
+
+    fn apply_frontend(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        fe: &Frontend,
+        spec: &FrontendSpec,
+        stats: &mut SyncStats,
+    ) -> Result<()> {
+        let existing = self.frontends.get(fe).cloned();
+        // Unchanged? Compare without writing anything.
+        if let Some(cur) = &existing {
+            let ids: Option<BTreeSet<u32>> = spec
+                .backends
+                .iter()
+                .map(|a| self.backends.get(a).map(|b| b.id))
+                .collect();
+            let cur_ids: BTreeSet<u32> = cur.slots.iter().copied().collect();
+            let header = header_for(spec, cur.rev_nat_id, cur.slots.len() as u16);
+            if ids.as_ref() == Some(&cur_ids)
+                && header == cur.header
+                && cur_ids.len() == cur.slots.len()
+            {
+                self.labels.insert(cur.rev_nat_id, spec.service.clone());
+                return Ok(());
+            }
+        }
+        stats.frontends_changed += 1;
+        let rev_nat_id = match &existing {
+            Some(cur) => cur.rev_nat_id,
+            None => {
+                let id = self.rev_nat_ids.take().context("rev-NAT ids exhausted")? as u16;
+                maps.reset_stats(id)?;
+                maps.set_rev_nat(
+                    id,
+                    RevNat {
+                        addr: be(fe.addr),
+                        port: fe.port.to_be(),
+                        _pad: 0,
+                    },
+                )?;
+                stats.writes += 1;
+                id
+            }
+        };
+        self.labels.insert(rev_nat_id, spec.service.clone());
+        let old_slots = existing
+            .as_ref()
+            .map(|c| c.slots.clone())
+            .unwrap_or_default();
+        let old_header = existing.as_ref().map(|c| c.header);
+        // Track a new frontend at once, so a failure below leaves the bookkeeping truthful.
+        let mut installed = existing.unwrap_or(InstalledFrontend {
+            rev_nat_id,
+            header: ServiceValue::default(),
+            slots: Vec::new(),
+        });
+
+        // 1. Backends: take a reference on each wanted one (new ones are written now).
+        let mut wanted = Vec::with_capacity(spec.backends.len());
+        for addr in &spec.backends {
+            wanted.push(self.acquire_backend(maps, *addr, stats)?);
+        }
+        let new_slots = assign_slots(&old_slots, &wanted);
+
+        // 2. Slots 1..=N that differ.
+        for (i, id) in new_slots.iter().enumerate() {
+            if old_slots.get(i) != Some(id) {
+                let value = ServiceValue {
+                    backend_id: *id,
+                    rev_nat_id,
+                    ..Default::default()
+                };
+                maps.set_service(service_key(fe, i as u16 + 1), value)?;
+                stats.writes += 1;
+            }
+        }
+        // 3. Slot 0 publishes the count.
+        let header = header_for(spec, rev_nat_id, new_slots.len() as u16);
+        if old_header != Some(header) {
+            maps.set_service(service_key(fe, 0), header)?;
+            stats.writes += 1;
+        }
+        installed.header = header;
+        installed.slots = new_slots.clone();
+        self.frontends.insert(*fe, installed);
+
+        // 4. Stale slots, then references of the old set (the new set holds its own).
+        for i in new_slots.len()..old_slots.len() {
+            maps.delete_service(service_key(fe, i as u16 + 1))?;
+            stats.writes += 1;
+        }
+        let kept: BTreeSet<u32> = new_slots.iter().copied().collect();
+        for id in &old_slots {
+            if !kept.contains(id) {
+                self.forget_flows(maps, rev_nat_id, *id, fe.proto, stats)?;
+            }
+            self.release_backend(maps, *id, stats)?;
+        }
+        debug!(frontend = %fe, service = %spec.service, backends = new_slots.len(), "frontend programmed");
+        Ok(())
+    }
+
+    /// A backend left a frontend: drop its affinity entries and, for UDP, its conntrack entries
+    /// at once, so clients move to a live backend instead of sending into the void.
+    fn forget_flows(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        rev_nat_id: u16,
+        backend_id: u32,
+        proto: Proto,
+        stats: &mut SyncStats,
+    ) -> Result<()> {
+        flush_affinity(maps, |k, v| {
+            k.rev_nat_id == rev_nat_id && v.backend_id == backend_id
+        })?;
+        if proto.number() == PROTO_UDP {
+            let n = flush_conntrack(maps, |k, v| {
+                k.proto == PROTO_UDP && v.rev_nat_id == rev_nat_id && v.backend_id == backend_id
+            })?;
+            if n > 0 {
+                info!(
+                    rev_nat_id,
+                    backend_id,
+                    entries = n,
+                    "flushed UDP conntrack entries of a removed backend"
+                );
+            }
+            stats.conntrack_flushed += n as u64;
+        }
+        Ok(())
+    }
+
+    fn remove_frontend(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        fe: &Frontend,
+        stats: &mut SyncStats,
+    ) -> Result<()> {
+        let Some(cur) = self.frontends.get(fe).cloned() else {
+            return Ok(());
+        };
+        // Slot 0 first: new flows stop matching before anything they need disappears.
+        maps.delete_service(service_key(fe, 0))?;
+        stats.writes += 1;
+        for i in 1..=cur.slots.len() {
+            maps.delete_service(service_key(fe, i as u16))?;
+            stats.writes += 1;
+        }
+        self.frontends.remove(fe);
+        let rev = cur.rev_nat_id;
+        stats.conntrack_flushed += flush_conntrack(maps, |_, v| v.rev_nat_id == rev)? as u64;
+        flush_affinity(maps, |k, _| k.rev_nat_id == rev)?;
+        maps.delete_rev_nat(rev)?;
+        stats.writes += 1;
+        self.rev_nat_ids.give(rev as u64);
+        self.labels.remove(&rev);
+        for id in &cur.slots {
+            self.release_backend(maps, *id, stats)?;
+        }
+        stats.frontends_removed += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::Proto;
+
+    /// In-memory maps that also check, after every single write, the invariant a packet relies
+    /// on: every slot 1..=count of every header names an existing backend.
+    #[derive(Default)]
+    pub struct FakeMaps {
+        pub services: BTreeMap<ServiceKey, ServiceValue>,
+        pub backends: BTreeMap<u32, Backend>,
+        pub rev: BTreeMap<u16, RevNat>,
+        pub ct: Vec<(CtKey, CtValue)>,
+        pub aff: Vec<(AffinityKey, AffinityValue)>,
+        pub ops: u64,
+    }
+
+    impl FakeMaps {
+        fn check(&self) {
+            for (k, v) in &self.services {
+                if k.slot != 0 {
+                    continue;
+                }
+                assert!(
+                    self.rev.contains_key(&v.rev_nat_id),
+                    "header without rev-NAT entry"
+                );
+                for s in 1..=v.count {
+                    let slot = self
+                        .services
+                        .get(&ServiceKey { slot: s, ..*k })
+                        .expect("slot below count missing");
+                    assert!(
+                        self.backends.contains_key(&slot.backend_id),
+                        "slot names a missing backend"
+                    );
+                }
+            }
+        }
+    }
+
+    impl DatapathMaps for FakeMaps {
+        fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+            self.services.insert(key, value);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_service(&mut self, key: ServiceKey) -> Result<()> {
+            self.services.remove(&key);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+            self.backends.insert(id, backend);
+            self.ops += 1;
+            Ok(())
+        }
+        fn delete_backend(&mut self, id: u32) -> Result<()> {
+            self.backends.remove(&id);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn set_rev_nat(&mut self, id: u16, rev: RevNat) -> Result<()> {
+            self.rev.insert(id, rev);
+            Ok(())
+        }
+        fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
+            self.rev.remove(&id);
+            self.check();
+            Ok(())
+        }
+        fn reset_stats(&mut self, _id: u16) -> Result<()> {
+            Ok(())
+        }
+        fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+            Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+            Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn rev_nats(&self) -> Result<Vec<(u16, RevNat)>> {
+            Ok(self.rev.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
+            Ok(self.ct.clone())
+        }
+        fn delete_conntrack(&mut self, key: CtKey) -> Result<()> {
+            self.ct.retain(|(k, _)| *k != key);
+            Ok(())
+        }
+        fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
+            Ok(self.aff.clone())
+        }
+        fn delete_affinity(&mut self, key: AffinityKey) -> Result<()> {
+            self.aff.retain(|(k, _)| *k != key);
+            Ok(())
+        }
+    }
+
+    fn fe(i: u8, proto: Proto) -> Frontend {
+        Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, i),
+            port: 80,
+            proto,
+        }
+    }
+
+    fn spec(backends: &[u8], proto: Proto) -> FrontendSpec {
+        FrontendSpec {
+            service: "default/web".into(),
+            nodeport: false,
+            affinity_timeout: None,
+            backends: backends
+                .iter()
+                .map(|b| BackendAddr {
+                    addr: Ipv4Addr::new(10, 244, 0, *b),
+                    port: 8080,
+                    proto,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn slots_stay_put_and_holes_are_compacted() {
+        assert_eq!(assign_slots(&[1, 2, 3], &[1, 3]), vec![1, 3]);
+        assert_eq!(assign_slots(&[1, 2, 3], &[1, 2, 3, 4]), vec![1, 2, 3, 4]);
+        assert_eq!(assign_slots(&[1, 2, 3], &[3, 4, 1]), vec![1, 4, 3]);
+        assert_eq!(assign_slots(&[1, 2, 3, 4], &[4]), vec![4]);
+        assert_eq!(assign_slots(&[], &[5, 6]), vec![5, 6]);
+        assert_eq!(assign_slots(&[5, 6], &[]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn only_changes_are_written_and_invariants_hold_at_every_step() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let mut desired = DesiredState::new();
+        for i in 1..=20 {
+            desired.insert(fe(i, Proto::Tcp), spec(&[1, 2, 3], Proto::Tcp));
+        }
+        let s = r.apply(&mut maps, &desired).unwrap();
+        // 3 shared backends + 20 x (rev-NAT + header + 3 slots).
+        assert_eq!(s.writes, 3 + 20 * 5);
+        assert_eq!(r.apply(&mut maps, &desired).unwrap().writes, 0);
+
+        // Remove one backend of one frontend: the moved slot, the header, the stale slot.
+        desired.insert(fe(7, Proto::Tcp), spec(&[1, 3], Proto::Tcp));
+        let s = r.apply(&mut maps, &desired).unwrap();
+        assert_eq!((s.writes, s.frontends_changed), (3, 1));
+
+        // A restarted daemon rebuilds its state from the maps and writes nothing.
+        let mut r2 = Reconciler::recover(&mut maps).unwrap();
+        assert_eq!(r2.apply(&mut maps, &desired).unwrap().writes, 0);
+
+        // Removing every frontend empties every map.
+        r2.apply(&mut maps, &DesiredState::new()).unwrap();
+        assert!(maps.services.is_empty() && maps.backends.is_empty() && maps.rev.is_empty());
+    }
+
+    #[test]
+    fn removed_udp_backend_loses_its_conntrack_entries() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let mut desired = DesiredState::new();
+        desired.insert(fe(1, Proto::Udp), spec(&[1, 2], Proto::Udp));
+        r.apply(&mut maps, &desired).unwrap();
+        let rev = maps
+            .services
+            .values()
+            .find(|v| v.count == 2)
+            .unwrap()
+            .rev_nat_id;
+        let doomed = *maps
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == be(Ipv4Addr::new(10, 244, 0, 2)))
+            .unwrap()
+            .0;
+        let entry = |sport: u16, backend_id: u32| {
+            let k = CtKey {
+                saddr: 1,
+                daddr: 2,
+                sport,
+                dport: 53,
+                proto: PROTO_UDP,
+                dir: 0,
+                _pad: [0; 2],
+            };
+            (
+                k,
+                CtValue {
+                    backend_id,
+                    rev_nat_id: rev,
+                    ..Default::default()
+                },
+            )
+        };
+        maps.ct = vec![entry(1000, doomed), entry(1001, doomed + 100)];
+        desired.insert(fe(1, Proto::Udp), spec(&[1], Proto::Udp));
+        let s = r.apply(&mut maps, &desired).unwrap();
+        assert_eq!(s.conntrack_flushed, 1);
+        assert_eq!(maps.ct.len(), 1);
+        assert_eq!(maps.ct[0].0.sport, 1001);
+    }
+
+    #[test]
+    fn capacity_is_checked_before_writing() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let mut desired = DesiredState::new();
+        let many: Vec<u8> = (0..=255).collect();
+        let mut s = spec(&many, Proto::Tcp);
+        s.backends = (0..5000u32)
+            .map(|i| BackendAddr {
+                addr: Ipv4Addr::from(0x0af4_0000 + i),
+                port: 80,
+                proto: Proto::Tcp,
+            })
+            .collect();
+        desired.insert(fe(1, Proto::Tcp), s);
+        let err = r.apply(&mut maps, &desired).unwrap_err();
+        assert!(err.to_string().contains("at most 4096"), "{err}");
+        assert_eq!(maps.ops, 0);
+    }
+}
