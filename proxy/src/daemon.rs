@@ -138,6 +138,10 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
         attached: BTreeSet::new(),
     };
 
+    // Attach to the links present now before the first sync, so "healthy" means "in the path".
+    for name in links::list_links().await? {
+        d.link_event(LinkEvent::Present(name), &cfg.interfaces);
+    }
     let (tx, mut link_rx) = mpsc::unbounded_channel();
     let watcher = tokio::spawn(async move {
         if let Err(e) = links::watch(tx).await {

@@ -150,6 +150,7 @@ impl Datapath {
     /// Attaches the program to the ingress of `ifname`, replacing the program of a link an
     /// earlier daemon pinned (atomically), or creating and pinning a new TCX link.
     pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        prepare_interface(ifname)?;
         let pin = self.link_pin(ifname);
         if pin.exists() {
             match self.replace_in_pinned_link(&pin) {
@@ -208,6 +209,17 @@ impl Datapath {
             }
         }
     }
+}
+
+/// Replies to NodePort clients leave the datapath with a node address as their source, and
+/// are then forwarded: the kernel drops such packets as martians unless the interface they
+/// arrive on accepts local sources. Strict reverse-path filtering would drop them too.
+fn prepare_interface(ifname: &str) -> Result<()> {
+    for (key, value) in [("accept_local", "1"), ("rp_filter", "0")] {
+        let path = format!("/proc/sys/net/ipv4/conf/{ifname}/{key}");
+        fs::write(&path, value).with_context(|| format!("setting {path} = {value}"))?;
+    }
+    Ok(())
 }
 
 /// Detaches everything and removes the pin directory (`ferry-proxy --cleanup`).

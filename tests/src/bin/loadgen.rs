@@ -1,0 +1,135 @@
+//! `ferry-loadgen`: a bounded load generator for the echo protocol.
+//! - `crr`: one request per TCP connection (connect, ask, close), like netperf's TCP_CRR;
+//! - `rr`: requests back to back on persistent connections, like netperf's TCP_RR.
+//!
+//! Stops after `--seconds` or `--max` transactions, whichever comes first, and prints one JSON
+//! line: transactions, rate, latency percentiles, errors.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum Mode {
+    Crr,
+    Rr,
+}
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Target address(es); each worker thread takes the next one in turn. Repeatable.
+    #[arg(long = "target", required = true)]
+    targets: Vec<SocketAddr>,
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Upper bound on transactions, whatever the time.
+    #[arg(long, default_value_t = 5_000_000)]
+    max: u64,
+}
+
+fn ask(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    s.write_all(b"?")?;
+    // Answers are one short line: read until the newline.
+    let mut got = 0;
+    loop {
+        let n = s.read(&mut buf[got..])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+        if buf[..got].contains(&b'\n') {
+            return Ok(());
+        }
+    }
+}
+
+fn main() {
+    let a = Args::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(a.seconds);
+    let mut threads = Vec::new();
+    for w in 0..a.concurrency {
+        let target = a.targets[w % a.targets.len()];
+        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        let (mode, max) = (a.mode, a.max);
+        threads.push(std::thread::spawn(move || {
+            let mut lat = Vec::with_capacity(1 << 16);
+            let mut buf = [0u8; 256];
+            let mut conn: Option<TcpStream> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if done.fetch_add(1, Ordering::Relaxed) >= max || Instant::now() >= deadline {
+                    stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+                let t0 = Instant::now();
+                let ok = match mode {
+                    Mode::Crr => TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                        .and_then(|mut s| {
+                            s.set_nodelay(true)?;
+                            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                            ask(&mut s, &mut buf)
+                        })
+                        .is_ok(),
+                    Mode::Rr => {
+                        if conn.is_none() {
+                            conn = TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok();
+                            if let Some(s) = &conn {
+                                let _ = s.set_nodelay(true);
+                                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                            }
+                        }
+                        match conn.as_mut().map(|s| ask(s, &mut buf)) {
+                            Some(Ok(())) => true,
+                            _ => {
+                                conn = None;
+                                false
+                            }
+                        }
+                    }
+                };
+                if ok {
+                    lat.push(t0.elapsed().as_nanos() as u64);
+                } else {
+                    done.fetch_sub(1, Ordering::Relaxed);
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    if errors.load(Ordering::Relaxed) > 1000 {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap_or_default())
+        .collect();
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let out = serde_json::json!({
+        "mode": format!("{:?}", a.mode).to_lowercase(),
+        "transactions": lat.len(),
+        "seconds": secs,
+        "rate": lat.len() as f64 / secs,
+        "p50_us": pct(0.50),
+        "p99_us": pct(0.99),
+        "errors": errors.load(Ordering::Relaxed),
+    });
+    println!("{out}");
+}

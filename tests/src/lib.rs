@@ -1,0 +1,405 @@
+//! Ferry's test bed: a node network namespace, pods as namespaces wired to it with veth pairs,
+//! an outside client, echo servers, and a guard that removes all of it on drop, even when a
+//! test fails.
+//!
+//! ```text
+//!  ext (192.168.77.2) --eth0|ext0-- node (192.168.77.1, ip_forward) --vethN|eth0-- pod N (10.244.1.N)
+//! ```
+//! Pods reach everything through 169.254.1.1, which every host-side veth owns (the Calico
+//! layout); the node routes each pod's /32 to its veth. ferry-proxy runs in the node namespace.
+
+pub mod echo;
+pub mod netns;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context as _, Result};
+
+pub use netns::{in_netns, Netns};
+
+/// The node's address on the outside link, where NodePorts are reached.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+pub const ECHO_PORT: u16 = 8080;
+
+pub fn pod_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1 + (i / 200) as u8, 10 + (i % 200) as u8)
+}
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd} (is it installed? `cargo xtask setup`)"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &str) -> Result<()> {
+    run("ip", &args.split_whitespace().collect::<Vec<_>>()).map(|_| ())
+}
+
+/// Where the workspace's binaries are: next to the running test or xtask binary.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let var = format!(
+        "FERRY_{}_BIN",
+        name.trim_start_matches("ferry-").to_uppercase()
+    );
+    if let Ok(p) = std::env::var(&var) {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("{name} not found near {}; build the workspace first (`cargo xtask test` does) or set {var}", exe.display())
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// Host-side interface, in the node namespace.
+    pub veth: String,
+}
+
+/// A test cluster; everything it created goes away on drop.
+pub struct Topology {
+    pub prefix: String,
+    pub node: Netns,
+    pub ext: Netns,
+    pub pods: Vec<Pod>,
+    children: Vec<Child>,
+    pub bpf_dir: PathBuf,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Topology {
+    /// A node, an outside client and `pods` pods.
+    pub fn new(pods: usize) -> Result<Self> {
+        let prefix = format!(
+            "fy{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let node = Netns::create(&format!("{prefix}-node"))?;
+        let ext = Netns::create(&format!("{prefix}-ext"));
+        let mut t = Topology {
+            bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
+            prefix: prefix.clone(),
+            node,
+            ext: Netns::placeholder(),
+            pods: Vec::new(),
+            children: Vec::new(),
+        };
+        t.ext = ext?;
+        let n = t.node.name.clone();
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.default.send_redirects", "0"),
+        ] {
+            t.node.sysctl(k, v)?;
+        }
+        let e = t.ext.name.clone();
+        ip(&format!(
+            "link add ext0 netns {n} type veth peer name eth0 netns {e}"
+        ))?;
+        ip(&format!("-n {n} addr add {NODE_IP}/24 dev ext0"))?;
+        ip(&format!("-n {n} link set ext0 up"))?;
+        ip(&format!("-n {e} addr add {EXT_IP}/24 dev eth0"))?;
+        ip(&format!("-n {e} link set eth0 up"))?;
+        ip(&format!("-n {e} route add default via {NODE_IP}"))?;
+        for i in 0..pods {
+            t.add_pod(&format!("pod{i}"))?;
+        }
+        Ok(t)
+    }
+
+    /// Adds a pod: namespace, veth pair, addresses, routes.
+    pub fn add_pod(&mut self, name: &str) -> Result<&Pod> {
+        let i = self.pods.len();
+        let ns = Netns::create(&format!("{}-p{i}", self.prefix))?;
+        let (n, p) = (self.node.name.clone(), ns.name.clone());
+        let addr = pod_ip(i);
+        let veth = format!("veth{i}");
+        ip(&format!(
+            "link add {veth} netns {n} type veth peer name eth0 netns {p}"
+        ))?;
+        ip(&format!("-n {n} addr add {POD_GATEWAY}/32 dev {veth}"))?;
+        ip(&format!("-n {n} link set {veth} up"))?;
+        ip(&format!("-n {n} route add {addr}/32 dev {veth} scope link"))?;
+        ip(&format!("-n {p} addr add {addr}/32 dev eth0"))?;
+        ip(&format!("-n {p} link set eth0 up"))?;
+        ip(&format!(
+            "-n {p} route add {POD_GATEWAY} dev eth0 scope link"
+        ))?;
+        ip(&format!(
+            "-n {p} route add default via {POD_GATEWAY} dev eth0"
+        ))?;
+        self.pods.push(Pod {
+            name: name.into(),
+            ns,
+            ip: addr,
+            veth,
+        });
+        Ok(self.pods.last().unwrap())
+    }
+
+    /// Starts a process inside a namespace; it is killed when the topology is dropped.
+    pub fn spawn(&mut self, ns: &Netns, cmd: &mut Command) -> Result<u32> {
+        let child = ns.spawn(cmd)?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Starts `ferry-echo` in every pod: TCP and UDP on `ECHO_PORT`, answering with its name.
+    pub fn start_echo_servers(&mut self) -> Result<()> {
+        let bin = bin_path("ferry-echo")?;
+        for i in 0..self.pods.len() {
+            let ns = self.pods[i].ns.clone();
+            let name = self.pods[i].name.clone();
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--name", &name, "--port", &ECHO_PORT.to_string()])
+                .stdout(Stdio::null());
+            self.spawn(&ns, &mut cmd)?;
+        }
+        for p in &self.pods {
+            let addr = (p.ip, ECHO_PORT);
+            echo::wait_listening(&p.ns, addr.into())?;
+        }
+        Ok(())
+    }
+
+    /// Sends a signal to a process this topology started, and reaps it.
+    pub fn stop(&mut self, pid: u32, signal: i32) -> Result<()> {
+        let Some(pos) = self.children.iter().position(|c| c.id() == pid) else {
+            bail!("no child {pid}");
+        };
+        let mut c = self.children.remove(pos);
+        unsafe { libc::kill(pid as i32, signal) };
+        c.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+        // Deleting the namespaces removes their veths; unpinning links detaches the programs.
+        for p in &self.pods {
+            p.ns.delete();
+        }
+        self.ext.delete();
+        self.node.delete();
+        let _ = std::fs::remove_dir_all(&self.bpf_dir);
+    }
+}
+
+/// A `ferry-proxy` running in the node namespace of a topology.
+pub struct Proxy {
+    pub pid: u32,
+    pub services_file: PathBuf,
+    node: Netns,
+}
+
+impl Topology {
+    /// Writes `yaml` and starts `ferry-proxy` on every pod veth and the outside link, then waits
+    /// until it is healthy (first sync done).
+    pub fn start_proxy(&mut self, yaml: &str) -> Result<Proxy> {
+        let file = std::env::temp_dir().join(format!("{}-services.yaml", self.prefix));
+        if !file.exists() {
+            std::fs::write(&file, yaml)?;
+        }
+        let mut cmd = Command::new(bin_path("ferry-proxy")?);
+        cmd.args([
+            "--services",
+            file.to_str().unwrap(),
+            "--interfaces",
+            "veth*",
+            "--interfaces",
+            "ext0",
+        ])
+        .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
+        .args([
+            "--bpf-dir",
+            self.bpf_dir.to_str().unwrap(),
+            "--gc-interval-ms",
+            "200",
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+        );
+        let node = self.node.clone();
+        let pid = self.spawn(&node, &mut cmd)?;
+        let p = Proxy {
+            pid,
+            services_file: file,
+            node,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.metric("ferry_syncs_total").unwrap_or(0.0) < 1.0 {
+            if Instant::now() > deadline {
+                bail!("ferry-proxy did not finish its first sync within 20 s (see its log above)");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(p)
+    }
+}
+
+use std::time::{Duration, Instant};
+
+impl Proxy {
+    /// The daemon's /metrics, fetched from inside the node namespace.
+    pub fn metrics(&self) -> Result<String> {
+        in_netns(&self.node, || -> Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:10249".parse().unwrap(),
+                Duration::from_secs(1),
+            )?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })?
+    }
+
+    /// Sum of every sample of a metric (all label sets).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Replaces the services file and waits until the daemon has handled it (applied or
+    /// rejected). Returns true when it was applied.
+    pub fn update(&self, yaml: &str) -> Result<bool> {
+        let before = (
+            self.metric("ferry_syncs_total")?,
+            self.metric("ferry_sync_errors_total")?,
+        );
+        let tmp = self.services_file.with_extension("tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.services_file)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = (
+                self.metric("ferry_syncs_total")?,
+                self.metric("ferry_sync_errors_total")?,
+            );
+            if now.0 > before.0 {
+                return Ok(true);
+            }
+            if now.1 > before.1 {
+                return Ok(false);
+            }
+            if Instant::now() > deadline {
+                bail!("ferry-proxy did not pick up the new services file within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Builds Service and EndpointSlice YAML for tests and demos.
+pub mod yaml {
+    use std::net::Ipv4Addr;
+
+    pub struct Endpoint {
+        pub ip: Ipv4Addr,
+        pub node: &'static str,
+        pub ready: bool,
+        pub terminating: bool,
+    }
+
+    impl Endpoint {
+        pub fn ready(ip: Ipv4Addr) -> Self {
+            Self {
+                ip,
+                node: "node-a",
+                ready: true,
+                terminating: false,
+            }
+        }
+    }
+
+    /// A Service with one TCP port `http` (and optionally one UDP port `dns`) targeting 8080,
+    /// plus its EndpointSlice. `extra_spec` lines are inserted under `spec:` (2-space indent).
+    pub fn service(
+        name: &str,
+        vip: Ipv4Addr,
+        tcp_port: u16,
+        udp_port: Option<u16>,
+        node_port: Option<u16>,
+        extra_spec: &str,
+        eps: &[Endpoint],
+    ) -> String {
+        let mut ports = format!(
+            "  - name: http\n    port: {tcp_port}\n    targetPort: 8080\n    protocol: TCP\n"
+        );
+        if let Some(np) = node_port {
+            ports.push_str(&format!("    nodePort: {np}\n"));
+        }
+        if let Some(u) = udp_port {
+            ports.push_str(&format!(
+                "  - name: dns\n    port: {u}\n    targetPort: 8080\n    protocol: UDP\n"
+            ));
+        }
+        let ty = if node_port.is_some() {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
+        let mut s = format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {ty}\n  clusterIP: {vip}\n{extra_spec}  ports:\n{ports}"
+        );
+        s.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abc\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n  - name: http\n    port: 8080\n    protocol: TCP\n"
+        ));
+        if udp_port.is_some() {
+            s.push_str("  - name: dns\n    port: 8080\n    protocol: UDP\n");
+        }
+        s.push_str(if eps.is_empty() {
+            "endpoints: []\n"
+        } else {
+            "endpoints:\n"
+        });
+        for e in eps {
+            s.push_str(&format!(
+                "  - addresses: [\"{}\"]\n    nodeName: {}\n    conditions: {{ready: {}, serving: true, terminating: {}}}\n",
+                e.ip, e.node, e.ready, e.terminating
+            ));
+        }
+        s
+    }
+}

@@ -1,0 +1,336 @@
+//! End-to-end tests of the eBPF Service load balancer with real TCP and UDP traffic between
+//! network namespaces. They need root; `cargo xtask test` runs them.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use ferry_testbed::echo::{tcp_ask, tcp_ask_from, udp_ask};
+use ferry_testbed::yaml::{service, Endpoint};
+use ferry_testbed::{in_netns, pod_ip, Topology, EXT_IP, NODE_IP};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddrV4::new(VIP, port).into()
+}
+
+/// Three backends (pod0..pod2) and a client (pod3).
+fn cluster() -> Topology {
+    let mut t = Topology::new(4).expect("topology");
+    t.start_echo_servers().expect("echo servers");
+    t
+}
+
+fn backends(n: usize) -> Vec<Endpoint> {
+    (0..n).map(|i| Endpoint::ready(pod_ip(i))).collect()
+}
+
+fn web(extra: &str, eps: &[Endpoint]) -> String {
+    service("web", VIP, 80, Some(53), Some(30080), extra, eps)
+}
+
+/// Servers reached by `n` TCP connections from the client pod.
+fn tcp_servers(t: &Topology, client: usize, to: SocketAddr, n: usize) -> Vec<String> {
+    in_netns(&t.pods[client].ns, move || {
+        (0..n)
+            .map(|_| {
+                let a = tcp_ask(to, Duration::from_secs(2)).expect("TCP through the Service");
+                assert_eq!(a.from, to, "the reply must come from the frontend");
+                a.server
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+#[test]
+fn clusterip_spreads_tcp_and_udp_over_all_backends() {
+    let mut t = cluster();
+    let proxy = t.start_proxy(&web("", &backends(3))).unwrap();
+    let client_ip = t.pods[3].ip;
+
+    let seen: BTreeSet<String> = tcp_servers(&t, 3, vip(80), 40).into_iter().collect();
+    assert_eq!(seen, ["pod0", "pod1", "pod2"].map(String::from).into());
+    // No source translation: the backend sees the client pod.
+    let a = tcp_ask_from(&t.pods[3].ns, vip(80)).unwrap();
+    assert_eq!(a.seen_client, client_ip.to_string());
+
+    // UDP: a fresh socket per request, so each is a new flow.
+    let udp: BTreeSet<String> = in_netns(&t.pods[3].ns, || {
+        (0..40)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                let a =
+                    udp_ask(&s, vip(53), Duration::from_secs(2)).expect("UDP through the Service");
+                assert_eq!(a.from, vip(53), "the UDP reply must come from the VIP");
+                a.server
+            })
+            .collect()
+    })
+    .unwrap();
+    assert_eq!(udp.len(), 3, "UDP reached {udp:?}");
+
+    // Non-service traffic is untouched: direct TCP to a pod and ICMP.
+    let direct = tcp_ask_from(&t.pods[3].ns, SocketAddrV4::new(pod_ip(1), 8080).into()).unwrap();
+    assert_eq!(
+        (direct.server.as_str(), direct.from),
+        ("pod1", SocketAddrV4::new(pod_ip(1), 8080).into())
+    );
+    t.pods[3]
+        .ns
+        .exec("ping", &["-c", "1", "-W", "2", &pod_ip(0).to_string()])
+        .expect("ICMP passes");
+
+    // The datapath counted the service's packets.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(proxy.metric("ferry_service_packets_total").unwrap() > 80.0);
+    assert!(proxy.metric("ferry_conntrack_entries").unwrap() >= 1.0);
+}
+
+#[test]
+fn session_affinity_sticks_to_one_backend() {
+    let mut t = cluster();
+    let extra = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 30\n";
+    t.start_proxy(&web(extra, &backends(3))).unwrap();
+    let seen: BTreeSet<String> = tcp_servers(&t, 3, vip(80), 20).into_iter().collect();
+    assert_eq!(seen.len(), 1, "affinity broken: {seen:?}");
+    // Another client is balanced independently; from the outside namespace too.
+    let ext: BTreeSet<String> = in_netns(&t.ext, || {
+        (0..10)
+            .map(|_| {
+                tcp_ask(
+                    SocketAddrV4::new(NODE_IP, 30080).into(),
+                    Duration::from_secs(2),
+                )
+                .unwrap()
+                .server
+            })
+            .collect()
+    })
+    .unwrap();
+    assert_eq!(ext.len(), 1, "affinity broken for NodePort: {ext:?}");
+}
+
+#[test]
+fn removing_an_endpoint_moves_new_connections() {
+    let mut t = cluster();
+    let proxy = t.start_proxy(&web("", &backends(3))).unwrap();
+    assert!(tcp_servers(&t, 3, vip(80), 40).contains(&"pod0".to_string()));
+    let eps = vec![Endpoint::ready(pod_ip(1)), Endpoint::ready(pod_ip(2))];
+    assert!(proxy.update(&web("", &eps)).unwrap());
+    let seen: BTreeSet<String> = tcp_servers(&t, 3, vip(80), 40).into_iter().collect();
+    assert_eq!(seen, ["pod1", "pod2"].map(String::from).into());
+    // Only the changed entries were written: per frontend (ClusterIP and NodePort, TCP and
+    // UDP) one moved slot, the header and the stale slot, plus the backends that went away.
+    let writes = proxy.metric("ferry_last_sync_map_writes").unwrap();
+    assert!(
+        writes > 0.0 && writes <= 4.0 * 3.0 + 2.0,
+        "{writes} writes for one endpoint removal"
+    );
+
+    // Not ready but terminating endpoints serve only when nothing ready is left.
+    let mut eps = backends(3);
+    eps[0].ready = false;
+    eps[0].terminating = true;
+    assert!(proxy.update(&web("", &eps)).unwrap());
+    assert!(!tcp_servers(&t, 3, vip(80), 30).contains(&"pod0".to_string()));
+    for e in &mut eps[1..] {
+        e.ready = false;
+        e.serving_false();
+    }
+    assert!(proxy.update(&web("", &eps)).unwrap());
+    let seen: BTreeSet<String> = tcp_servers(&t, 3, vip(80), 10).into_iter().collect();
+    assert_eq!(seen, ["pod0".to_string()].into());
+}
+
+trait NotServing {
+    fn serving_false(&mut self);
+}
+impl NotServing for Endpoint {
+    /// Ready false, not terminating: this endpoint must not serve.
+    fn serving_false(&mut self) {
+        self.terminating = false;
+    }
+}
+
+#[test]
+fn established_tcp_survives_a_daemon_restart() {
+    let mut t = cluster();
+    let yaml = web("", &backends(3));
+    let proxy = t.start_proxy(&yaml).unwrap();
+    let ns = t.pods[3].ns.clone();
+    // One long-lived connection, asked before, during and after the restart.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (atx, arx) = std::sync::mpsc::channel::<String>();
+    let conn = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            use std::io::{BufRead, BufReader, Write};
+            let mut s = std::net::TcpStream::connect(vip(80)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            while rx.recv().is_ok() {
+                s.write_all(b"?").unwrap();
+                let mut line = String::new();
+                r.read_line(&mut line)
+                    .expect("established connection broke");
+                atx.send(line).unwrap();
+            }
+        })
+        .unwrap()
+    });
+    let mut ask = || {
+        tx.send(()).unwrap();
+        arx.recv_timeout(Duration::from_secs(5))
+            .expect("answer on the established connection")
+    };
+    let first = ask();
+    t.stop(proxy.pid, libc::SIGTERM).unwrap();
+    assert_eq!(ask(), first, "while the daemon is down");
+    let proxy = t.start_proxy(&yaml).unwrap();
+    assert_eq!(ask(), first, "after the restart");
+    // The new daemon recovered the installed state: the same input wrote nothing.
+    assert_eq!(proxy.metric("ferry_last_sync_map_writes").unwrap(), 0.0);
+    drop(tx);
+    conn.join().unwrap();
+}
+
+#[test]
+fn udp_client_reaches_a_live_backend_after_its_backend_is_removed() {
+    let mut t = cluster();
+    let proxy = t.start_proxy(&web("", &backends(3))).unwrap();
+    let ns = t.pods[3].ns.clone();
+    let sock = in_netns(&ns, || UdpSocket::bind("0.0.0.0:0").unwrap()).unwrap();
+    let first = udp_ask(&sock, vip(53), Duration::from_secs(2))
+        .unwrap()
+        .server;
+    // The same flow sticks to its backend while it exists.
+    for _ in 0..5 {
+        assert_eq!(
+            udp_ask(&sock, vip(53), Duration::from_secs(2))
+                .unwrap()
+                .server,
+            first
+        );
+    }
+    let idx: usize = first.trim_start_matches("pod").parse().unwrap();
+    let eps: Vec<Endpoint> = (0..3)
+        .filter(|i| *i != idx)
+        .map(|i| Endpoint::ready(pod_ip(i)))
+        .collect();
+    assert!(proxy.update(&web("", &eps)).unwrap());
+    let removed = Instant::now();
+    // The removed backend still answers if asked: only the conntrack flush moves the flow.
+    let moved = loop {
+        let a = udp_ask(&sock, vip(53), Duration::from_millis(200));
+        if let Ok(a) = a {
+            if a.server != first {
+                break removed.elapsed();
+            }
+        }
+        assert!(
+            removed.elapsed() < Duration::from_secs(5),
+            "UDP flow still pinned to the removed backend {first}"
+        );
+    };
+    eprintln!("UDP flow moved {moved:?} after the daemon applied the removal");
+    assert!(proxy.metric("ferry_conntrack_gc_removed_total").is_ok());
+}
+
+#[test]
+fn nodeport_from_outside_and_local_traffic_policy() {
+    let mut t = cluster();
+    let mut eps = backends(3);
+    eps[0].node = "node-b"; // not this node
+    let mut yaml = web("", &eps);
+    let local = "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n";
+    yaml.push_str(&service(
+        "local",
+        Ipv4Addr::new(10, 96, 0, 11),
+        80,
+        None,
+        Some(30081),
+        local,
+        &eps,
+    ));
+    t.start_proxy(&yaml).unwrap();
+    let np = |port| -> SocketAddr { SocketAddrV4::new(NODE_IP, port).into() };
+    let (all, local_seen) = in_netns(&t.ext, move || {
+        let mut all = BTreeSet::new();
+        let mut local = BTreeSet::new();
+        for _ in 0..40 {
+            let a = tcp_ask(np(30080), Duration::from_secs(2)).expect("NodePort from outside");
+            assert_eq!(a.from, np(30080));
+            assert_eq!(a.seen_client, EXT_IP.to_string());
+            all.insert(a.server);
+            local.insert(
+                tcp_ask(np(30081), Duration::from_secs(2))
+                    .expect("Local NodePort")
+                    .server,
+            );
+        }
+        (all, local)
+    })
+    .unwrap();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(local_seen, ["pod1", "pod2"].map(String::from).into());
+    let internal: BTreeSet<String> = tcp_servers(
+        &t,
+        3,
+        SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80).into(),
+        30,
+    )
+    .into_iter()
+    .collect();
+    assert_eq!(internal, ["pod1", "pod2"].map(String::from).into());
+}
+
+#[test]
+fn hairpin_a_pod_reaching_itself_through_its_service() {
+    let mut t = cluster();
+    t.start_proxy(&web("", &[Endpoint::ready(pod_ip(0))]))
+        .unwrap();
+    let a = tcp_ask_from(&t.pods[0].ns, vip(80)).expect("hairpin connection");
+    assert_eq!(a.server, "pod0");
+    assert_eq!(a.from, vip(80));
+    assert_eq!(
+        a.seen_client, "169.254.42.1",
+        "hairpin traffic is source-translated"
+    );
+}
+
+#[test]
+fn bad_input_is_rejected_and_traffic_keeps_working() {
+    let mut t = cluster();
+    let good = web("", &backends(3));
+    let proxy = t.start_proxy(&good).unwrap();
+    let bad = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x\n".to_string(),
+        good.replace("port: 80\n", "port: 70000\n"),
+        good.replace("protocol: UDP\n", "protocol: QUIC\n"),
+        good.replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.999"),
+        good.replace(
+            "kubernetes.io/service-name: web",
+            "kubernetes.io/service-name: gone",
+        ),
+    ];
+    for b in &bad {
+        assert!(!proxy.update(b).unwrap(), "accepted bad input:\n{b}");
+        let seen: BTreeSet<String> = tcp_servers(&t, 3, vip(80), 15).into_iter().collect();
+        assert!(seen.len() >= 2, "traffic broken after bad input: {seen:?}");
+    }
+    assert_eq!(
+        proxy.metric("ferry_sync_errors_total").unwrap(),
+        bad.len() as f64
+    );
+    // A Service without endpoints refuses new flows; fixing the input restores it.
+    assert!(proxy.update(&web("", &[])).unwrap());
+    assert!(in_netns(&t.pods[3].ns, || tcp_ask(
+        vip(80),
+        Duration::from_millis(500)
+    )
+    .is_err())
+    .unwrap());
+    assert!(proxy.update(&good).unwrap());
+    assert_eq!(tcp_servers(&t, 3, vip(80), 5).len(), 5);
+}
