@@ -160,14 +160,23 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         let reopened = flow.proto == PROTO_TCP
             && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
             && ct.flags & CT_FLAG_CLOSING != 0;
+        let hairpin = ct.flags & CT_FLAG_HAIRPIN != 0;
+        let (addr, port) = (ct.nat_addr, ct.nat_port);
         if !reopened && ct.expires > now {
             refresh(ct, &flow, now);
             count(ct.rev_nat_id, ctx.len());
-            let hairpin = ct.flags & CT_FLAG_HAIRPIN != 0;
-            let (addr, port) = (ct.nat_addr, ct.nat_port);
             translate_forward(ctx, &flow, addr, port, hairpin)?;
             return Ok(TC_ACT_OK);
         }
+        // The tuple is reused by a new connection: its old reply entry must not outlive it.
+        let client_seen_as = if hairpin { hairpin_addr()? } else { flow.saddr };
+        let _ = CT.remove(&reply_key_of(
+            addr,
+            port,
+            client_seen_as,
+            flow.sport,
+            flow.proto,
+        ));
     }
 
     // 2. A new flow towards a frontend.
@@ -181,6 +190,13 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         dir: CT_DIR_REPLY,
         ..fwd_key
     };
+    if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A new connection that is not for a Service (say, straight to a pod) may reuse the
+        // tuple of a finished Service connection: forget that one's reply translation.
+        let reverse = reply_key_of(flow.daddr, flow.dport, flow.saddr, flow.sport, flow.proto);
+        let _ = CT.remove(&reverse);
+        return Ok(TC_ACT_OK);
+    }
     if let Some(ct) = unsafe { CT.get(&reply_key) } {
         let Some(rev) = (unsafe { REV_NAT.get(ct.rev_nat_id) }) else {
             return Ok(TC_ACT_OK);
@@ -274,14 +290,7 @@ fn new_flow(
     } else {
         ct_timeout::UDP
     };
-    let client_seen_as = if hairpin {
-        match CONFIG.get(CONFIG_HAIRPIN_ADDR) {
-            Some(a) if *a != 0 => *a,
-            _ => return Ok(TC_ACT_SHOT),
-        }
-    } else {
-        flow.saddr
-    };
+    let client_seen_as = if hairpin { hairpin_addr()? } else { flow.saddr };
     let value = CtValue {
         backend_id,
         nat_addr: backend_addr,
@@ -291,15 +300,13 @@ fn new_flow(
         _pad: 0,
         expires: now + lifetime * NS,
     };
-    let reply_key = CtKey {
-        saddr: backend_addr,
-        daddr: client_seen_as,
-        sport: backend_port,
-        dport: flow.sport,
-        proto: flow.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let reply_key = reply_key_of(
+        backend_addr,
+        backend_port,
+        client_seen_as,
+        flow.sport,
+        flow.proto,
+    );
     let reply = CtValue {
         nat_addr: flow.saddr,
         nat_port: flow.sport,
@@ -312,6 +319,35 @@ fn new_flow(
     count(rev_nat_id, ctx.len());
     translate_forward(ctx, flow, backend_addr, backend_port, hairpin)?;
     Ok(TC_ACT_OK)
+}
+
+/// The key under which replies of a translated flow are found.
+#[inline(always)]
+fn reply_key_of(
+    backend: u32,
+    backend_port: u16,
+    client: u32,
+    client_port: u16,
+    proto: u8,
+) -> CtKey {
+    CtKey {
+        saddr: backend,
+        daddr: client,
+        sport: backend_port,
+        dport: client_port,
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// The source address of hairpin flows, configured by the daemon.
+#[inline(always)]
+fn hairpin_addr() -> Result<u32, ()> {
+    match CONFIG.get(CONFIG_HAIRPIN_ADDR) {
+        Some(a) if *a != 0 => Ok(*a),
+        _ => Err(()),
+    }
 }
 
 /// Moves a conntrack entry along the TCP state machine and extends its lifetime.
@@ -361,11 +397,7 @@ fn translate_forward(
     hairpin: bool,
 ) -> Result<(), ()> {
     if hairpin {
-        let hairpin_addr = match CONFIG.get(CONFIG_HAIRPIN_ADDR) {
-            Some(a) => *a,
-            None => return Err(()),
-        };
-        set_addr(ctx, flow, IP_SRC_OFF, flow.saddr, hairpin_addr)?;
+        set_addr(ctx, flow, IP_SRC_OFF, flow.saddr, hairpin_addr()?)?;
     }
     set_addr(ctx, flow, IP_DST_OFF, flow.daddr, addr)?;
     set_port(ctx, flow, flow.l4_off + 2, flow.dport, port)

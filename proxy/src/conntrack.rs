@@ -49,14 +49,20 @@ pub fn gc(maps: &mut dyn DatapathMaps, now: u64) -> Result<GcStats> {
         .into_iter()
         .map(|(id, r)| (id, (r.addr, r.port)))
         .collect();
-    let live = |k: &CtKey| entries.get(k).is_some_and(|v| v.expires > now);
+    // A reply entry lives while the forward entry it belongs to does, with the same backend
+    // (the tuple may have been reused by a connection to another backend).
+    let live = |k: &CtKey, backend: (u32, u16)| {
+        entries
+            .get(k)
+            .is_some_and(|v| v.expires > now && (v.nat_addr, v.nat_port) == backend)
+    };
     let mut doomed = Vec::new();
     let mut connections = 0;
     for (k, v) in &entries {
         let keep = match k.dir {
             CT_DIR_REPLY => frontends
                 .get(&v.rev_nat_id)
-                .is_some_and(|fe| live(&forward_key_of(k, v, *fe))),
+                .is_some_and(|fe| live(&forward_key_of(k, v, *fe), (k.saddr, k.sport))),
             _ => v.expires > now,
         };
         if !keep {

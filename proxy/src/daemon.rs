@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::conntrack;
 use crate::datapath::Datapath;
@@ -30,7 +30,11 @@ pub struct Config {
     pub hairpin_ip: Ipv4Addr,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
-    pub gc_interval: Duration,
+    /// Conntrack garbage-collection period. Expired entries are already ignored by the datapath;
+    /// collection only frees room, and walks the whole map, so it runs seldom.
+    pub ct_gc_interval: Duration,
+    /// Period of the per-Service counter export.
+    pub stats_interval: Duration,
 }
 
 struct Daemon {
@@ -91,14 +95,22 @@ impl Daemon {
         }
     }
 
-    fn housekeeping(&mut self) {
+    fn collect_conntrack(&mut self) {
         match conntrack::gc(&mut self.datapath.maps, conntrack::monotonic_ns()) {
             Ok(s) => {
                 self.metrics.conntrack_entries.set(s.connections as i64);
                 self.metrics.conntrack_gc_removed.inc_by(s.removed as u64);
+                debug!(
+                    removed = s.removed,
+                    connections = s.connections,
+                    "conntrack collected"
+                );
             }
             Err(e) => warn!("conntrack gc: {e:#}"),
         }
+    }
+
+    fn export_stats(&mut self) {
         let mut live = std::collections::HashSet::new();
         for (rev, service, fe) in self.reconciler.frontends() {
             let labels = FrontendLabels {
@@ -148,13 +160,15 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
             error!("link watcher: {e:#}");
         }
     });
-    let mut gc = tokio::time::interval(cfg.gc_interval);
+    let mut gc = tokio::time::interval(cfg.ct_gc_interval);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stats = tokio::time::interval(cfg.stats_interval);
+    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            snap = source.next() => match snap.map_err(anyhow::Error::from).and_then(|s| d.sync(&s, &source)) {
+            snap = source.next() => match snap.and_then(|s| d.sync(&s, &source)) {
                 Ok(()) => {}
                 Err(e) => {
                     d.metrics.sync_errors.inc();
@@ -162,7 +176,8 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
                 }
             },
             Some(ev) = link_rx.recv() => d.link_event(ev, &cfg.interfaces),
-            _ = gc.tick() => d.housekeeping(),
+            _ = gc.tick() => d.collect_conntrack(),
+            _ = stats.tick() => d.export_stats(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

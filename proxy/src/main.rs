@@ -35,9 +35,13 @@ struct Args {
     metrics_bind_address: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
-    /// Conntrack garbage-collection and counter-export period, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    gc_interval_ms: u64,
+    /// Conntrack garbage-collection period, in seconds (the datapath ignores expired entries
+    /// by itself; collection frees their room).
+    #[arg(long, default_value_t = 10.0)]
+    conntrack_gc_interval: f64,
+    /// Per-Service packet/byte counter export period, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    stats_interval: f64,
     /// Detach the datapath and remove everything pinned under --bpf-dir, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -70,7 +74,8 @@ fn main() -> Result<()> {
         hairpin_ip: args.hairpin_ip,
         metrics_addr: args.metrics_bind_address,
         healthz_addr: args.healthz_bind_address,
-        gc_interval: Duration::from_millis(args.gc_interval_ms.max(10)),
+        ct_gc_interval: Duration::from_secs_f64(args.conntrack_gc_interval.max(0.01)),
+        stats_interval: Duration::from_secs_f64(args.stats_interval.max(0.01)),
     };
     let source = FileSource::new(args.services.expect("required by clap"));
     tokio::runtime::Builder::new_multi_thread()

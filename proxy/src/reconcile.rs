@@ -280,7 +280,7 @@ impl Reconciler {
             );
         }
         // Garbage: slots past a count, backends and rev-NAT entries nobody references.
-        for ((fe, slot), _) in &services {
+        for (fe, slot) in services.keys() {
             let count = r.frontends.get(fe).map_or(0, |f| f.slots.len() as u16);
             if *slot > count || !r.frontends.contains_key(fe) {
                 maps.delete_service(service_key(fe, *slot))?;

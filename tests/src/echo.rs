@@ -1,5 +1,6 @@
 //! The echo protocol of the test bed: every request (any bytes) is answered with one line,
-//! `<server name> <client address as the server saw it>\n`, over TCP and UDP.
+//! `<server name> <client address as the server saw it>\n`, over TCP and UDP. Over TCP, a
+//! request containing `!` is answered once and the server closes; `GET ` gets an HTTP answer.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -46,6 +47,17 @@ fn serve_conn(mut conn: TcpStream, name: &str, peer: SocketAddr) -> std::io::Res
     loop {
         match conn.read(&mut buf)? {
             0 => return Ok(()),
+            // Speak enough HTTP for `curl`: one answer, then close.
+            n if buf[..n].starts_with(b"GET ") => {
+                let http = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+                return conn.write_all(http.as_bytes());
+            }
+            // `!` asks for one answer and a close by the server (connection-rate runs: the
+            // server closes first, so TIME_WAIT stays on the server, see `serve` callers).
+            n if buf[..n].contains(&b'!') => return conn.write_all(reply.as_bytes()),
             _ => conn.write_all(reply.as_bytes())?,
         }
     }

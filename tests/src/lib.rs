@@ -85,6 +85,8 @@ pub struct Topology {
     pub pods: Vec<Pod>,
     children: Vec<Child>,
     pub bpf_dir: PathBuf,
+    /// `--conntrack-gc-interval` of the proxies this topology starts (seconds).
+    pub conntrack_gc_interval: f64,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -97,15 +99,21 @@ impl Topology {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::SeqCst)
         );
+        Self::with_prefix(&prefix, pods)
+    }
+
+    /// Like `new`, with namespaces named `<prefix>-node`, `<prefix>-ext`, `<prefix>-p<i>`.
+    pub fn with_prefix(prefix: &str, pods: usize) -> Result<Self> {
         let node = Netns::create(&format!("{prefix}-node"))?;
         let ext = Netns::create(&format!("{prefix}-ext"));
         let mut t = Topology {
-            bpf_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
-            prefix: prefix.clone(),
+            bpf_dir: PathBuf::from(format!("/sys/fs/bpf/ferry-test-{prefix}")),
+            prefix: prefix.to_string(),
             node,
             ext: Netns::placeholder(),
             pods: Vec::new(),
             children: Vec::new(),
+            conntrack_gc_interval: 1.0,
         };
         t.ext = ext?;
         let n = t.node.name.clone();
@@ -201,8 +209,27 @@ impl Topology {
     }
 }
 
+impl Topology {
+    pub fn proxy_log(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-proxy.log", self.prefix))
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
+        let log = self.proxy_log();
+        if std::thread::panicking() {
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                eprintln!(
+                    "--- ferry-proxy log ({}) ---\n{text}--- end of log ---",
+                    log.display()
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("{}-services.yaml", self.prefix)),
+        );
         for c in &mut self.children {
             unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
             let _ = c.wait();
@@ -229,9 +256,7 @@ impl Topology {
     /// until it is healthy (first sync done).
     pub fn start_proxy(&mut self, yaml: &str) -> Result<Proxy> {
         let file = std::env::temp_dir().join(format!("{}-services.yaml", self.prefix));
-        if !file.exists() {
-            std::fs::write(&file, yaml)?;
-        }
+        std::fs::write(&file, yaml)?;
         let mut cmd = Command::new(bin_path("ferry-proxy")?);
         cmd.args([
             "--services",
@@ -245,13 +270,22 @@ impl Topology {
         .args([
             "--bpf-dir",
             self.bpf_dir.to_str().unwrap(),
-            "--gc-interval-ms",
-            "200",
+            "--conntrack-gc-interval",
+            &self.conntrack_gc_interval.to_string(),
+            "--stats-interval",
+            "0.2",
         ])
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
         );
+        // The daemon's log goes to a file, shown when the test fails (see `Drop`).
+        let log = self.proxy_log();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        cmd.stdout(f.try_clone()?).stderr(f);
         let node = self.node.clone();
         let pid = self.spawn(&node, &mut cmd)?;
         let p = Proxy {

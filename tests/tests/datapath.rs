@@ -83,9 +83,16 @@ fn clusterip_spreads_tcp_and_udp_over_all_backends() {
         .expect("ICMP passes");
 
     // The datapath counted the service's packets.
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(proxy.metric("ferry_service_packets_total").unwrap() > 80.0);
-    assert!(proxy.metric("ferry_conntrack_entries").unwrap() >= 1.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.metric("ferry_conntrack_entries").unwrap() < 1.0
+        || proxy.metric("ferry_service_packets_total").unwrap() <= 80.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "conntrack entries or service packets never showed in the metrics"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -137,21 +144,11 @@ fn removing_an_endpoint_moves_new_connections() {
     assert!(!tcp_servers(&t, 3, vip(80), 30).contains(&"pod0".to_string()));
     for e in &mut eps[1..] {
         e.ready = false;
-        e.serving_false();
+        e.terminating = false; // not ready and not terminating: never used
     }
     assert!(proxy.update(&web("", &eps)).unwrap());
     let seen: BTreeSet<String> = tcp_servers(&t, 3, vip(80), 10).into_iter().collect();
     assert_eq!(seen, ["pod0".to_string()].into());
-}
-
-trait NotServing {
-    fn serving_false(&mut self);
-}
-impl NotServing for Endpoint {
-    /// Ready false, not terminating: this endpoint must not serve.
-    fn serving_false(&mut self) {
-        self.terminating = false;
-    }
 }
 
 #[test]
@@ -179,7 +176,7 @@ fn established_tcp_survives_a_daemon_restart() {
         })
         .unwrap()
     });
-    let mut ask = || {
+    let ask = || {
         tx.send(()).unwrap();
         arx.recv_timeout(Duration::from_secs(5))
             .expect("answer on the established connection")

@@ -34,8 +34,8 @@ struct Args {
     max: u64,
 }
 
-fn ask(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
-    s.write_all(b"?")?;
+fn ask(s: &mut TcpStream, buf: &mut [u8], req: &[u8]) -> std::io::Result<()> {
+    s.write_all(req)?;
     // Answers are one short line: read until the newline.
     let mut got = 0;
     loop {
@@ -77,7 +77,10 @@ fn main() {
                         .and_then(|mut s| {
                             s.set_nodelay(true)?;
                             s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                            ask(&mut s, &mut buf)
+                            // The server answers and closes first (no TIME_WAIT on the client).
+                            ask(&mut s, &mut buf, b"!")?;
+                            while s.read(&mut buf)? > 0 {}
+                            Ok(())
                         })
                         .is_ok(),
                     Mode::Rr => {
@@ -88,7 +91,7 @@ fn main() {
                                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                             }
                         }
-                        match conn.as_mut().map(|s| ask(s, &mut buf)) {
+                        match conn.as_mut().map(|s| ask(s, &mut buf, b"?")) {
                             Some(Ok(())) => true,
                             _ => {
                                 conn = None;

@@ -1,0 +1,372 @@
+//! `cargo xtask bench datapath [--quick]`: what Ferry's datapath costs, measured against the
+//! direct path in the same run.
+//!
+//! Rows: a client pod reaching three backend pods (a) directly by pod IP, with no program
+//! attached (the limit), before and again after the Ferry rows; (b) through a ClusterIP picked
+//! at random among N = 1, 1,000 and 10,000 programmed Services. For each row: new connections/s
+//! (TCP_CRR-style) and round trips/s on persistent connections with p50/p99 latency
+//! (TCP_RR-style). Then the time to program 10,000 Services x 10 endpoints from scratch.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Subcommand};
+use ferry_testbed::{bin_path, pod_ip, Topology, ECHO_PORT};
+use serde::Serialize;
+
+#[derive(Subcommand)]
+pub enum Which {
+    /// Datapath rates and programming time (see the module docs).
+    Datapath(Opts),
+}
+
+#[derive(Args, Clone)]
+pub struct Opts {
+    /// A short run (about a minute) that shows the benchmark works; figures are noisier.
+    #[arg(long)]
+    quick: bool,
+}
+
+const BACKENDS: usize = 3;
+const CLIENT: usize = BACKENDS;
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct Load {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    name: String,
+    services: usize,
+    crr: Load,
+    rr: Load,
+    /// Every repetition's rates, for the spread.
+    crr_runs: Vec<f64>,
+    rr_runs: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    kernel: String,
+    quick: bool,
+    seconds_per_run: f64,
+    repetitions: usize,
+    concurrency: usize,
+    rows: Vec<Row>,
+    program_10k_x10_sync_seconds: f64,
+    program_10k_x10_startup_seconds: f64,
+}
+
+/// A xorshift generator: enough to pick Services at random without another dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32)
+}
+
+/// `n` ClusterIP Services; each has `eps` endpoints. With `real`, every Service points at the
+/// test bed's backend pods; otherwise at distinct addresses (a worst case for the backend map).
+fn services_yaml(n: usize, eps: usize, real: bool) -> String {
+    let mut s = String::with_capacity(n * (400 + eps * 90));
+    for i in 0..n {
+        let _ = write!(
+            s,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: {}\n  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-a\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n",
+            vip(i)
+        );
+        for j in 0..eps {
+            let addr = if real {
+                pod_ip(j % BACKENDS)
+            } else {
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 248, 0, 0)) + (i * eps + j) as u32)
+            };
+            let _ = writeln!(
+                s,
+                "- addresses: [\"{addr}\"]\n  conditions: {{ready: true}}"
+            );
+        }
+    }
+    s
+}
+
+fn loadgen(
+    t: &Topology,
+    mode: &str,
+    targets: &[String],
+    secs: f64,
+    concurrency: usize,
+) -> Result<Load> {
+    let bin = bin_path("ferry-loadgen")?;
+    let mut args = vec![
+        "--mode".to_string(),
+        mode.into(),
+        "--seconds".into(),
+        secs.to_string(),
+        "--concurrency".into(),
+        concurrency.to_string(),
+    ];
+    for tg in targets {
+        args.push("--target".into());
+        args.push(tg.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = t.pods[CLIENT].ns.exec(bin.to_str().unwrap(), &args)?;
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("loadgen printed {out:?}"))?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    let load = Load {
+        rate: f("rate"),
+        p50_us: f("p50_us"),
+        p99_us: f("p99_us"),
+        errors: v["errors"].as_u64().unwrap_or(0),
+    };
+    if load.rate == 0.0 {
+        bail!(
+            "no {mode} transaction completed towards {targets:?} ({} errors)",
+            load.errors
+        );
+    }
+    Ok(load)
+}
+
+fn median(mut v: Vec<Load>) -> Load {
+    v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    v[v.len() / 2].clone()
+}
+
+struct Plan {
+    secs: f64,
+    reps: usize,
+    concurrency: usize,
+}
+
+fn measure(
+    t: &Topology,
+    plan: &Plan,
+    name: &str,
+    services: usize,
+    targets: &[String],
+    step: &mut usize,
+    steps: usize,
+) -> Result<Row> {
+    let mut crr = Vec::new();
+    let mut rr = Vec::new();
+    for rep in 0..plan.reps {
+        *step += 1;
+        eprintln!(
+            "[bench {step}/{steps}] {name}: run {}/{} ({:.0} s each for CRR and RR)",
+            rep + 1,
+            plan.reps,
+            plan.secs
+        );
+        crr.push(loadgen(t, "crr", targets, plan.secs, plan.concurrency)?);
+        rr.push(loadgen(t, "rr", targets, plan.secs, plan.concurrency)?);
+    }
+    Ok(Row {
+        name: name.into(),
+        services,
+        crr_runs: crr.iter().map(|l| l.rate).collect(),
+        rr_runs: rr.iter().map(|l| l.rate).collect(),
+        crr: median(crr),
+        rr: median(rr),
+    })
+}
+
+fn uname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown CPU")
+        .trim()
+        .to_string();
+    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
+    format!("{cores} x {model}")
+}
+
+pub fn run(which: Which) -> Result<()> {
+    let Which::Datapath(opts) = which;
+    let plan = if opts.quick {
+        Plan {
+            secs: 1.5,
+            reps: 1,
+            concurrency: 4,
+        }
+    } else {
+        Plan {
+            secs: 5.0,
+            reps: 3,
+            concurrency: 4,
+        }
+    };
+    let sizes = [1usize, 1_000, 10_000];
+    let steps = (sizes.len() + 2) * plan.reps;
+    let mut step = 0;
+
+    let mut t = Topology::with_prefix(&format!("fb{}", std::process::id()), BACKENDS + 1)?;
+    // Servers close first in connection-rate runs; with no TIME_WAIT kept on the servers, the
+    // client's ports can be reused at once and runs do not slow each other down (see the shared
+    // bench notes). The whole port range keeps reuse rare anyway.
+    t.pods[CLIENT]
+        .ns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    for p in &t.pods[..BACKENDS] {
+        p.ns.sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
+    }
+    t.conntrack_gc_interval = 10.0; // ferry-proxy's default
+    t.start_echo_servers()?;
+    let direct: Vec<String> = (0..BACKENDS)
+        .map(|i| format!("{}:{ECHO_PORT}", pod_ip(i)))
+        .collect();
+    let mut rows = vec![measure(
+        &t,
+        &plan,
+        "direct to pod IPs (before)",
+        0,
+        &direct,
+        &mut step,
+        steps,
+    )?];
+
+    let mut rng = Rng(Instant::now().elapsed().as_nanos() as u64
+        ^ 0x9e37_79b9_7f4a_7c15
+        ^ std::process::id() as u64);
+    let mut proxy = None;
+    for &n in &sizes {
+        eprintln!("[bench] programming {n} Services");
+        let yaml = services_yaml(n, BACKENDS, true);
+        match &proxy {
+            None => proxy = Some(t.start_proxy(&yaml)?),
+            Some(p) => {
+                if !p.update(&yaml)? {
+                    bail!("ferry-proxy rejected the generated Services");
+                }
+            }
+        }
+        let targets: Vec<String> = (0..plan.concurrency)
+            .map(|_| format!("{}:80", vip(rng.next() as usize % n)))
+            .collect();
+        rows.push(measure(
+            &t,
+            &plan,
+            &format!("Ferry ClusterIP, N={n} Services"),
+            n,
+            &targets,
+            &mut step,
+            steps,
+        )?);
+    }
+    // Back to the direct path with nothing attached, for order effects.
+    if let Some(p) = proxy.take() {
+        t.stop(p.pid, libc::SIGTERM)?;
+    }
+    std::fs::remove_dir_all(&t.bpf_dir).ok();
+    rows.push(measure(
+        &t,
+        &plan,
+        "direct to pod IPs (after)",
+        0,
+        &direct,
+        &mut step,
+        steps,
+    )?);
+
+    eprintln!("[bench] programming 10,000 Services x 10 endpoints from scratch");
+    let yaml = services_yaml(10_000, 10, false);
+    let start = Instant::now();
+    let p = t.start_proxy(&yaml)?;
+    let startup = start.elapsed().as_secs_f64();
+    let sync = p.metric("ferry_sync_duration_seconds_sum")?;
+    let frontends = p.metric("ferry_frontends")?;
+    if frontends != 10_000.0 {
+        bail!("expected 10000 frontends programmed, metrics say {frontends}");
+    }
+    t.stop(p.pid, libc::SIGTERM)?;
+    drop(t);
+
+    let report = Report {
+        machine: cpu_model(),
+        kernel: uname(),
+        quick: opts.quick,
+        seconds_per_run: plan.secs,
+        repetitions: plan.reps,
+        concurrency: plan.concurrency,
+        rows,
+        program_10k_x10_sync_seconds: sync,
+        program_10k_x10_startup_seconds: startup,
+    };
+    let md = markdown(&report);
+    println!("\n{md}");
+    let dir = crate::workspace_root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("datapath.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(dir.join("datapath.md"), &md)?;
+    eprintln!("[bench] wrote bench/results/datapath.json and datapath.md");
+    Ok(())
+}
+
+fn markdown(r: &Report) -> String {
+    let base = &r.rows[0];
+    let base_crr = (r.rows[0].crr.rate + r.rows.last().unwrap().crr.rate) / 2.0;
+    let base_rr = (r.rows[0].rr.rate + r.rows.last().unwrap().rr.rate) / 2.0;
+    let one = r.rows.iter().find(|x| x.services == 1);
+    let mut s = String::new();
+    let _ = writeln!(s, "`cargo xtask bench datapath{}` on {} (Linux {}), {} connections, {} x {:.1} s per figure (median; spread in the JSON).\n", if r.quick { " --quick" } else { "" }, r.machine, r.kernel, r.concurrency, r.repetitions, r.seconds_per_run);
+    let _ = writeln!(s, "| path | conn/s (CRR) | vs direct | round trips/s (RR) | vs direct | RR p50 µs | RR p99 µs |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    for row in &r.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.2}x | {:.0} | {:.2}x | {:.0} | {:.0} |",
+            row.name,
+            row.crr.rate,
+            row.crr.rate / base_crr,
+            row.rr.rate,
+            row.rr.rate / base_rr,
+            row.rr.p50_us,
+            row.rr.p99_us
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nDirect baseline = mean of the before and after rows (before: {:.0} CRR, {:.0} RR).",
+        base.crr.rate, base.rr.rate
+    );
+    if let (Some(one), Some(big)) = (one, r.rows.iter().find(|x| x.services == 10_000)) {
+        let _ = writeln!(s, "10,000 Services vs 1 Service: {:.3}x conn/s, {:.3}x round trips/s (target: within 3%).", big.crr.rate / one.crr.rate, big.rr.rate / one.rr.rate);
+    }
+    let _ = writeln!(
+        s,
+        "Programming 10,000 Services x 10 endpoints from scratch: {:.3} s in the sync (validation + map writes; target < 1 s), {:.2} s from process start to healthy (includes parsing {} MB of YAML and loading the program).",
+        r.program_10k_x10_sync_seconds,
+        r.program_10k_x10_startup_seconds,
+        services_yaml(10_000, 10, false).len() / 1_000_000
+    );
+    s
+}
