@@ -87,6 +87,8 @@ pub struct Topology {
     pub bpf_dir: PathBuf,
     /// `--conntrack-gc-interval` of the proxies this topology starts (seconds).
     pub conntrack_gc_interval: f64,
+    /// Pods whose echo server is started (the first n).
+    echo_servers: usize,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -114,6 +116,7 @@ impl Topology {
             pods: Vec::new(),
             children: Vec::new(),
             conntrack_gc_interval: 1.0,
+            echo_servers: 0,
         };
         t.ext = ext?;
         let n = t.node.name.clone();
@@ -180,9 +183,12 @@ impl Topology {
     }
 
     /// Starts `ferry-echo` in every pod: TCP and UDP on `ECHO_PORT`, answering with its name.
+    /// Pods added later get theirs on the next call.
     pub fn start_echo_servers(&mut self) -> Result<()> {
         let bin = bin_path("ferry-echo")?;
-        for i in 0..self.pods.len() {
+        let first = self.echo_servers;
+        self.echo_servers = self.pods.len();
+        for i in first..self.pods.len() {
             let ns = self.pods[i].ns.clone();
             let name = self.pods[i].name.clone();
             let mut cmd = Command::new(&bin);
@@ -190,7 +196,7 @@ impl Topology {
                 .stdout(Stdio::null());
             self.spawn(&ns, &mut cmd)?;
         }
-        for p in &self.pods {
+        for p in &self.pods[first..] {
             let addr = (p.ip, ECHO_PORT);
             echo::wait_listening(&p.ns, addr.into())?;
         }

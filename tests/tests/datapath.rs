@@ -331,3 +331,35 @@ fn bad_input_is_rejected_and_traffic_keeps_working() {
     assert!(proxy.update(&good).unwrap());
     assert_eq!(tcp_servers(&t, 3, vip(80), 5).len(), 5);
 }
+
+#[test]
+fn a_pod_created_after_start_is_attached_and_served() {
+    let mut t = cluster();
+    let proxy = t.start_proxy(&web("", &backends(3))).unwrap();
+    // A new pod appears: its veth must get the program (rtnetlink notification), both as a
+    // client of the Service and as a new backend.
+    t.add_pod("late").unwrap();
+    let late = t.pods.len() - 1;
+    t.start_echo_servers().unwrap();
+    let mut eps = backends(3);
+    eps.push(Endpoint::ready(pod_ip(late)));
+    assert!(proxy.update(&web("", &eps)).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen: BTreeSet<String> = in_netns(&t.pods[late].ns, || {
+            (0..30)
+                .filter_map(|_| tcp_ask(vip(80), Duration::from_millis(500)).ok())
+                .map(|a| a.server)
+                .collect()
+        })
+        .unwrap();
+        if seen.len() == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late pod reached only {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
