@@ -174,6 +174,16 @@ impl Topology {
         Ok(self.pods.last().unwrap())
     }
 
+    /// Gives pod `i` one more address (routed to it by the node), e.g. a fresh client address.
+    pub fn add_pod_address(&self, i: usize, addr: Ipv4Addr) -> Result<()> {
+        let p = &self.pods[i];
+        ip(&format!("-n {} addr add {addr}/32 dev eth0", p.ns.name))?;
+        ip(&format!(
+            "-n {} route add {addr}/32 dev {} scope link",
+            self.node.name, p.veth
+        ))
+    }
+
     /// Starts a process inside a namespace; it is killed when the topology is dropped.
     pub fn spawn(&mut self, ns: &Netns, cmd: &mut Command) -> Result<u32> {
         let child = ns.spawn(cmd)?;

@@ -29,20 +29,7 @@ fn ok(program: &str, args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-fn output(program: &str, args: &[&str]) -> Result<String> {
-    let o = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !o.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
+use ferry_testbed::run as output;
 
 fn missing_packages() -> Vec<&'static str> {
     APT_PACKAGES

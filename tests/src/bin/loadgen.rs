@@ -32,6 +32,36 @@ struct Args {
     /// Upper bound on transactions, whatever the time.
     #[arg(long, default_value_t = 5_000_000)]
     max: u64,
+    /// Source address of every connection (default: the kernel's choice).
+    #[arg(long)]
+    source: Option<std::net::Ipv4Addr>,
+}
+
+fn connect(target: SocketAddr, source: Option<std::net::Ipv4Addr>) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    if let Some(src) = source {
+        // Port 0 with IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect time, per tuple.
+        let one: libc::c_int = 1;
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of_val(&one) as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        s.bind(&SocketAddr::from((src, 0)).into())?;
+    }
+    s.connect_timeout(&target.into(), Duration::from_secs(2))?;
+    let s: TcpStream = s.into();
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
 }
 
 fn ask(s: &mut TcpStream, buf: &mut [u8], req: &[u8]) -> std::io::Result<()> {
@@ -61,7 +91,7 @@ fn main() {
     for w in 0..a.concurrency {
         let target = a.targets[w % a.targets.len()];
         let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
-        let (mode, max) = (a.mode, a.max);
+        let (mode, max, source) = (a.mode, a.max, a.source);
         threads.push(std::thread::spawn(move || {
             let mut lat = Vec::with_capacity(1 << 16);
             let mut buf = [0u8; 256];
@@ -73,10 +103,8 @@ fn main() {
                 }
                 let t0 = Instant::now();
                 let ok = match mode {
-                    Mode::Crr => TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                    Mode::Crr => connect(target, source)
                         .and_then(|mut s| {
-                            s.set_nodelay(true)?;
-                            s.set_read_timeout(Some(Duration::from_secs(2)))?;
                             // The server answers and closes first (no TIME_WAIT on the client).
                             ask(&mut s, &mut buf, b"!")?;
                             while s.read(&mut buf)? > 0 {}
@@ -85,11 +113,7 @@ fn main() {
                         .is_ok(),
                     Mode::Rr => {
                         if conn.is_none() {
-                            conn = TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok();
-                            if let Some(s) = &conn {
-                                let _ = s.set_nodelay(true);
-                                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                            }
+                            conn = connect(target, source).ok();
                         }
                         match conn.as_mut().map(|s| ask(s, &mut buf, b"?")) {
                             Some(Ok(())) => true,
