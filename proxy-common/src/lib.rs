@@ -23,7 +23,7 @@ pub mod limits {
     pub const SERVICES: u32 = 1 << 19;
     pub const BACKENDS: u32 = 1 << 18;
     pub const REV_NAT: u32 = 1 << 16;
-    pub const CONNTRACK: u32 = 1 << 18;
+    pub const CONNTRACK: u32 = 1 << 19;
     pub const AFFINITY: u32 = 1 << 16;
     /// Largest backend count of one frontend (slots 1..=MAX_BACKENDS).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
@@ -174,6 +174,11 @@ pub struct ServiceStats {
 
 /// Index in the config array: the hairpin source address (network order).
 pub const CONFIG_HAIRPIN_ADDR: u32 = 0;
+/// Index in the config array: `CONFIG_F_*` flags.
+pub const CONFIG_FLAGS: u32 = 1;
+/// Translated packets are forwarded by the program itself (FIB lookup and redirect to the
+/// egress interface), skipping the host's IP stack.
+pub const CONFIG_F_HOST_ROUTING: u32 = 1 << 0;
 pub const CONFIG_LEN: u32 = 4;
 
 #[cfg(feature = "user")]

@@ -14,17 +14,22 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    bindings::{
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh,
+    },
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use proxy_common::{
     ct_timeout, limits, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceStats, ServiceValue, CONFIG_HAIRPIN_ADDR, CONFIG_LEN, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED, CT_FLAG_HAIRPIN, CT_FLAG_SYN, PROTO_TCP, PROTO_UDP,
-    SVC_FLAG_AFFINITY,
+    ServiceStats, ServiceValue, CONFIG_FLAGS, CONFIG_F_HOST_ROUTING, CONFIG_HAIRPIN_ADDR,
+    CONFIG_LEN, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_ESTABLISHED,
+    CT_FLAG_HAIRPIN, CT_FLAG_SYN, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
 };
 
 #[map(name = "FERRY_SERVICES")]
@@ -166,7 +171,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
             refresh(ct, &flow, now);
             count(ct.rev_nat_id, ctx.len());
             translate_forward(ctx, &flow, addr, port, hairpin)?;
-            return Ok(TC_ACT_OK);
+            return Ok(forward(ctx, &flow));
         }
         // The tuple is reused by a new connection: its old reply entry must not outlive it.
         let client_seen_as = if hairpin { hairpin_addr()? } else { flow.saddr };
@@ -222,6 +227,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         if hairpin {
             set_addr(ctx, &flow, IP_DST_OFF, flow.daddr, client_addr)?;
         }
+        return Ok(forward(ctx, &flow));
     }
     Ok(TC_ACT_OK)
 }
@@ -318,7 +324,72 @@ fn new_flow(
     }
     count(rev_nat_id, ctx.len());
     translate_forward(ctx, flow, backend_addr, backend_port, hairpin)?;
-    Ok(TC_ACT_OK)
+    Ok(forward(ctx, flow))
+}
+
+/// Sends a translated packet on its way. With host routing on, the program looks the route up
+/// in the kernel's FIB and redirects the packet to the egress interface itself (as Cilium's BPF
+/// host routing does), skipping the host IP stack; whatever the FIB cannot answer (no route,
+/// forwarding off, TTL running out, needs fragmenting) goes through the stack as usual.
+#[inline(always)]
+fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
+    let on = matches!(CONFIG.get(CONFIG_FLAGS), Some(f) if *f & CONFIG_F_HOST_ROUTING != 0);
+    if !on {
+        return TC_ACT_OK;
+    }
+    let (Ok(saddr), Ok(daddr), Ok(ttl_proto), Ok(tot_len), Ok(tos)) = (
+        ctx.load::<u32>(IP_SRC_OFF),
+        ctx.load::<u32>(IP_DST_OFF),
+        ctx.load::<u16>(ETH_HLEN + 8),
+        ctx.load::<u16>(ETH_HLEN + 2),
+        ctx.load::<u8>(ETH_HLEN + 1),
+    ) else {
+        return TC_ACT_OK;
+    };
+    // TTL is the first byte of the (TTL, protocol) word, in network order.
+    let ttl = (u16::from_be(ttl_proto) >> 8) as u8;
+    if ttl <= 1 {
+        return TC_ACT_OK; // the stack sends ICMP time exceeded
+    }
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = flow.proto;
+    p.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_2.tos = tos;
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return TC_ACT_OK;
+    }
+    // Forwarding decrements the TTL; the IP checksum follows.
+    let new_ttl_proto = u16::to_be(u16::from_be(ttl_proto) - 0x100);
+    if ctx
+        .l3_csum_replace(IP_CSUM_OFF, ttl_proto as u64, new_ttl_proto as u64, 2)
+        .is_err()
+        || ctx.store(ETH_HLEN + 8, &new_ttl_proto, 0).is_err()
+    {
+        return TC_ACT_OK;
+    }
+    let ifindex = p.ifindex;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let (dmac, smac) = (p.dmac, p.smac);
+        if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+        unsafe { bpf_redirect(ifindex, 0) as i32 }
+    } else {
+        // No neighbour entry yet: the kernel resolves it and fills in the addresses.
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    }
 }
 
 /// The key under which replies of a translated flow are found.

@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::conntrack;
 use crate::datapath::Datapath;
 use crate::links::{self, Globs, LinkEvent};
-use crate::metrics::{FrontendLabels, Metrics};
+use crate::metrics::{FrontendLabels, Metrics, ScrapeRequest};
 use crate::model::{desired_state, NodeInfo, Snapshot};
 use crate::reconcile::Reconciler;
 use crate::source::ServiceSource;
@@ -28,13 +28,13 @@ pub struct Config {
     pub node_ips: Vec<Ipv4Addr>,
     pub pin_dir: PathBuf,
     pub hairpin_ip: Ipv4Addr,
+    /// Forward translated packets from the program (FIB lookup + redirect).
+    pub host_routing: bool,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
     /// Conntrack garbage-collection period. Expired entries are already ignored by the datapath;
     /// collection only frees room, and walks the whole map, so it runs seldom.
     pub ct_gc_interval: Duration,
-    /// Period of the per-Service counter export.
-    pub stats_interval: Duration,
 }
 
 struct Daemon {
@@ -133,12 +133,18 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
         cfg.node_ips.clone()
     };
     info!(node = %cfg.node_name, node_ips = ?node_ips, "starting ferry-proxy");
-    let mut datapath = Datapath::load(&cfg.pin_dir, cfg.hairpin_ip)?;
+    let mut datapath = Datapath::load(&cfg.pin_dir, cfg.hairpin_ip, cfg.host_routing)?;
     let reconciler =
         Reconciler::recover(&mut datapath.maps).context("recovering state from pinned maps")?;
     let metrics = Metrics::new();
     metrics.frontends.set(reconciler.frontend_count() as i64);
-    crate::metrics::spawn_servers(metrics.clone(), cfg.metrics_addr, cfg.healthz_addr);
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<ScrapeRequest>(16);
+    crate::metrics::spawn_servers(
+        metrics.clone(),
+        cfg.metrics_addr,
+        cfg.healthz_addr,
+        scrape_tx,
+    );
     let mut d = Daemon {
         datapath,
         reconciler,
@@ -162,8 +168,6 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     });
     let mut gc = tokio::time::interval(cfg.ct_gc_interval);
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stats = tokio::time::interval(cfg.stats_interval);
-    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
@@ -177,7 +181,10 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
             },
             Some(ev) = link_rx.recv() => d.link_event(ev, &cfg.interfaces),
             _ = gc.tick() => d.collect_conntrack(),
-            _ = stats.tick() => d.export_stats(),
+            Some(done) = scrape_rx.recv() => {
+                d.export_stats();
+                let _ = done.send(());
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

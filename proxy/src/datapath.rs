@@ -18,7 +18,7 @@ use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceStats,
-    ServiceValue, CONFIG_HAIRPIN_ADDR,
+    ServiceValue, CONFIG_FLAGS, CONFIG_F_HOST_ROUTING, CONFIG_HAIRPIN_ADDR,
 };
 use tracing::{debug, info};
 
@@ -88,7 +88,11 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 impl Datapath {
     /// Loads the program, reusing maps pinned by an earlier daemon.
-    pub fn load(pin_dir: &Path, hairpin_addr: std::net::Ipv4Addr) -> Result<Self> {
+    pub fn load(
+        pin_dir: &Path,
+        hairpin_addr: std::net::Ipv4Addr,
+        host_routing: bool,
+    ) -> Result<Self> {
         ensure_bpffs(pin_dir)?;
         let map_dir = pin_dir.join("maps");
         fs::create_dir_all(&map_dir).with_context(|| format!("creating {}", map_dir.display()))?;
@@ -127,7 +131,15 @@ impl Datapath {
                 0,
             )
             .context("writing the hairpin address")?;
-        info!(pin_dir = %pin_dir.display(), reused_maps = reused, "datapath loaded");
+        let flags = if host_routing {
+            CONFIG_F_HOST_ROUTING
+        } else {
+            0
+        };
+        maps.config
+            .set(CONFIG_FLAGS, flags, 0)
+            .context("writing the datapath flags")?;
+        info!(pin_dir = %pin_dir.display(), reused_maps = reused, host_routing, "datapath loaded");
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),

@@ -31,17 +31,19 @@ struct Args {
     /// Source address given to a pod that reaches itself through a Service (hairpin).
     #[arg(long, default_value = "169.254.42.1")]
     hairpin_ip: Ipv4Addr,
+    /// Forward translated packets from the datapath itself (FIB lookup and redirect), skipping
+    /// the host's IP stack; `false` hands them to the stack (netfilter and routing see them).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    bpf_host_routing: bool,
     #[arg(long, default_value = "0.0.0.0:10249")]
     metrics_bind_address: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
-    /// Conntrack garbage-collection period, in seconds (the datapath ignores expired entries
-    /// by itself; collection frees their room).
-    #[arg(long, default_value_t = 10.0)]
+    /// Conntrack garbage-collection period, in seconds. The datapath ignores expired entries by
+    /// itself and the LRU map evicts the oldest when full; collection frees room and updates
+    /// `ferry_conntrack_entries`, walking the whole map, so it runs seldom.
+    #[arg(long, default_value_t = 60.0)]
     conntrack_gc_interval: f64,
-    /// Per-Service packet/byte counter export period, in seconds.
-    #[arg(long, default_value_t = 1.0)]
-    stats_interval: f64,
     /// Detach the datapath and remove everything pinned under --bpf-dir, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -72,10 +74,10 @@ fn main() -> Result<()> {
         node_ips: args.node_ips,
         pin_dir: args.bpf_dir,
         hairpin_ip: args.hairpin_ip,
+        host_routing: args.bpf_host_routing,
         metrics_addr: args.metrics_bind_address,
         healthz_addr: args.healthz_bind_address,
         ct_gc_interval: Duration::from_secs_f64(args.conntrack_gc_interval.max(0.01)),
-        stats_interval: Duration::from_secs_f64(args.stats_interval.max(0.01)),
     };
     let source = FileSource::new(args.services.expect("required by clap"));
     tokio::runtime::Builder::new_multi_thread()

@@ -180,13 +180,29 @@ async fn serve(addr: SocketAddr, app: Router, what: &'static str) -> Result<()> 
     axum::serve(listener, app).await.context(what)
 }
 
-pub fn spawn_servers(metrics: Arc<Metrics>, metrics_addr: SocketAddr, healthz_addr: SocketAddr) {
+/// Asks the daemon to read the datapath's per-Service counters into the metrics now, and
+/// answers when it has. Counters are read only when scraped: nothing is spent between scrapes.
+pub type ScrapeRequest = tokio::sync::oneshot::Sender<()>;
+
+pub fn spawn_servers(
+    metrics: Arc<Metrics>,
+    metrics_addr: SocketAddr,
+    healthz_addr: SocketAddr,
+    scrape: tokio::sync::mpsc::Sender<ScrapeRequest>,
+) {
     let m = metrics.clone();
     let app = Router::new().route(
         "/metrics",
         get(move || {
-            let m = m.clone();
-            async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+            let (m, scrape) = (m.clone(), scrape.clone());
+            async move {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if scrape.send(tx).await.is_ok() {
+                    // A busy daemon still gets scraped, with the counters of the last read.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), rx).await;
+                }
+                ([("content-type", "text/plain; version=0.0.4")], m.render())
+            }
         }),
     );
     tokio::spawn(async move {

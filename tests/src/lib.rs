@@ -89,6 +89,8 @@ pub struct Topology {
     pub conntrack_gc_interval: f64,
     /// Pods whose echo server is started (the first n).
     echo_servers: usize,
+    /// `--bpf-host-routing` of the proxies this topology starts.
+    pub host_routing: bool,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -117,6 +119,7 @@ impl Topology {
             children: Vec::new(),
             conntrack_gc_interval: 1.0,
             echo_servers: 0,
+            host_routing: true,
         };
         t.ext = ext?;
         let n = t.node.name.clone();
@@ -288,8 +291,8 @@ impl Topology {
             self.bpf_dir.to_str().unwrap(),
             "--conntrack-gc-interval",
             &self.conntrack_gc_interval.to_string(),
-            "--stats-interval",
-            "0.2",
+            "--bpf-host-routing",
+            &self.host_routing.to_string(),
         ])
         .env(
             "RUST_LOG",

@@ -44,9 +44,41 @@ fn tcp_servers(t: &Topology, client: usize, to: SocketAddr, n: usize) -> Vec<Str
     .unwrap()
 }
 
+/// Counts the packets the node's IP stack forwards (an nftables forward hook).
+fn count_forwarded(t: &Topology) {
+    let rules = "table ip count {\n  chain forwarded {\n    type filter hook forward priority 0;\n    counter\n  }\n}\n";
+    let path = std::env::temp_dir().join(format!("{}-count.nft", t.prefix));
+    std::fs::write(&path, rules).unwrap();
+    t.node
+        .exec("nft", &["-f", path.to_str().unwrap()])
+        .expect("nft");
+    std::fs::remove_file(path).ok();
+}
+
+fn forwarded(t: &Topology) -> u64 {
+    let out = t
+        .node
+        .exec("nft", &["list", "chain", "ip", "count", "forwarded"])
+        .unwrap();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "packets").expect("counter");
+    words[i + 1].parse().unwrap()
+}
+
 #[test]
 fn clusterip_spreads_tcp_and_udp_over_all_backends() {
+    spread(true);
+}
+
+#[test]
+fn clusterip_through_the_kernel_stack_when_host_routing_is_off() {
+    spread(false);
+}
+
+fn spread(host_routing: bool) {
     let mut t = cluster();
+    t.host_routing = host_routing;
+    count_forwarded(&t);
     let proxy = t.start_proxy(&web("", &backends(3))).unwrap();
     let client_ip = t.pods[3].ip;
 
@@ -83,6 +115,21 @@ fn clusterip_spreads_tcp_and_udp_over_all_backends() {
         .expect("ICMP passes");
 
     // The datapath counted the service's packets.
+    // With host routing, translated packets skip the node's stack: the only packets it
+    // forwarded are the direct TCP connection and the ping. Without, it forwarded them all.
+    let through_stack = forwarded(&t);
+    if host_routing {
+        assert!(
+            through_stack < 40,
+            "{through_stack} packets went through the node's stack"
+        );
+    } else {
+        assert!(
+            through_stack > 300,
+            "only {through_stack} packets went through the node's stack"
+        );
+    }
+
     let deadline = Instant::now() + Duration::from_secs(5);
     while proxy.metric("ferry_conntrack_entries").unwrap() < 1.0
         || proxy.metric("ferry_service_packets_total").unwrap() <= 80.0
@@ -236,7 +283,17 @@ fn udp_client_reaches_a_live_backend_after_its_backend_is_removed() {
 
 #[test]
 fn nodeport_from_outside_and_local_traffic_policy() {
+    nodeport(true);
+}
+
+#[test]
+fn nodeport_through_the_kernel_stack_when_host_routing_is_off() {
+    nodeport(false);
+}
+
+fn nodeport(host_routing: bool) {
     let mut t = cluster();
+    t.host_routing = host_routing;
     let mut eps = backends(3);
     eps[0].node = "node-b"; // not this node
     let mut yaml = web("", &eps);

@@ -5,7 +5,9 @@
 //! attached (the limit), before and again after the Ferry rows; (b) through a ClusterIP picked
 //! at random among N = 1, 1,000 and 10,000 programmed Services. For each row: new connections/s
 //! (TCP_CRR-style) and round trips/s on persistent connections with p50/p99 latency
-//! (TCP_RR-style). Then the time to program 10,000 Services x 10 endpoints from scratch.
+//! (TCP_RR-style). Ferry forwards translated packets itself (BPF host routing); one more row
+//! shows it handing them to the host stack instead (`--bpf-host-routing=false`). Then the time to
+//! program 10,000 Services x 10 endpoints from scratch.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -223,7 +225,7 @@ pub fn run(which: Which) -> Result<()> {
         }
     };
     let sizes = [1usize, 1_000, 10_000];
-    let steps = (sizes.len() + 2) * plan.reps;
+    let steps = (sizes.len() + 3) * plan.reps;
     let mut step = 0;
 
     let mut t = Topology::with_prefix(&format!("fb{}", std::process::id()), BACKENDS + 1)?;
@@ -236,7 +238,7 @@ pub fn run(which: Which) -> Result<()> {
     for p in &t.pods[..BACKENDS] {
         p.ns.sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
     }
-    t.conntrack_gc_interval = 10.0; // ferry-proxy's default
+    t.conntrack_gc_interval = 60.0; // ferry-proxy's default
     t.start_echo_servers()?;
     let direct: Vec<String> = (0..BACKENDS)
         .map(|i| format!("{}:{ECHO_PORT}", pod_ip(i)))
@@ -250,6 +252,23 @@ pub fn run(which: Which) -> Result<()> {
         &mut step,
         steps,
     )?];
+
+    // Ferry handing translated packets to the host stack (netfilter, routing), for reference.
+    eprintln!("[bench] Ferry with --bpf-host-routing=false, 1 Service");
+    t.host_routing = false;
+    let p = t.start_proxy(&services_yaml(1, BACKENDS, true))?;
+    rows.push(measure(
+        &t,
+        &plan,
+        "Ferry ClusterIP, N=1, kernel routing",
+        1,
+        &[format!("{}:80", vip(0))],
+        &mut step,
+        steps,
+    )?);
+    t.stop(p.pid, libc::SIGTERM)?;
+    std::fs::remove_dir_all(&t.bpf_dir).ok();
+    t.host_routing = true;
 
     let mut rng = Rng(Instant::now().elapsed().as_nanos() as u64
         ^ 0x9e37_79b9_7f4a_7c15
@@ -335,7 +354,10 @@ fn markdown(r: &Report) -> String {
     let base = &r.rows[0];
     let base_crr = (r.rows[0].crr.rate + r.rows.last().unwrap().crr.rate) / 2.0;
     let base_rr = (r.rows[0].rr.rate + r.rows.last().unwrap().rr.rate) / 2.0;
-    let one = r.rows.iter().find(|x| x.services == 1);
+    let one = r
+        .rows
+        .iter()
+        .find(|x| x.services == 1 && !x.name.contains("kernel"));
     let mut s = String::new();
     let _ = writeln!(s, "`cargo xtask bench datapath{}` on {} (Linux {}), {} connections, {} x {:.1} s per figure (median; spread in the JSON).\n", if r.quick { " --quick" } else { "" }, r.machine, r.kernel, r.concurrency, r.repetitions, r.seconds_per_run);
     let _ = writeln!(s, "| path | conn/s (CRR) | vs direct | round trips/s (RR) | vs direct | RR p50 µs | RR p99 µs |");
