@@ -14,6 +14,7 @@ pub mod names {
     pub const AFFINITY: &str = "FERRY_AFFINITY";
     pub const STATS: &str = "FERRY_STATS";
     pub const CONFIG: &str = "FERRY_CONFIG";
+    pub const VETH_PEERS: &str = "FERRY_VETH_PEERS";
     /// The tc classifier attached to the ingress of pod and node interfaces.
     pub const PROG_INGRESS: &str = "ferry_ingress";
 }
@@ -25,6 +26,7 @@ pub mod limits {
     pub const REV_NAT: u32 = 1 << 16;
     pub const CONNTRACK: u32 = 1 << 19;
     pub const AFFINITY: u32 = 1 << 16;
+    pub const VETH_PEERS: u32 = 1 << 14;
     /// Largest backend count of one frontend (slots 1..=MAX_BACKENDS).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
 }

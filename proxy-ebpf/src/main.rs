@@ -13,13 +13,17 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::bindings::{
+    bpf_fib_lookup__bindgen_ty_1, bpf_fib_lookup__bindgen_ty_2, bpf_fib_lookup__bindgen_ty_3,
+    bpf_fib_lookup__bindgen_ty_4, bpf_fib_lookup__bindgen_ty_5,
+};
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
-        bpf_redirect_neigh,
+        bpf_redirect_neigh, bpf_redirect_peer,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -39,11 +43,16 @@ static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(limits::BACKENDS, 0);
 #[map(name = "FERRY_REV_NAT")]
 static REV_NAT: HashMap<u16, RevNat> = HashMap::pinned(limits::REV_NAT, 0);
 #[map(name = "FERRY_CT")]
-static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(limits::CONNTRACK, 0);
+// Per-CPU LRU lists: inserts on a full map evict without a global lock.
+static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(limits::CONNTRACK, BPF_F_NO_COMMON_LRU);
 #[map(name = "FERRY_AFFINITY")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(limits::AFFINITY, 0);
 #[map(name = "FERRY_STATS")]
 static STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(limits::REV_NAT, 0);
+/// Attached interfaces that are the host side of a veth pair (keyed by ifindex): a packet for
+/// one of them can be handed straight to the peer's ingress in the pod (bpf_redirect_peer).
+#[map(name = "FERRY_VETH_PEERS")]
+static VETH_PEERS: HashMap<u32, u32> = HashMap::pinned(limits::VETH_PEERS, 0);
 #[map(name = "FERRY_CONFIG")]
 static CONFIG: Array<u32> = Array::pinned(CONFIG_LEN, 0);
 
@@ -55,6 +64,7 @@ const IP_DST_OFF: usize = ETH_HLEN + 16;
 const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 const TCP_FIN: u8 = 0x01;
@@ -184,24 +194,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         ));
     }
 
-    // 2. A new flow towards a frontend.
-    let head_key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, 0);
-    if let Some(head) = unsafe { SERVICES.get(&head_key) } {
-        return new_flow(ctx, &flow, &fwd_key, head, now);
-    }
-
-    // 3. A backend's reply.
+    // 2. A backend's reply (before the service lookup: replies are far more common than
+    //    new flows).
     let reply_key = CtKey {
         dir: CT_DIR_REPLY,
         ..fwd_key
     };
-    if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        // A new connection that is not for a Service (say, straight to a pod) may reuse the
-        // tuple of a finished Service connection: forget that one's reply translation.
-        let reverse = reply_key_of(flow.daddr, flow.dport, flow.saddr, flow.sport, flow.proto);
-        let _ = CT.remove(&reverse);
-        return Ok(TC_ACT_OK);
-    }
     if let Some(ct) = unsafe { CT.get(&reply_key) } {
         let Some(rev) = (unsafe { REV_NAT.get(ct.rev_nat_id) }) else {
             return Ok(TC_ACT_OK);
@@ -209,18 +207,22 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         let (frontend_addr, frontend_port) = (rev.addr, rev.port);
         let hairpin = ct.flags & CT_FLAG_HAIRPIN != 0;
         let client_addr = ct.nat_addr;
-        // The connection's state lives in its forward entry; the reply side refreshes it too.
-        let client_key = CtKey {
-            saddr: client_addr,
-            daddr: frontend_addr,
-            sport: flow.dport,
-            dport: frontend_port,
-            proto: flow.proto,
-            dir: CT_DIR_FORWARD,
-            _pad: [0; 2],
-        };
-        if let Some(fwd) = CT.get_ptr_mut(&client_key) {
-            refresh(unsafe { &mut *fwd }, &flow, now);
+        // The connection's state lives in its forward entry, which the client's packets keep
+        // fresh; a reply updates it when it closes the connection, or for UDP (a stream of
+        // answers to one request).
+        if flow.proto == PROTO_UDP || flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            let client_key = CtKey {
+                saddr: client_addr,
+                daddr: frontend_addr,
+                sport: flow.dport,
+                dport: frontend_port,
+                proto: flow.proto,
+                dir: CT_DIR_FORWARD,
+                _pad: [0; 2],
+            };
+            if let Some(fwd) = CT.get_ptr_mut(&client_key) {
+                refresh(unsafe { &mut *fwd }, &flow, now);
+            }
         }
         set_addr(ctx, &flow, IP_SRC_OFF, flow.saddr, frontend_addr)?;
         set_port(ctx, &flow, flow.l4_off, flow.sport, frontend_port)?;
@@ -228,6 +230,19 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
             set_addr(ctx, &flow, IP_DST_OFF, flow.daddr, client_addr)?;
         }
         return Ok(forward(ctx, &flow));
+    }
+
+    // 3. A new flow towards a frontend.
+    let head_key = ServiceKey::new(flow.daddr, flow.dport, flow.proto, 0);
+    if let Some(head) = unsafe { SERVICES.get(&head_key) } {
+        return new_flow(ctx, &flow, &fwd_key, head, now);
+    }
+
+    // 4. Not for a Service. A new connection (say, straight to a pod) may reuse the tuple of a
+    //    finished Service connection: forget that one's reply translation.
+    if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        let reverse = reply_key_of(flow.daddr, flow.dport, flow.saddr, flow.sport, flow.proto);
+        let _ = CT.remove(&reverse);
     }
     Ok(TC_ACT_OK)
 }
@@ -329,7 +344,8 @@ fn new_flow(
 
 /// Sends a translated packet on its way. With host routing on, the program looks the route up
 /// in the kernel's FIB and redirects the packet to the egress interface itself (as Cilium's BPF
-/// host routing does), skipping the host IP stack; whatever the FIB cannot answer (no route,
+/// host routing does), skipping the host IP stack; into the pod's side directly when the egress
+/// is a pod veth; whatever the FIB cannot answer (no route,
 /// forwarding off, TTL running out, needs fragmenting) goes through the stack as usual.
 #[inline(always)]
 fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
@@ -351,14 +367,28 @@ fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
     if ttl <= 1 {
         return TC_ACT_OK; // the stack sends ICMP time exceeded
     }
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = 2; // AF_INET
-    p.l4_protocol = flow.proto;
-    p.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_2.tos = tos;
-    p.__bindgen_anon_3.ipv4_src = saddr;
-    p.__bindgen_anon_4.ipv4_dst = daddr;
+    let mut p = bpf_fib_lookup {
+        family: 2, // AF_INET
+        l4_protocol: flow.proto,
+        sport: 0,
+        dport: 0,
+        __bindgen_anon_1: bpf_fib_lookup__bindgen_ty_1 {
+            tot_len: u16::from_be(tot_len),
+        },
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        __bindgen_anon_2: bpf_fib_lookup__bindgen_ty_2 {
+            rt_metric: tos as u32,
+        },
+        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 {
+            ipv6_src: [saddr, 0, 0, 0],
+        },
+        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 {
+            ipv6_dst: [daddr, 0, 0, 0],
+        },
+        __bindgen_anon_5: bpf_fib_lookup__bindgen_ty_5 { tbid: 0 },
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
     let rc = unsafe {
         fib_lookup(
             ctx.skb.skb as *mut _,
@@ -385,7 +415,12 @@ fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
         if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
             return TC_ACT_SHOT;
         }
-        unsafe { bpf_redirect(ifindex, 0) as i32 }
+        if unsafe { VETH_PEERS.get(ifindex) }.is_some() {
+            // Into the pod's own ingress: no second pass through a backlog queue.
+            unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+        } else {
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
     } else {
         // No neighbour entry yet: the kernel resolves it and fills in the addresses.
         unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }

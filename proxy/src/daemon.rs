@@ -56,6 +56,7 @@ impl Daemon {
         m.syncs.inc();
         m.map_writes.inc_by(stats.writes);
         m.last_sync_writes.set(stats.writes as i64);
+        m.services.set(snapshot.services.len() as i64);
         m.frontends.set(self.reconciler.frontend_count() as i64);
         m.backends.set(self.reconciler.backend_count() as i64);
         m.last_sync
@@ -76,13 +77,15 @@ impl Daemon {
 
     fn link_event(&mut self, ev: LinkEvent, globs: &Globs) {
         match ev {
-            LinkEvent::Present(name) if globs.matches(&name) && !self.attached.contains(&name) => {
-                match self.datapath.attach(&name) {
+            LinkEvent::Present(link)
+                if globs.matches(&link.name) && !self.attached.contains(&link.name) =>
+            {
+                match self.datapath.attach(&link) {
                     Ok(()) => {
-                        self.attached.insert(name);
+                        self.attached.insert(link.name);
                     }
                     // The link may be gone already, or not up yet in its namespace move.
-                    Err(e) => warn!(ifname = %name, "attach failed: {e:#}"),
+                    Err(e) => warn!(ifname = %link.name, "attach failed: {e:#}"),
                 }
             }
             LinkEvent::Gone(name) => {
@@ -157,8 +160,8 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     };
 
     // Attach to the links present now before the first sync, so "healthy" means "in the path".
-    for name in links::list_links().await? {
-        d.link_event(LinkEvent::Present(name), &cfg.interfaces);
+    for link in links::list_links().await? {
+        d.link_event(LinkEvent::Present(link), &cfg.interfaces);
     }
     let (tx, mut link_rx) = mpsc::unbounded_channel();
     let watcher = tokio::spawn(async move {

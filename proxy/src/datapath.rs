@@ -22,6 +22,7 @@ use proxy_common::{
 };
 use tracing::{debug, info};
 
+use crate::links::Link;
 use crate::reconcile::DatapathMaps;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf"));
@@ -62,6 +63,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    veth_peers: HashMap<MapData, u32, u32>,
     pub maps: Maps,
 }
 
@@ -140,9 +142,11 @@ impl Datapath {
             .set(CONFIG_FLAGS, flags, 0)
             .context("writing the datapath flags")?;
         info!(pin_dir = %pin_dir.display(), reused_maps = reused, host_routing, "datapath loaded");
+        let veth_peers = take(&mut ebpf, names::VETH_PEERS)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            veth_peers,
             maps,
         })
     }
@@ -161,8 +165,18 @@ impl Datapath {
 
     /// Attaches the program to the ingress of `ifname`, replacing the program of a link an
     /// earlier daemon pinned (atomically), or creating and pinning a new TCX link.
-    pub fn attach(&mut self, ifname: &str) -> Result<()> {
+    pub fn attach(&mut self, link: &Link) -> Result<()> {
+        let ifname = link.name.as_str();
         prepare_interface(ifname)?;
+        // Pod veths receive redirected packets straight into the pod; stale ifindexes of
+        // deleted links are harmless (the FIB never names them) and overwritten on reuse.
+        if link.veth {
+            self.veth_peers
+                .insert(link.index, 1, 0)
+                .map_err(err("veth map update"))?;
+        } else {
+            ignore_missing(self.veth_peers.remove(&link.index)).map_err(err("veth map delete"))?;
+        }
         let pin = self.link_pin(ifname);
         if pin.exists() {
             match self.replace_in_pinned_link(&pin) {

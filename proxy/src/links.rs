@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use futures::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{new_connection, new_multicast_connection, MulticastGroup};
 use tokio::sync::mpsc;
@@ -31,10 +31,19 @@ impl Globs {
     }
 }
 
+/// A network interface of the daemon's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    /// One end of a veth pair (a pod interface, or a link to another namespace).
+    pub veth: bool,
+}
+
 #[derive(Debug)]
 pub enum LinkEvent {
     /// A link exists (at start) or appeared.
-    Present(String),
+    Present(Link),
     /// A link was deleted.
     Gone(String),
 }
@@ -46,21 +55,35 @@ fn link_name(msg: &LinkMessage) -> Option<String> {
     })
 }
 
+fn link_of(msg: &LinkMessage) -> Option<Link> {
+    let veth = msg.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+        _ => false,
+    });
+    Some(Link {
+        name: link_name(msg)?,
+        index: msg.header.index,
+        veth,
+    })
+}
+
 /// Sends every current link, then every change, until the receiver is dropped.
 pub async fn watch(tx: mpsc::UnboundedSender<LinkEvent>) -> Result<()> {
     // Subscribe before dumping so no link is missed in between.
     let (conn, _handle, mut messages) =
         new_multicast_connection(&[MulticastGroup::Link]).context("netlink link subscription")?;
     tokio::spawn(conn);
-    for name in list_links().await? {
-        if tx.send(LinkEvent::Present(name)).is_err() {
+    for link in list_links().await? {
+        if tx.send(LinkEvent::Present(link)).is_err() {
             return Ok(());
         }
     }
     while let Some((msg, _)) = messages.next().await {
         let event = match msg.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                link_name(&l).map(LinkEvent::Present)
+                link_of(&l).map(LinkEvent::Present)
             }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
                 link_name(&l).map(LinkEvent::Gone)
@@ -78,7 +101,7 @@ pub async fn watch(tx: mpsc::UnboundedSender<LinkEvent>) -> Result<()> {
     Ok(())
 }
 
-pub async fn list_links() -> Result<Vec<String>> {
+pub async fn list_links() -> Result<Vec<Link>> {
     let (conn, handle, _) = new_connection().context("netlink connection")?;
     let task = tokio::spawn(conn);
     let links: Vec<LinkMessage> = handle
@@ -89,7 +112,7 @@ pub async fn list_links() -> Result<Vec<String>> {
         .await
         .context("listing links")?;
     task.abort();
-    Ok(links.iter().filter_map(link_name).collect())
+    Ok(links.iter().filter_map(link_of).collect())
 }
 
 /// IPv4 addresses of this network namespace that accept NodePort traffic: every address but
