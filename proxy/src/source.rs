@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -17,14 +18,17 @@ pub trait ServiceSource: Send {
     fn strictness(&self) -> Strictness;
 }
 
-/// Multi-document Kubernetes YAML in a file, re-read whenever it changes. The file's metadata is
-/// polled (cheap even for a large file); its content is read only when that changes, and parsed
-/// only when the content differs.
+/// Multi-document Kubernetes YAML in a file, re-read whenever it changes. Changes are noticed
+/// at once through inotify on the file's directory, and by polling the file's metadata as a
+/// fallback; the content is read only when the metadata changed, and parsed only when the
+/// content differs.
 pub struct FileSource {
     path: PathBuf,
     stamp: Option<Stamp>,
     last: Option<Result<Vec<u8>, String>>,
     poll: Duration,
+    changed: Arc<tokio::sync::Notify>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -36,12 +40,47 @@ struct Stamp {
 
 impl FileSource {
     pub fn new(path: PathBuf) -> Self {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let watcher = Self::watch(&path, changed.clone())
+            .map_err(
+                |e| tracing::warn!(path = %path.display(), "no inotify watch, polling only: {e}"),
+            )
+            .ok();
         Self {
             path,
             stamp: None,
             last: None,
-            poll: Duration::from_millis(200),
+            poll: Duration::from_millis(500),
+            changed,
+            _watcher: watcher,
         }
+    }
+
+    /// Watches the directory (editors and `mv` replace the file, which a watch on the file
+    /// itself would lose).
+    fn watch(
+        path: &std::path::Path,
+        changed: Arc<tokio::sync::Notify>,
+    ) -> notify::Result<notify::RecommendedWatcher> {
+        use notify::Watcher;
+        let name = path.file_name().map(|n| n.to_os_string());
+        let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+                {
+                    changed.notify_one();
+                }
+            }
+        })?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
     }
 
     async fn stamp(&self) -> Option<Stamp> {
@@ -60,8 +99,10 @@ impl ServiceSource for FileSource {
         loop {
             let stamp = self.stamp().await;
             if self.last.is_none() || stamp != self.stamp || stamp.is_none() {
-                self.stamp = stamp;
                 let content = tokio::fs::read(&self.path).await.map_err(|e| e.to_string());
+                // No await from here on: state changes only once the content is in hand, so a
+                // cancelled call (by `select!`) loses nothing.
+                self.stamp = stamp;
                 // A missing or unreadable file is reported once per change, like bad content.
                 if self.last.as_ref() != Some(&content) {
                     self.last = Some(content.clone());
@@ -72,11 +113,61 @@ impl ServiceSource for FileSource {
                     return parse_yaml(&text).with_context(|| format!("{}", self.path.display()));
                 }
             }
-            tokio::time::sleep(self.poll).await;
+            // Whichever comes first: an inotify event or the poll period.
+            let _ = tokio::time::timeout(self.poll, self.changed.notified()).await;
         }
     }
 
     fn strictness(&self) -> Strictness {
         Strictness::File
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `next` is polled in a `select!` that often cancels it; a change must never be lost.
+    #[tokio::test]
+    async fn changes_survive_cancellation() {
+        let dir = std::env::temp_dir().join(format!("ferry-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("services.yaml");
+        let svc = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n")
+        };
+        std::fs::write(&path, svc("a")).unwrap();
+        let mut src = FileSource::new(path.clone());
+        assert_eq!(
+            src.next().await.unwrap().services[0]
+                .metadata
+                .name
+                .as_deref(),
+            Some("a")
+        );
+        let tmp = dir.join("tmp");
+        std::fs::write(&tmp, svc("b")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        // Cancel many calls at every point they can be cancelled.
+        for _ in 0..50 {
+            let _ = tokio::time::timeout(Duration::from_micros(1), src.next()).await;
+        }
+        let snap = tokio::time::timeout(Duration::from_secs(1), src.next()).await;
+        let names: Vec<_> = match snap {
+            Ok(Ok(s)) => s
+                .services
+                .into_iter()
+                .filter_map(|s| s.metadata.name)
+                .collect(),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => Vec::new(),
+        };
+        std::fs::remove_dir_all(&dir).ok();
+        // Either a cancelled call already returned it (then nothing is pending), or this one does.
+        assert!(names.is_empty() || names == ["b"], "{names:?}");
+        assert_eq!(
+            src.last.as_ref().map(|c| c.as_ref().map(|v| v.len())),
+            Some(Ok(svc("b").len()))
+        );
     }
 }
