@@ -219,9 +219,12 @@ pub fn spawn_servers(
             let m = m.clone();
             async move {
                 let last = m.last_sync.load(Ordering::Relaxed);
+                // `syncs` lets tools wait for a change to be applied without scraping metrics.
                 let body = format!(
-                    "{{\"lastUpdated\": {last}, \"currentTime\": {}}}",
-                    unix_now()
+                    "{{\"lastUpdated\": {last}, \"currentTime\": {}, \"syncs\": {}, \"syncErrors\": {}}}",
+                    unix_now(),
+                    m.syncs.get(),
+                    m.sync_errors.get()
                 );
                 let code = if last > 0 {
                     StatusCode::OK

@@ -6,7 +6,7 @@
 //! backends the datapath must balance over, applying traffic policies, terminating-endpoint
 //! fallback and session affinity the way kube-proxy does.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -659,6 +659,47 @@ pub fn parse_yaml(text: &str) -> anyhow::Result<Snapshot> {
     Ok(snap)
 }
 
+/// Parses like `parse_yaml`, reusing the objects of documents whose text is unchanged since the
+/// last call (`cache` holds them by the hash of their text), so a one-line change to a file of
+/// 10,000 Services re-parses one document, not all of them.
+pub fn parse_yaml_incremental(
+    text: &str,
+    cache: &mut HashMap<u64, Snapshot>,
+) -> anyhow::Result<Snapshot> {
+    use std::hash::{Hash, Hasher};
+    let mut docs: Vec<&str> = Vec::new();
+    let mut start = 0;
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let l = line.trim_end();
+        if l == "---" || l.starts_with("--- ") {
+            docs.push(&text[start..pos]);
+            start = pos + line.len();
+        }
+        pos += line.len();
+    }
+    docs.push(&text[start..]);
+    let mut fresh = HashMap::with_capacity(docs.len());
+    let mut snap = Snapshot::default();
+    for (i, doc) in docs.iter().enumerate() {
+        if doc.trim().is_empty() {
+            continue;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        doc.hash(&mut h);
+        let key = h.finish();
+        let part = match cache.remove(&key).or_else(|| fresh.remove(&key)) {
+            Some(p) => p,
+            None => parse_yaml(doc).map_err(|e| anyhow::anyhow!("document {}: {e:#}", i + 1))?,
+        };
+        snap.services.extend(part.services.iter().cloned());
+        snap.slices.extend(part.slices.iter().cloned());
+        fresh.insert(key, part);
+    }
+    *cache = fresh;
+    Ok(snap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,6 +814,26 @@ endpoints:
             );
         }
         assert!(parse_yaml("apiVersion: v1\nkind: Service\n metadata: [").is_err());
+    }
+
+    #[test]
+    fn incremental_parse_reuses_unchanged_documents() {
+        let mut cache = HashMap::new();
+        let a = parse_yaml_incremental(WEB, &mut cache).unwrap();
+        assert_eq!((a.services.len(), a.slices.len(), cache.len()), (1, 1, 2));
+        let changed = WEB.replace("10.244.1.3", "10.244.1.9");
+        let b = parse_yaml_incremental(&changed, &mut cache).unwrap();
+        assert_eq!(b.services, a.services);
+        let addrs: Vec<&String> = b.slices[0]
+            .endpoints
+            .iter()
+            .flat_map(|e| &e.addresses)
+            .collect();
+        assert!(addrs.iter().any(|a| *a == "10.244.1.9"));
+        assert_eq!(cache.len(), 2);
+        // Errors still name the document.
+        let err = parse_yaml_incremental(&format!("{WEB}---\nkind: [\n"), &mut cache).unwrap_err();
+        assert!(err.to_string().contains("document 3"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use crate::model::{parse_yaml, Snapshot, Strictness};
+use crate::model::{parse_yaml_incremental, Snapshot, Strictness};
 
 pub trait ServiceSource: Send {
     /// Waits for the next complete view. An `Err` is bad input: the daemon reports it and keeps
@@ -29,6 +29,8 @@ pub struct FileSource {
     poll: Duration,
     changed: Arc<tokio::sync::Notify>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Parsed documents of the last read, by the hash of their text.
+    parsed: std::collections::HashMap<u64, Snapshot>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -53,6 +55,7 @@ impl FileSource {
             poll: Duration::from_millis(500),
             changed,
             _watcher: watcher,
+            parsed: Default::default(),
         }
     }
 
@@ -110,7 +113,8 @@ impl ServiceSource for FileSource {
                         content.map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
                     let text = String::from_utf8(content)
                         .with_context(|| format!("{}: not UTF-8", self.path.display()))?;
-                    return parse_yaml(&text).with_context(|| format!("{}", self.path.display()));
+                    return parse_yaml_incremental(&text, &mut self.parsed)
+                        .with_context(|| format!("{}", self.path.display()));
                 }
             }
             // Whichever comes first: an inotify event or the poll period.

@@ -313,7 +313,7 @@ impl Topology {
             node,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while p.metric("ferry_syncs_total").unwrap_or(0.0) < 1.0 {
+        while p.sync_counts().map(|c| c.0).unwrap_or(0) < 1 {
             if Instant::now() > deadline {
                 bail!("ferry-proxy did not finish its first sync within 20 s (see its log above)");
             }
@@ -354,32 +354,54 @@ impl Proxy {
             .sum())
     }
 
+    /// `(syncs, sync errors)` from the daemon's /healthz (cheap: no datapath reads).
+    pub fn sync_counts(&self) -> Result<(u64, u64)> {
+        let body = in_netns(&self.node, || -> Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:10256".parse().unwrap(),
+                Duration::from_secs(1),
+            )?;
+            s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        let json = body.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(json).with_context(|| format!("healthz answered {body:?}"))?;
+        Ok((
+            v["syncs"].as_u64().unwrap_or(0),
+            v["syncErrors"].as_u64().unwrap_or(0),
+        ))
+    }
+
     /// Replaces the services file and waits until the daemon has handled it (applied or
     /// rejected). Returns true when it was applied.
     pub fn update(&self, yaml: &str) -> Result<bool> {
-        let before = (
-            self.metric("ferry_syncs_total")?,
-            self.metric("ferry_sync_errors_total")?,
-        );
+        self.update_timed(yaml).map(|(applied, _)| applied)
+    }
+
+    /// `update`, also returning the time from the file's replacement to the daemon's answer.
+    pub fn update_timed(&self, yaml: &str) -> Result<(bool, Duration)> {
+        let before = self.sync_counts()?;
         let tmp = self.services_file.with_extension("tmp");
         std::fs::write(&tmp, yaml)?;
+        let start = Instant::now();
         std::fs::rename(&tmp, &self.services_file)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = start + Duration::from_secs(60);
         loop {
-            let now = (
-                self.metric("ferry_syncs_total")?,
-                self.metric("ferry_sync_errors_total")?,
-            );
+            let now = self.sync_counts()?;
             if now.0 > before.0 {
-                return Ok(true);
+                return Ok((true, start.elapsed()));
             }
             if now.1 > before.1 {
-                return Ok(false);
+                return Ok((false, start.elapsed()));
             }
             if Instant::now() > deadline {
-                bail!("ferry-proxy did not pick up the new services file within 10 s");
+                bail!("ferry-proxy did not pick up the new services file within 60 s");
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

@@ -22,6 +22,8 @@ use serde::Serialize;
 pub enum Which {
     /// Datapath rates and programming time (see the module docs).
     Datapath(Opts),
+    /// Ferry against kube-proxy's iptables, nftables and IPVS layouts, side by side.
+    Compare(Opts),
 }
 
 #[derive(Args, Clone)]
@@ -35,11 +37,12 @@ const BACKENDS: usize = 3;
 const CLIENT: usize = BACKENDS;
 
 #[derive(Clone, Debug, Default, Serialize)]
-struct Load {
-    rate: f64,
-    p50_us: f64,
-    p99_us: f64,
-    errors: u64,
+pub struct Load {
+    pub rate: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
+    pub transactions: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -67,9 +70,16 @@ struct Report {
 }
 
 /// A xorshift generator: enough to pick Services at random without another dependency.
-struct Rng(u64);
+pub struct Rng(pub u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn seeded() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Rng(t ^ 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64)
+    }
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -77,7 +87,7 @@ impl Rng {
     }
 }
 
-fn vip(i: usize) -> Ipv4Addr {
+pub fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32)
 }
 
@@ -106,14 +116,27 @@ fn services_yaml(n: usize, eps: usize, real: bool) -> String {
     s
 }
 
-fn loadgen(
+/// Each measurement connects from an address of its own, so no connection tuple of an earlier
+/// measurement (in any kernel table) can collide with its connections.
+pub fn fresh_source(t: &Topology, client: usize) -> Result<Ipv4Addr> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 200, 0)) + n);
+    t.add_pod_address(client, addr)?;
+    Ok(addr)
+}
+
+/// Runs `ferry-loadgen` in pod `client` from a fresh source address.
+pub fn loadgen(
     t: &Topology,
+    client: usize,
     mode: &str,
     targets: &[String],
     secs: f64,
     concurrency: usize,
 ) -> Result<Load> {
     let bin = bin_path("ferry-loadgen")?;
+    let source = fresh_source(t, client)?.to_string();
     let mut args = vec![
         "--mode".to_string(),
         mode.into(),
@@ -121,13 +144,15 @@ fn loadgen(
         secs.to_string(),
         "--concurrency".into(),
         concurrency.to_string(),
+        "--source".into(),
+        source,
     ];
     for tg in targets {
         args.push("--target".into());
         args.push(tg.clone());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = t.pods[CLIENT].ns.exec(bin.to_str().unwrap(), &args)?;
+    let out = t.pods[client].ns.exec(bin.to_str().unwrap(), &args)?;
     let v: serde_json::Value =
         serde_json::from_str(out.trim()).with_context(|| format!("loadgen printed {out:?}"))?;
     let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
@@ -136,6 +161,7 @@ fn loadgen(
         p50_us: f("p50_us"),
         p99_us: f("p99_us"),
         errors: v["errors"].as_u64().unwrap_or(0),
+        transactions: v["transactions"].as_u64().unwrap_or(0),
     };
     if load.rate == 0.0 {
         bail!(
@@ -146,7 +172,7 @@ fn loadgen(
     Ok(load)
 }
 
-fn median(mut v: Vec<Load>) -> Load {
+pub fn median(mut v: Vec<Load>) -> Load {
     v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     v[v.len() / 2].clone()
 }
@@ -176,8 +202,22 @@ fn measure(
             plan.reps,
             plan.secs
         );
-        crr.push(loadgen(t, "crr", targets, plan.secs, plan.concurrency)?);
-        rr.push(loadgen(t, "rr", targets, plan.secs, plan.concurrency)?);
+        crr.push(loadgen(
+            t,
+            CLIENT,
+            "crr",
+            targets,
+            plan.secs,
+            plan.concurrency,
+        )?);
+        rr.push(loadgen(
+            t,
+            CLIENT,
+            "rr",
+            targets,
+            plan.secs,
+            plan.concurrency,
+        )?);
     }
     Ok(Row {
         name: name.into(),
@@ -189,14 +229,14 @@ fn measure(
     })
 }
 
-fn uname() -> String {
+pub fn uname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
         .to_string()
 }
 
-fn cpu_model() -> String {
+pub fn cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = info
         .lines()
@@ -210,7 +250,10 @@ fn cpu_model() -> String {
 }
 
 pub fn run(which: Which) -> Result<()> {
-    let Which::Datapath(opts) = which;
+    let opts = match which {
+        Which::Datapath(o) => o,
+        Which::Compare(o) => return crate::compare::run(o.quick),
+    };
     let plan = if opts.quick {
         Plan {
             secs: 1.5,
@@ -270,9 +313,7 @@ pub fn run(which: Which) -> Result<()> {
     std::fs::remove_dir_all(&t.bpf_dir).ok();
     t.host_routing = true;
 
-    let mut rng = Rng(Instant::now().elapsed().as_nanos() as u64
-        ^ 0x9e37_79b9_7f4a_7c15
-        ^ std::process::id() as u64);
+    let mut rng = Rng::seeded();
     let mut proxy = None;
     for &n in &sizes {
         eprintln!("[bench] programming {n} Services");

@@ -48,7 +48,10 @@ fn svc_chain(s: &Svc) -> String {
 }
 
 fn sep_chain(s: &Svc, ep: (Ipv4Addr, u16)) -> String {
-    format!("KUBE-SEP-{}", hash(&format!("{}tcp{}:{}", s.spn(), ep.0, ep.1), 16))
+    format!(
+        "KUBE-SEP-{}",
+        hash(&format!("{}tcp{}:{}", s.spn(), ep.0, ep.1), 16)
+    )
 }
 
 /// Top-level jumps kube-proxy installs one by one (`iptables -I`) on a full sync, as
@@ -109,7 +112,14 @@ fn shell_words(s: &str) -> Vec<String> {
 
 fn iptables_filter_section(out: &mut String) {
     out.push_str("*filter\n");
-    for c in ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL", "KUBE-FIREWALL"] {
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-NODEPORTS",
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-FIREWALL",
+    ] {
         let _ = writeln!(out, ":{c} - [0:0]");
     }
     out.push_str("-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n");
@@ -134,13 +144,25 @@ fn iptables_service_chains(out: &mut String, s: &Svc) {
             let p = 1.0 / (n - i) as f64;
             let _ = writeln!(out, "-A {svc} -m comment --comment \"{spn} -> {}:{}\" -m statistic --mode random --probability {p:.10} -j {sep}", ep.0, ep.1);
         } else {
-            let _ = writeln!(out, "-A {svc} -m comment --comment \"{spn} -> {}:{}\" -j {sep}", ep.0, ep.1);
+            let _ = writeln!(
+                out,
+                "-A {svc} -m comment --comment \"{spn} -> {}:{}\" -j {sep}",
+                ep.0, ep.1
+            );
         }
     }
     for ep in &s.endpoints {
         let sep = sep_chain(s, *ep);
-        let _ = writeln!(out, "-A {sep} -m comment --comment {spn} -s {} -j KUBE-MARK-MASQ", ep.0);
-        let _ = writeln!(out, "-A {sep} -m comment --comment {spn} -m tcp -p tcp -j DNAT --to-destination {}:{}", ep.0, ep.1);
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {spn} -s {} -j KUBE-MARK-MASQ",
+            ep.0
+        );
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {spn} -m tcp -p tcp -j DNAT --to-destination {}:{}",
+            ep.0, ep.1
+        );
     }
 }
 
@@ -151,7 +173,12 @@ pub fn iptables_restore(svcs: &[Svc], changed: &dyn Fn(usize) -> bool) -> String
     let mut out = String::with_capacity(svcs.len() * 900);
     iptables_filter_section(&mut out);
     out.push_str("*nat\n");
-    for c in ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
         let _ = writeln!(out, ":{c} - [0:0]");
     }
     for (i, s) in svcs.iter().enumerate() {
@@ -162,7 +189,10 @@ pub fn iptables_restore(svcs: &[Svc], changed: &dyn Fn(usize) -> bool) -> String
             }
         }
     }
-    let _ = writeln!(out, "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN");
+    let _ = writeln!(
+        out,
+        "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"
+    );
     let _ = writeln!(out, "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}");
     out.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
     let _ = writeln!(out, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}");
@@ -200,19 +230,27 @@ fn nft_service_chain(s: &Svc) -> String {
 /// The fixed part of kube-proxy's table (first full sync of a process).
 fn nft_skeleton(out: &mut String, node_ip: Ipv4Addr) {
     let t = "ip kube-proxy";
-    let _ = writeln!(out, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
+    let _ = writeln!(
+        out,
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}"
+    );
+    // Priorities as numbers (dstnat = -100, srcnat = 100): the names are not accepted for every
+    // hook by Debian 12's nft.
     let base = [
-        ("filter-prerouting", "filter", "prerouting", "dstnat - 10"),
+        ("filter-prerouting", "filter", "prerouting", "-110"),
         ("filter-input", "filter", "input", "-110"),
         ("filter-forward", "filter", "forward", "-110"),
-        ("filter-output", "filter", "output", "dstnat - 10"),
-        ("filter-output-post-dnat", "filter", "output", "dstnat + 10"),
-        ("nat-prerouting", "nat", "prerouting", "dstnat"),
-        ("nat-output", "nat", "output", "dstnat"),
-        ("nat-postrouting", "nat", "postrouting", "srcnat"),
+        ("filter-output", "filter", "output", "-110"),
+        ("filter-output-post-dnat", "filter", "output", "-90"),
+        ("nat-prerouting", "nat", "prerouting", "-100"),
+        ("nat-output", "nat", "output", "-100"),
+        ("nat-postrouting", "nat", "postrouting", "100"),
     ];
     for (name, ty, hook, prio) in base {
-        let _ = writeln!(out, "add chain {t} {name} {{ type {ty} hook {hook} priority {prio} ; }}");
+        let _ = writeln!(
+            out,
+            "add chain {t} {name} {{ type {ty} hook {hook} priority {prio} ; }}"
+        );
         let _ = writeln!(out, "flush chain {t} {name}");
     }
     let jumps = [
@@ -240,11 +278,23 @@ fn nft_skeleton(out: &mut String, node_ip: Ipv4Addr) {
     }
     let _ = writeln!(out, "add chain {t} mark-for-masquerade");
     let _ = writeln!(out, "flush chain {t} mark-for-masquerade");
-    let _ = writeln!(out, "add rule {t} mark-for-masquerade mark set mark or {MASQ_MARK}");
-    let _ = writeln!(out, "add rule {t} masquerading mark and {MASQ_MARK} == 0 return");
-    let _ = writeln!(out, "add rule {t} masquerading mark set mark xor {MASQ_MARK}");
+    let _ = writeln!(
+        out,
+        "add rule {t} mark-for-masquerade mark set mark or {MASQ_MARK}"
+    );
+    let _ = writeln!(
+        out,
+        "add rule {t} masquerading mark and {MASQ_MARK} == 0 return"
+    );
+    let _ = writeln!(
+        out,
+        "add rule {t} masquerading mark set mark xor {MASQ_MARK}"
+    );
     let _ = writeln!(out, "add rule {t} masquerading masquerade fully-random");
-    let _ = writeln!(out, "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}");
+    let _ = writeln!(
+        out,
+        "add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
+    );
     let _ = writeln!(out, "add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"");
     let _ = writeln!(out, "add rule {t} cluster-ips-check ip daddr {{ {SERVICE_CIDR} }} drop comment \"Drop traffic to unallocated ClusterIPs\"");
     let _ = writeln!(out, "add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}");
@@ -258,13 +308,30 @@ fn nft_skeleton(out: &mut String, node_ip: Ipv4Addr) {
     let _ = writeln!(out, "add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services");
     let _ = writeln!(out, "add rule {t} nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports");
     let _ = writeln!(out, "add map {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}");
-    let _ = writeln!(out, "add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips");
+    let _ = writeln!(
+        out,
+        "add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips"
+    );
     let _ = writeln!(out, "add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}");
     let _ = writeln!(out, "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}");
-    let _ = writeln!(out, "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips");
+    let _ = writeln!(
+        out,
+        "add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips"
+    );
     let _ = writeln!(out, "add rule {t} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports");
-    for set in ["set cluster-ips", "map service-ips", "map firewall-ips", "map no-endpoint-services", "map no-endpoint-nodeports", "map service-nodeports"] {
-        let _ = writeln!(out, "flush {set}", set = set.replacen(' ', &format!(" {t} "), 1));
+    for set in [
+        "set cluster-ips",
+        "map service-ips",
+        "map firewall-ips",
+        "map no-endpoint-services",
+        "map no-endpoint-nodeports",
+        "map service-nodeports",
+    ] {
+        let _ = writeln!(
+            out,
+            "flush {set}",
+            set = set.replacen(' ', &format!(" {t} "), 1)
+        );
     }
 }
 
@@ -272,17 +339,38 @@ fn nft_skeleton(out: &mut String, node_ip: Ipv4Addr) {
 fn nft_service(out: &mut String, s: &Svc) {
     let t = "ip kube-proxy";
     let svc = nft_service_chain(s);
-    let eps: Vec<String> = s.endpoints.iter().map(|e| nft_endpoint_chain(s, *e)).collect();
+    let eps: Vec<String> = s
+        .endpoints
+        .iter()
+        .map(|e| nft_endpoint_chain(s, *e))
+        .collect();
     for c in eps.iter().chain(std::iter::once(&svc)) {
         let _ = writeln!(out, "add chain {t} {c}");
         let _ = writeln!(out, "flush chain {t} {c}");
     }
     let _ = writeln!(out, "add rule {t} {svc} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade", s.vip, s.port);
-    let vmap: Vec<String> = eps.iter().enumerate().map(|(i, c)| format!("{i} : goto {c}")).collect();
-    let _ = writeln!(out, "add rule {t} {svc} numgen random mod {} vmap {{ {} }}", eps.len(), vmap.join(" , "));
+    let vmap: Vec<String> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{i} : goto {c}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "add rule {t} {svc} numgen random mod {} vmap {{ {} }}",
+        eps.len(),
+        vmap.join(" , ")
+    );
     for (ep, c) in s.endpoints.iter().zip(&eps) {
-        let _ = writeln!(out, "add rule {t} {c} ip saddr {} jump mark-for-masquerade", ep.0);
-        let _ = writeln!(out, "add rule {t} {c} meta l4proto tcp dnat to {}:{}", ep.0, ep.1);
+        let _ = writeln!(
+            out,
+            "add rule {t} {c} ip saddr {} jump mark-for-masquerade",
+            ep.0
+        );
+        let _ = writeln!(
+            out,
+            "add rule {t} {c} meta l4proto tcp dnat to {}:{}",
+            ep.0, ep.1
+        );
     }
 }
 
@@ -294,7 +382,13 @@ pub fn nft_full(svcs: &[Svc], node_ip: Ipv4Addr) -> String {
     for s in svcs.iter().filter(|s| !s.endpoints.is_empty()) {
         nft_service(&mut out, s);
         let _ = writeln!(out, "add element {t} cluster-ips {{ {} }}", s.vip);
-        let _ = writeln!(out, "add element {t} service-ips {{ {} . tcp . {} : goto {} }}", s.vip, s.port, nft_service_chain(s));
+        let _ = writeln!(
+            out,
+            "add element {t} service-ips {{ {} . tcp . {} : goto {} }}",
+            s.vip,
+            s.port,
+            nft_service_chain(s)
+        );
     }
     out
 }
@@ -318,7 +412,10 @@ mod tests {
             port_name: "http".into(),
             vip: Ipv4Addr::new(10, 96, 0, 10),
             port: 80,
-            endpoints: vec![(Ipv4Addr::new(10, 244, 1, 2), 8080), (Ipv4Addr::new(10, 244, 1, 3), 8080)],
+            endpoints: vec![
+                (Ipv4Addr::new(10, 244, 1, 2), 8080),
+                (Ipv4Addr::new(10, 244, 1, 3), 8080),
+            ],
         }
     }
 
@@ -329,9 +426,18 @@ mod tests {
         assert_eq!(svc_chain(&s), "KUBE-SVC-CDGGSHYLG3RE2FKL");
         assert_eq!(sep_chain(&s, s.endpoints[0]), "KUBE-SEP-UIQK3OSOSTRHRPBX");
         assert_eq!(sep_chain(&s, s.endpoints[1]), "KUBE-SEP-2AZ33KU3V5PGPQZH");
-        assert_eq!(nft_service_chain(&s), "service-SUSTUHLJ-default/web/tcp/http");
-        assert_eq!(nft_endpoint_chain(&s, s.endpoints[0]), "endpoint-SVLGPL42-default/web/tcp/http__10.244.1.2/8080");
-        assert_eq!(nft_endpoint_chain(&s, s.endpoints[1]), "endpoint-QYTGA46O-default/web/tcp/http__10.244.1.3/8080");
+        assert_eq!(
+            nft_service_chain(&s),
+            "service-SUSTUHLJ-default/web/tcp/http"
+        );
+        assert_eq!(
+            nft_endpoint_chain(&s, s.endpoints[0]),
+            "endpoint-SVLGPL42-default/web/tcp/http__10.244.1.2/8080"
+        );
+        assert_eq!(
+            nft_endpoint_chain(&s, s.endpoints[1]),
+            "endpoint-QYTGA46O-default/web/tcp/http__10.244.1.3/8080"
+        );
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! - `bench datapath`: connection and request rates through Ferry against the direct path.
 
 mod bench;
+mod charts;
+mod compare;
+mod kube_rules;
 mod setup;
 mod up;
 

@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::sh;
 
 /// Debian packages: iproute2/ping/curl for the test bed and demo, iptables/nftables/conntrack
-/// for the comparisons, bpftool to inspect maps, iperf3 for bulk throughput.
+/// for the comparisons, bpftool to inspect maps, iperf3 for bulk throughput, a font for charts.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -19,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "util-linux",
+    "fonts-dejavu-core",
 ];
 
 fn ok(program: &str, args: &[&str]) -> bool {

@@ -1,6 +1,7 @@
 //! `ferry-loadgen`: a bounded load generator for the echo protocol.
 //! - `crr`: one request per TCP connection (connect, ask, close), like netperf's TCP_CRR;
-//! - `rr`: requests back to back on persistent connections, like netperf's TCP_RR.
+//! - `rr`: requests back to back on persistent connections, like netperf's TCP_RR;
+//! - `probe`: `crr` until the server named `--want` answers; prints when (wall clock, µs).
 //!
 //! Stops after `--seconds` or `--max` transactions, whichever comes first, and prints one JSON
 //! line: transactions, rate, latency percentiles, errors.
@@ -16,6 +17,7 @@ use clap::{Parser, ValueEnum};
 enum Mode {
     Crr,
     Rr,
+    Probe,
 }
 
 #[derive(Parser)]
@@ -32,6 +34,9 @@ struct Args {
     /// Upper bound on transactions, whatever the time.
     #[arg(long, default_value_t = 5_000_000)]
     max: u64,
+    /// With `probe`: the server name to wait for.
+    #[arg(long)]
+    want: Option<String>,
     /// Source address of every connection (default: the kernel's choice).
     #[arg(long)]
     source: Option<std::net::Ipv4Addr>,
@@ -64,7 +69,7 @@ fn connect(target: SocketAddr, source: Option<std::net::Ipv4Addr>) -> std::io::R
     Ok(s)
 }
 
-fn ask(s: &mut TcpStream, buf: &mut [u8], req: &[u8]) -> std::io::Result<()> {
+fn ask(s: &mut TcpStream, buf: &mut [u8], req: &[u8]) -> std::io::Result<usize> {
     s.write_all(req)?;
     // Answers are one short line: read until the newline.
     let mut got = 0;
@@ -75,13 +80,43 @@ fn ask(s: &mut TcpStream, buf: &mut [u8], req: &[u8]) -> std::io::Result<()> {
         }
         got += n;
         if buf[..got].contains(&b'\n') {
-            return Ok(());
+            return Ok(got);
         }
     }
 }
 
+/// Connects until the wanted server answers; prints the wall-clock time it first did.
+fn probe(a: &Args) {
+    let want = a.want.clone().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs_f64(a.seconds);
+    let mut buf = [0u8; 256];
+    let mut tries = 0u64;
+    while Instant::now() < deadline && tries < a.max {
+        tries += 1;
+        let answer = connect(a.targets[0], a.source).and_then(|mut s| ask(&mut s, &mut buf, b"!"));
+        if let Ok(n) = answer {
+            let line = String::from_utf8_lossy(&buf[..n]);
+            if line.split_whitespace().next() == Some(want.as_str()) {
+                let us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros())
+                    .unwrap_or(0);
+                println!(
+                    "{}",
+                    serde_json::json!({"seen_unix_us": us as u64, "tries": tries})
+                );
+                return;
+            }
+        }
+    }
+    println!("{}", serde_json::json!({"seen_unix_us": 0, "tries": tries}));
+}
+
 fn main() {
     let a = Args::parse();
+    if matches!(a.mode, Mode::Probe) {
+        return probe(&a);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -111,12 +146,13 @@ fn main() {
                             Ok(())
                         })
                         .is_ok(),
+                    Mode::Probe => unreachable!("handled in main"),
                     Mode::Rr => {
                         if conn.is_none() {
                             conn = connect(target, source).ok();
                         }
                         match conn.as_mut().map(|s| ask(s, &mut buf, b"?")) {
-                            Some(Ok(())) => true,
+                            Some(Ok(_)) => true,
                             _ => {
                                 conn = None;
                                 false

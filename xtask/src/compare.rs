@@ -1,0 +1,840 @@
+//! `cargo xtask bench compare [--quick]`: Ferry against kube-proxy's modes, side by side, on one
+//! topology and one workload, in one run.
+//!
+//! Modes, each set up and torn down completely before the next: no proxy (client to pod IPs),
+//! Ferry (eBPF), kube-proxy's iptables layout through iptables-nft and through iptables-legacy,
+//! its nftables layout, and IPVS where the kernel has it (detected; otherwise reported as
+//! unavailable, never faked). For every Service count N the mode is programmed from scratch
+//! (timed), then measured: new connections/s, round trips/s with p50/p99, CPU seconds per 10,000
+//! connections (from /proc/stat), kernel memory, and at one N the time for one endpoint change to
+//! reach the datapath (a prober waits for the new endpoint to answer through the ClusterIP).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _, Result};
+use ferry_testbed::{bin_path, pod_ip, Proxy, Topology, ECHO_PORT, NODE_IP};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::bench::{cpu_model, loadgen, median, uname, vip, Load, Rng};
+use crate::kube_rules::{self, Svc};
+
+/// Pods 0 and 1 serve every Service (M = 2); pod 2 is the endpoint added by the change test.
+const ENDPOINTS: usize = 2;
+const NEW_ENDPOINT: usize = 2;
+const CLIENT: usize = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    NoProxy,
+    Ferry,
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+    Ipvs,
+}
+
+impl Mode {
+    const ALL: [Mode; 6] = [
+        Mode::NoProxy,
+        Mode::Ferry,
+        Mode::IptablesNft,
+        Mode::Nftables,
+        Mode::IptablesLegacy,
+        Mode::Ipvs,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::NoProxy => "no proxy (pod IPs)",
+            Mode::Ferry => "Ferry (eBPF)",
+            Mode::IptablesNft => "kube-proxy iptables (nft)",
+            Mode::IptablesLegacy => "kube-proxy iptables (legacy)",
+            Mode::Nftables => "kube-proxy nftables",
+            Mode::Ipvs => "kube-proxy IPVS",
+        }
+    }
+
+    fn iptables(self) -> Option<&'static str> {
+        match self {
+            Mode::IptablesNft => Some("iptables-nft"),
+            Mode::IptablesLegacy => Some("iptables-legacy"),
+            _ => None,
+        }
+    }
+
+    /// Why the mode cannot run here, if it cannot.
+    fn unavailable(self) -> Option<String> {
+        match self {
+            Mode::Ipvs if !std::path::Path::new("/proc/net/ip_vs").exists() => Some(
+                "unavailable on this kernel (no CONFIG_IP_VS: /proc/net/ip_vs is absent)".into(),
+            ),
+            Mode::Ipvs => Some("IPVS is present but this benchmark does not program it yet".into()),
+            m => m.iptables().and_then(|bin| {
+                let ok = Command::new(bin)
+                    .arg("--version")
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                (!ok).then(|| format!("{bin} is not installed (cargo xtask setup)"))
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct Measure {
+    mode: Mode,
+    services: usize,
+    /// Full programming from scratch, seconds (None for no proxy).
+    program_s: Option<f64>,
+    crr: Option<Load>,
+    rr: Option<Load>,
+    crr_runs: Vec<f64>,
+    /// CPU seconds (all cores, from /proc/stat) per 10,000 connections of the CRR runs.
+    cpu_s_per_10k: Option<f64>,
+    /// Kernel memory added by programming (Slab + VmallocUsed + Percpu), MiB.
+    kernel_mem_mib: Option<f64>,
+    /// Time from the change being applied until the new endpoint answered, ms.
+    endpoint_change_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    kernel: String,
+    quick: bool,
+    seconds_per_run: f64,
+    repetitions: usize,
+    concurrency: usize,
+    conntrack_note: String,
+    memory_note: String,
+    unavailable: Vec<(Mode, String)>,
+    results: Vec<Measure>,
+}
+
+struct Plan {
+    program_sizes: Vec<usize>,
+    dataplane_sizes: Vec<usize>,
+    change_at: usize,
+    secs: f64,
+    reps: usize,
+    concurrency: usize,
+}
+
+fn svc_list(n: usize) -> Vec<Svc> {
+    (0..n)
+        .map(|i| Svc {
+            ns: "bench".into(),
+            name: format!("svc-{i}"),
+            port_name: "http".into(),
+            vip: vip(i),
+            port: 80,
+            endpoints: (0..ENDPOINTS).map(|j| (pod_ip(j), ECHO_PORT)).collect(),
+        })
+        .collect()
+}
+
+/// The same Services as Kubernetes YAML, for Ferry.
+fn ferry_yaml(svcs: &[Svc]) -> String {
+    let mut s = String::with_capacity(svcs.len() * 600);
+    for v in svcs {
+        let _ = write!(
+            s,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  clusterIP: {}\n  ports: [{{name: {}, port: {}, targetPort: {ECHO_PORT}, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-a\n  namespace: {}\n  labels: {{kubernetes.io/service-name: {}}}\naddressType: IPv4\nports: [{{name: {}, port: {ECHO_PORT}, protocol: TCP}}]\nendpoints:\n",
+            v.name, v.ns, v.vip, v.port_name, v.port, v.name, v.ns, v.name, v.port_name
+        );
+        for (ip, _) in &v.endpoints {
+            let _ = writeln!(s, "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}");
+        }
+    }
+    s
+}
+
+/// Kernel memory that rules and maps live in, KiB.
+fn kernel_mem_kib() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| {
+            l.starts_with("Slab:") || l.starts_with("VmallocUsed:") || l.starts_with("Percpu:")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Memory charged by Ferry's maps (all preallocated up front), MiB.
+fn ferry_maps_mib() -> Result<f64> {
+    let out = Command::new("bpftool")
+        .args(["map", "show", "-j"])
+        .output()
+        .context("bpftool map show")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool map show -j")?;
+    let bytes: u64 = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["name"].as_str().is_some_and(|n| n.starts_with("FERRY_")))
+        .filter_map(|m| m["bytes_memlock"].as_u64())
+        .sum();
+    Ok(bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Busy CPU time of the whole machine, in seconds.
+fn cpu_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle) as f64 / 100.0 // USER_HZ
+}
+
+/// Runs a command in the node namespace with a file as its input.
+fn node_exec(t: &Topology, program: &str, args: &[&str]) -> Result<()> {
+    t.node.exec(program, args).map(|_| ())
+}
+
+fn write_tmp(t: &Topology, name: &str, text: &str) -> Result<PathBuf> {
+    let p = std::env::temp_dir().join(format!("{}-{name}", t.prefix));
+    std::fs::write(&p, text)?;
+    Ok(p)
+}
+
+/// One mode programmed on the node.
+struct Programmed {
+    proxy: Option<Proxy>,
+}
+
+fn teardown(t: &mut Topology, mode: Mode, p: &mut Programmed) -> Result<()> {
+    if let Some(proxy) = p.proxy.take() {
+        t.stop(proxy.pid, libc::SIGTERM)?;
+        std::fs::remove_dir_all(&t.bpf_dir).ok();
+    }
+    if let Some(bin) = mode.iptables() {
+        for table in ["nat", "filter"] {
+            node_exec(t, bin, &["-w", "-t", table, "-F"])?;
+            node_exec(t, bin, &["-w", "-t", table, "-X"])?;
+        }
+    }
+    if mode == Mode::Nftables {
+        let _ = node_exec(t, "nft", &["delete", "table", "ip", "kube-proxy"]);
+    }
+    // No connection state may leak from one mode or size into the next.
+    let _ = node_exec(t, "conntrack", &["-F"]);
+    Ok(())
+}
+
+/// Programs `svcs` from scratch, the way the mode does on a full sync; returns the time it took.
+fn program(t: &mut Topology, mode: Mode, svcs: &[Svc], p: &mut Programmed) -> Result<Duration> {
+    match mode {
+        Mode::NoProxy | Mode::Ipvs => Ok(Duration::ZERO),
+        Mode::Ferry => {
+            // The daemon runs with no Services first; the timed part is from the new input
+            // landing to the daemon reporting it in the datapath.
+            let proxy = t.start_proxy("")?;
+            let (applied, took) = proxy.update_timed(&ferry_yaml(svcs))?;
+            if !applied {
+                bail!("ferry-proxy rejected the generated Services");
+            }
+            p.proxy = Some(proxy);
+            Ok(took)
+        }
+        Mode::IptablesNft | Mode::IptablesLegacy => {
+            let bin = mode.iptables().unwrap();
+            let restore = format!("{bin}-restore");
+            let rules = write_tmp(
+                t,
+                "rules.iptables",
+                &kube_rules::iptables_restore(svcs, &|_| true),
+            )?;
+            let start = Instant::now();
+            for (table, chain) in kube_rules::IPTABLES_HOOK_TARGETS {
+                let _ = node_exec(t, bin, &["-w", "-t", table, "-N", chain]);
+            }
+            for (table, chain, rule) in kube_rules::iptables_hooks() {
+                let mut args = vec!["-w", "-t", table, "-I", chain];
+                args.extend(rule.iter().map(String::as_str));
+                node_exec(t, bin, &args).with_context(|| format!("{bin} hook in {chain}"))?;
+            }
+            node_exec(
+                t,
+                &restore,
+                &[
+                    "-w",
+                    "5",
+                    "--noflush",
+                    "--counters",
+                    rules.to_str().unwrap(),
+                ],
+            )?;
+            let took = start.elapsed();
+            std::fs::remove_file(rules).ok();
+            Ok(took)
+        }
+        Mode::Nftables => {
+            let rules = write_tmp(t, "rules.nft", &kube_rules::nft_full(svcs, NODE_IP))?;
+            let start = Instant::now();
+            node_exec(t, "nft", &["-f", rules.to_str().unwrap()])?;
+            let took = start.elapsed();
+            std::fs::remove_file(rules).ok();
+            Ok(took)
+        }
+    }
+}
+
+/// Adds the new endpoint to Service `k` the way the mode applies one EndpointSlice change, and
+/// measures until a prober in the client pod gets an answer from it through the ClusterIP.
+fn endpoint_change(
+    t: &mut Topology,
+    mode: Mode,
+    svcs: &[Svc],
+    k: usize,
+    p: &Programmed,
+) -> Result<Duration> {
+    let mut changed = svcs.to_vec();
+    changed[k].endpoints.push((pod_ip(NEW_ENDPOINT), ECHO_PORT));
+    // Prepare the input before the clock starts: generating it is not the datapath's work.
+    enum Apply {
+        Ferry(String),
+        Cmd(String, Vec<String>, PathBuf),
+    }
+    let apply = match mode {
+        Mode::Ferry => Apply::Ferry(ferry_yaml(&changed)),
+        Mode::IptablesNft | Mode::IptablesLegacy => {
+            let f = write_tmp(
+                t,
+                "change.iptables",
+                &kube_rules::iptables_restore(&changed, &|i| i == k),
+            )?;
+            let bin = format!("{}-restore", mode.iptables().unwrap());
+            Apply::Cmd(
+                bin,
+                vec![
+                    "-w".into(),
+                    "5".into(),
+                    "--noflush".into(),
+                    "--counters".into(),
+                    f.to_str().unwrap().into(),
+                ],
+                f,
+            )
+        }
+        Mode::Nftables => {
+            let f = write_tmp(t, "change.nft", &kube_rules::nft_partial(&changed[k]))?;
+            Apply::Cmd(
+                "nft".into(),
+                vec!["-f".into(), f.to_str().unwrap().into()],
+                f,
+            )
+        }
+        Mode::NoProxy | Mode::Ipvs => bail!("no endpoint change for {mode:?}"),
+    };
+    let want = t.pods[NEW_ENDPOINT].name.clone();
+    let source = crate::bench::fresh_source(t, CLIENT)?.to_string();
+    let target = format!("{}:{}", changed[k].vip, changed[k].port);
+    let probe = t.pods[CLIENT].ns.spawn(
+        Command::new(bin_path("ferry-loadgen")?)
+            .args([
+                "--mode",
+                "probe",
+                "--want",
+                &want,
+                "--target",
+                &target,
+                "--source",
+                &source,
+                "--seconds",
+                "30",
+            ])
+            .stdout(Stdio::piped()),
+    )?;
+    std::thread::sleep(Duration::from_millis(300)); // the prober is connecting by now
+    let start_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as u64;
+    match &apply {
+        Apply::Ferry(yaml) => {
+            let proxy = p.proxy.as_ref().context("Ferry is not running")?;
+            proxy.update(yaml)?;
+        }
+        Apply::Cmd(bin, args, _) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            node_exec(t, bin, &args)?;
+        }
+    }
+    let out = probe.wait_with_output()?;
+    if let Apply::Cmd(_, _, f) = apply {
+        std::fs::remove_file(f).ok();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("prober output")?;
+    let seen = v["seen_unix_us"].as_u64().unwrap_or(0);
+    if seen == 0 {
+        bail!("{} never answered through {target} after the change", want);
+    }
+    Ok(Duration::from_micros(seen.saturating_sub(start_us)))
+}
+
+fn dataplane(t: &Topology, plan: &Plan, targets: &[String]) -> Result<(Load, Load, Vec<f64>, f64)> {
+    let mut crr = Vec::new();
+    let mut rr = Vec::new();
+    let (mut cpu, mut conns) = (0.0, 0u64);
+    for _ in 0..plan.reps {
+        let c0 = cpu_busy_s();
+        let l = loadgen(t, CLIENT, "crr", targets, plan.secs, plan.concurrency)?;
+        cpu += cpu_busy_s() - c0;
+        conns += l.transactions;
+        crr.push(l);
+        rr.push(loadgen(
+            t,
+            CLIENT,
+            "rr",
+            targets,
+            plan.secs,
+            plan.concurrency,
+        )?);
+    }
+    let runs = crr.iter().map(|l| l.rate).collect();
+    Ok((
+        median(crr),
+        median(rr),
+        runs,
+        cpu / (conns.max(1) as f64 / 10_000.0),
+    ))
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    let plan = if quick {
+        Plan {
+            program_sizes: vec![100, 1_000],
+            dataplane_sizes: vec![1, 1_000],
+            change_at: 1_000,
+            secs: 1.0,
+            reps: 1,
+            concurrency: 4,
+        }
+    } else {
+        Plan {
+            program_sizes: vec![100, 1_000, 10_000, 30_000],
+            dataplane_sizes: vec![1, 1_000, 10_000, 30_000],
+            change_at: 10_000,
+            secs: 3.0,
+            reps: 3,
+            concurrency: 4,
+        }
+    };
+    let mut sizes: Vec<usize> = plan
+        .program_sizes
+        .iter()
+        .chain(&plan.dataplane_sizes)
+        .copied()
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+
+    let modes: Vec<Mode> = Mode::ALL.to_vec();
+    let mut unavailable = Vec::new();
+    let runnable: Vec<Mode> = modes
+        .iter()
+        .copied()
+        .filter(|m| match m.unavailable() {
+            Some(why) => {
+                unavailable.push((*m, why));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let steps = runnable
+        .iter()
+        .map(|m| {
+            if *m == Mode::NoProxy {
+                1
+            } else {
+                sizes.len() as u64
+            }
+        })
+        .sum::<u64>();
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}").unwrap(),
+    );
+
+    let mut t = Topology::with_prefix(&format!("fc{}", std::process::id()), CLIENT + 1)?;
+    t.conntrack_gc_interval = 60.0;
+    t.pods[CLIENT]
+        .ns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    for p in &t.pods[..CLIENT] {
+        p.ns.sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
+    }
+    t.start_echo_servers()?;
+    // The node tracks connections for the no-proxy row as it does under kube-proxy, so both pay
+    // for nf_conntrack (Ferry keeps its own conntrack in eBPF and needs none).
+    let ct_rules = write_tmp(&t, "ct.nft", "table ip bench-ct {\n  chain forwarded {\n    type filter hook forward priority 0;\n    ct state new counter\n  }\n}\n")?;
+
+    let mut rng = Rng::seeded();
+    let mut results = Vec::new();
+    for &mode in &runnable {
+        let mut p = Programmed { proxy: None };
+        if mode == Mode::NoProxy {
+            bar.set_message(format!("{}: data plane", mode.label()));
+            node_exec(&t, "nft", &["-f", ct_rules.to_str().unwrap()])?;
+            let direct: Vec<String> = (0..ENDPOINTS)
+                .map(|i| format!("{}:{ECHO_PORT}", pod_ip(i)))
+                .collect();
+            let (crr, rr, runs, cpu) = dataplane(&t, &plan, &direct)?;
+            node_exec(&t, "nft", &["delete", "table", "ip", "bench-ct"])?;
+            results.push(Measure {
+                mode,
+                services: 0,
+                program_s: None,
+                crr: Some(crr),
+                rr: Some(rr),
+                crr_runs: runs,
+                cpu_s_per_10k: Some(cpu),
+                kernel_mem_mib: None,
+                endpoint_change_ms: None,
+            });
+            bar.inc(1);
+            continue;
+        }
+        for &n in &sizes {
+            bar.set_message(format!("{}: programming {n} Services", mode.label()));
+            teardown(&mut t, mode, &mut p)?;
+            let svcs = svc_list(n);
+            if n == plan.change_at {
+                // Memory freed by the teardown is released in the background: let it settle.
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            let mem0 = kernel_mem_kib();
+            let took = program(&mut t, mode, &svcs, &mut p)
+                .with_context(|| format!("{}: programming {n} Services", mode.label()))?;
+            let mut mem = (kernel_mem_kib() as f64 - mem0 as f64) / 1024.0;
+            if mode == Mode::Ferry {
+                // Exact figure for eBPF maps: what they charge (bytes_memlock).
+                mem = ferry_maps_mib()?;
+            }
+            let mut m = Measure {
+                mode,
+                services: n,
+                program_s: plan
+                    .program_sizes
+                    .contains(&n)
+                    .then_some(took.as_secs_f64()),
+                crr: None,
+                rr: None,
+                crr_runs: vec![],
+                cpu_s_per_10k: None,
+                kernel_mem_mib: (n == plan.change_at).then_some(mem),
+                endpoint_change_ms: None,
+            };
+            if plan.dataplane_sizes.contains(&n) {
+                bar.set_message(format!("{}: data plane at {n} Services", mode.label()));
+                let targets: Vec<String> = (0..plan.concurrency)
+                    .map(|_| format!("{}:80", vip(rng.next() as usize % n)))
+                    .collect();
+                let (crr, rr, runs, cpu) = dataplane(&t, &plan, &targets)?;
+                m.crr = Some(crr);
+                m.rr = Some(rr);
+                m.crr_runs = runs;
+                m.cpu_s_per_10k = Some(cpu);
+            }
+            if n == plan.change_at {
+                bar.set_message(format!(
+                    "{}: one endpoint change at {n} Services",
+                    mode.label()
+                ));
+                let k = rng.next() as usize % n;
+                m.endpoint_change_ms =
+                    Some(endpoint_change(&mut t, mode, &svcs, k, &p)?.as_secs_f64() * 1000.0);
+            }
+            results.push(m);
+            bar.inc(1);
+        }
+        teardown(&mut t, mode, &mut p)?;
+    }
+    bar.finish_with_message("done");
+    std::fs::remove_file(ct_rules).ok();
+    drop(t);
+
+    let report = Report {
+        machine: cpu_model(),
+        kernel: uname(),
+        quick,
+        seconds_per_run: plan.secs,
+        repetitions: plan.reps,
+        concurrency: plan.concurrency,
+        conntrack_note: "nf_conntrack active in the node for the no-proxy and kube-proxy rows; Ferry tracks connections in its own eBPF map".into(),
+        memory_note: "kube-proxy modes: growth of Slab + VmallocUsed + Percpu from programming the rules; Ferry: bytes charged by its eBPF maps, which are preallocated at their maximum size (512k conntrack entries, 512k service slots, 256k backends) whatever N is".into(),
+        unavailable,
+        results,
+    };
+    let md = markdown(&report);
+    println!("\n{md}");
+    let dir = crate::workspace_root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("compare.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(dir.join("compare.md"), &md)?;
+    crate::charts::compare(&report_series(&report), &dir)?;
+    eprintln!("[bench] wrote bench/results/compare.{{json,md}}, compare-connrate.png, compare-programming.png");
+    Ok(())
+}
+
+/// (mode label, [(N, conn/s)], [(N, programming s)]) per mode, for the charts.
+fn report_series(r: &Report) -> Vec<crate::charts::Series> {
+    let mut out: Vec<crate::charts::Series> = Vec::new();
+    for m in &r.results {
+        if m.mode == Mode::NoProxy {
+            continue;
+        }
+        let i = match out.iter().position(|s| s.label == m.mode.label()) {
+            Some(i) => i,
+            None => {
+                out.push(crate::charts::Series {
+                    label: m.mode.label().into(),
+                    conn_rate: vec![],
+                    program_s: vec![],
+                });
+                out.len() - 1
+            }
+        };
+        if let Some(c) = &m.crr {
+            out[i].conn_rate.push((m.services as f64, c.rate));
+        }
+        if let Some(p) = m.program_s {
+            out[i].program_s.push((m.services as f64, p));
+        }
+    }
+    if let Some(base) = r
+        .results
+        .iter()
+        .find(|m| m.mode == Mode::NoProxy)
+        .and_then(|m| m.crr.clone())
+    {
+        let xs: Vec<f64> = out
+            .iter()
+            .flat_map(|s| s.conn_rate.iter().map(|p| p.0))
+            .collect();
+        let (lo, hi) = xs
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+        if hi > 0.0 {
+            out.insert(
+                0,
+                crate::charts::Series {
+                    label: Mode::NoProxy.label().into(),
+                    conn_rate: vec![(lo, base.rate), (hi, base.rate)],
+                    program_s: vec![],
+                },
+            );
+        }
+    }
+    out
+}
+
+fn markdown(r: &Report) -> String {
+    let base = r.results.iter().find(|m| m.mode == Mode::NoProxy);
+    let (bc, br) = base
+        .map(|b| {
+            (
+                b.crr.as_ref().map_or(0.0, |l| l.rate),
+                b.rr.as_ref().map_or(0.0, |l| l.rate),
+            )
+        })
+        .unwrap_or((0.0, 0.0));
+    let ratio = |v: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}x", v / b)
+        } else {
+            "-".into()
+        }
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "`cargo xtask bench compare{}` on {} (Linux {}): {} connections, {} x {:.0} s per figure (median). {}.\n",
+        if r.quick { " --quick" } else { "" },
+        r.machine,
+        r.kernel,
+        r.concurrency,
+        r.repetitions,
+        r.seconds_per_run,
+        r.conntrack_note
+    );
+    let _ = writeln!(
+        s,
+        "Data plane (a ClusterIP picked at random among N; ratios against no proxy):\n"
+    );
+    let _ = writeln!(s, "| mode | N | conn/s | vs no proxy | round trips/s | vs no proxy | RR p50 µs | RR p99 µs | CPU s / 10k conns |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for m in r.results.iter().filter(|m| m.crr.is_some()) {
+        let (c, rr) = (m.crr.as_ref().unwrap(), m.rr.as_ref().unwrap());
+        let n = if m.mode == Mode::NoProxy {
+            "-".to_string()
+        } else {
+            m.services.to_string()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {n} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} | {:.2} |",
+            m.mode.label(),
+            c.rate,
+            ratio(c.rate, bc),
+            rr.rate,
+            ratio(rr.rate, br),
+            rr.p50_us,
+            rr.p99_us,
+            m.cpu_s_per_10k.unwrap_or(0.0)
+        );
+    }
+    for (m, why) in &r.unavailable {
+        let _ = writeln!(s, "| {} | - | {why} | | | | | | |", m.label());
+    }
+    let _ = writeln!(s, "\nControl plane (full programming from scratch, seconds; kernel memory and one endpoint change at N = {}):\n", r.results.iter().find_map(|m| m.endpoint_change_ms.map(|_| m.services)).unwrap_or(0));
+    let prog_sizes: Vec<usize> = {
+        let mut v: Vec<usize> = r
+            .results
+            .iter()
+            .filter(|m| m.program_s.is_some())
+            .map(|m| m.services)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let _ = write!(s, "| mode |");
+    for n in &prog_sizes {
+        let _ = write!(s, " N={n} |");
+    }
+    let _ = writeln!(s, " endpoint change ms | kernel memory MiB |");
+    let _ = writeln!(s, "|---|{}---:|---:|", "---:|".repeat(prog_sizes.len()));
+    let mut modes: Vec<Mode> = r
+        .results
+        .iter()
+        .map(|m| m.mode)
+        .filter(|m| *m != Mode::NoProxy)
+        .collect();
+    modes.dedup();
+    for mode in &modes {
+        let _ = write!(s, "| {} |", mode.label());
+        for n in &prog_sizes {
+            let v = r
+                .results
+                .iter()
+                .find(|m| m.mode == *mode && m.services == *n)
+                .and_then(|m| m.program_s);
+            let _ = write!(s, " {} |", v.map_or("-".into(), |v| format!("{v:.3}")));
+        }
+        let change = r.results.iter().find(|m| m.mode == *mode).and_then(|_| {
+            r.results
+                .iter()
+                .filter(|m| m.mode == *mode)
+                .find_map(|m| m.endpoint_change_ms)
+        });
+        let mem = r
+            .results
+            .iter()
+            .filter(|m| m.mode == *mode)
+            .find_map(|m| m.kernel_mem_mib);
+        let _ = writeln!(
+            s,
+            " {} | {} |",
+            change.map_or("-".into(), |v| format!("{v:.1}")),
+            mem.map_or("-".into(), |v| format!("{v:.1}"))
+        );
+    }
+    let _ = writeln!(s, "\nMemory: {}.", r.memory_note);
+    s.push_str(&targets(r));
+    s
+}
+
+/// The targets, each checked against this run's figures and said plainly.
+fn targets(r: &Report) -> String {
+    let find = |mode: Mode, n: usize| r.results.iter().find(|m| m.mode == mode && m.services == n);
+    let big = if r.quick { 1_000 } else { 10_000 };
+    let rate = |mode, n| find(mode, n).and_then(|m| m.crr.as_ref()).map(|l| l.rate);
+    let base = r
+        .results
+        .iter()
+        .find(|m| m.mode == Mode::NoProxy)
+        .and_then(|m| m.crr.as_ref())
+        .map(|l| l.rate);
+    let mut s = format!("\nTargets at N={big}:\n");
+    let mut line = |what: String, got: Option<f64>, want: f64, higher_better: bool| {
+        let verdict = match got {
+            Some(g) if (higher_better && g >= want) || (!higher_better && g <= want) => "met",
+            Some(_) => "NOT met",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            s,
+            "- {what}: {} (target {}{want}) — {verdict}",
+            got.map_or("-".into(), |g| format!("{g:.2}")),
+            if higher_better { ">= " } else { "<= " }
+        );
+    };
+    let ferry = rate(Mode::Ferry, big);
+    let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    line(
+        "Ferry conn/s vs iptables-nft".into(),
+        div(ferry, rate(Mode::IptablesNft, big)),
+        1.5,
+        true,
+    );
+    line(
+        "Ferry conn/s vs nftables".into(),
+        div(ferry, rate(Mode::Nftables, big)),
+        1.0,
+        true,
+    );
+    line(
+        "Ferry conn/s vs no proxy".into(),
+        div(ferry, base),
+        0.95,
+        true,
+    );
+    let flat: Vec<f64> = r
+        .results
+        .iter()
+        .filter(|m| m.mode == Mode::Ferry)
+        .filter_map(|m| m.crr.as_ref().map(|l| l.rate))
+        .collect();
+    let spread = (!flat.is_empty()).then(|| {
+        let (lo, hi) = flat
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(a, b), x| (a.min(*x), b.max(*x)));
+        (hi - lo) / hi * 100.0
+    });
+    line(
+        "Ferry conn/s spread over all N, %".into(),
+        spread,
+        5.0,
+        false,
+    );
+    let prog = |mode| find(mode, big).and_then(|m| m.program_s);
+    line(
+        "programming speed-up of Ferry over iptables-nft".into(),
+        div(prog(Mode::IptablesNft), prog(Mode::Ferry)),
+        10.0,
+        true,
+    );
+    line(
+        "one endpoint change visible, ms".into(),
+        find(Mode::Ferry, big).and_then(|m| m.endpoint_change_ms),
+        10.0,
+        false,
+    );
+    s
+}
