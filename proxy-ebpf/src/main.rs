@@ -36,12 +36,16 @@ use proxy_common::{
     CT_FLAG_HAIRPIN, CT_FLAG_SYN, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY,
 };
 
+// Maps the daemon fills are allocated entry by entry (BPF_F_NO_PREALLOC): their memory follows
+// the number of Services instead of the maximum. The conntrack and affinity maps are LRU maps,
+// which the kernel always preallocates.
 #[map(name = "FERRY_SERVICES")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(limits::SERVICES, BPF_F_NO_PREALLOC);
 #[map(name = "FERRY_BACKENDS")]
-static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(limits::BACKENDS, 0);
+static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(limits::BACKENDS, BPF_F_NO_PREALLOC);
 #[map(name = "FERRY_REV_NAT")]
-static REV_NAT: HashMap<u16, RevNat> = HashMap::pinned(limits::REV_NAT, 0);
+static REV_NAT: HashMap<u16, RevNat> = HashMap::pinned(limits::REV_NAT, BPF_F_NO_PREALLOC);
 #[map(name = "FERRY_CT")]
 // Per-CPU LRU lists: inserts on a full map evict without a global lock.
 static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(limits::CONNTRACK, BPF_F_NO_COMMON_LRU);
@@ -52,7 +56,7 @@ static STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(limits::REV_NAT, 0
 /// Attached interfaces that are the host side of a veth pair (keyed by ifindex): a packet for
 /// one of them can be handed straight to the peer's ingress in the pod (bpf_redirect_peer).
 #[map(name = "FERRY_VETH_PEERS")]
-static VETH_PEERS: HashMap<u32, u32> = HashMap::pinned(limits::VETH_PEERS, 0);
+static VETH_PEERS: HashMap<u32, u32> = HashMap::pinned(limits::VETH_PEERS, BPF_F_NO_PREALLOC);
 #[map(name = "FERRY_CONFIG")]
 static CONFIG: Array<u32> = Array::pinned(CONFIG_LEN, 0);
 
@@ -64,6 +68,7 @@ const IP_DST_OFF: usize = ETH_HLEN + 16;
 const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_NO_PREALLOC: u32 = 1 << 0;
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 

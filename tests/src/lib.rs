@@ -95,6 +95,56 @@ pub struct Topology {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// What every live topology created, so a signal can still remove it (`clean_up_on_signal`).
+struct Live {
+    prefix: String,
+    pids: Vec<u32>,
+    bpf_dir: PathBuf,
+}
+
+static LIVE: std::sync::Mutex<Vec<Live>> = std::sync::Mutex::new(Vec::new());
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// For long-running tools (benchmarks): on SIGINT or SIGTERM, kill what the live topologies
+/// started, delete their namespaces and pinned objects, and exit, instead of leaking them.
+pub fn clean_up_on_signal() {
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    std::thread::spawn(|| loop {
+        if SIGNALLED.load(Ordering::SeqCst) {
+            let live = LIVE
+                .lock()
+                .map(|l| {
+                    l.iter()
+                        .map(|x| (x.prefix.clone(), x.pids.clone(), x.bpf_dir.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            for (prefix, pids, bpf_dir) in live {
+                eprintln!("interrupted: removing test bed {prefix}");
+                for pid in pids {
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+                let names = run("ip", &["netns", "list"]).unwrap_or_default();
+                for name in names.lines().filter_map(|l| l.split_whitespace().next()) {
+                    if name.starts_with(&format!("{prefix}-")) {
+                        let _ = run("ip", &["netns", "del", name]);
+                    }
+                }
+                let _ = std::fs::remove_dir_all(bpf_dir);
+            }
+            std::process::exit(130);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    });
+}
+
 impl Topology {
     /// A node, an outside client and `pods` pods.
     pub fn new(pods: usize) -> Result<Self> {
@@ -108,6 +158,13 @@ impl Topology {
 
     /// Like `new`, with namespaces named `<prefix>-node`, `<prefix>-ext`, `<prefix>-p<i>`.
     pub fn with_prefix(prefix: &str, pods: usize) -> Result<Self> {
+        if let Ok(mut live) = LIVE.lock() {
+            live.push(Live {
+                prefix: prefix.to_string(),
+                pids: Vec::new(),
+                bpf_dir: PathBuf::from(format!("/sys/fs/bpf/ferry-test-{prefix}")),
+            });
+        }
         let node = Netns::create(&format!("{prefix}-node"))?;
         let ext = Netns::create(&format!("{prefix}-ext"));
         let mut t = Topology {
@@ -191,6 +248,11 @@ impl Topology {
     pub fn spawn(&mut self, ns: &Netns, cmd: &mut Command) -> Result<u32> {
         let child = ns.spawn(cmd)?;
         let pid = child.id();
+        if let Ok(mut live) = LIVE.lock() {
+            if let Some(l) = live.iter_mut().find(|l| l.prefix == self.prefix) {
+                l.pids.push(pid);
+            }
+        }
         self.children.push(child);
         Ok(pid)
     }
@@ -260,6 +322,9 @@ impl Drop for Topology {
         self.ext.delete();
         self.node.delete();
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|l| l.prefix != self.prefix);
+        }
     }
 }
 

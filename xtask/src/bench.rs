@@ -250,6 +250,7 @@ pub fn cpu_model() -> String {
 }
 
 pub fn run(which: Which) -> Result<()> {
+    ferry_testbed::clean_up_on_signal();
     let opts = match which {
         Which::Datapath(o) => o,
         Which::Compare(o) => return crate::compare::run(o.quick),

@@ -92,6 +92,8 @@ struct Measure {
     services: usize,
     /// Full programming from scratch, seconds (None for no proxy).
     program_s: Option<f64>,
+    /// Programming was stopped after this many seconds (too slow to finish in the run).
+    program_stopped_after_s: Option<f64>,
     crr: Option<Load>,
     rr: Option<Load>,
     crr_runs: Vec<f64>,
@@ -101,6 +103,26 @@ struct Measure {
     kernel_mem_mib: Option<f64>,
     /// Time from the change being applied until the new endpoint answered, ms.
     endpoint_change_ms: Option<f64>,
+    /// Applying the change was stopped after this many seconds.
+    endpoint_change_stopped_after_s: Option<f64>,
+}
+
+impl Measure {
+    fn too_slow(mode: Mode, services: usize) -> Self {
+        Measure {
+            mode,
+            services,
+            program_s: None,
+            program_stopped_after_s: Some(PROGRAM_LIMIT.as_secs_f64()),
+            crr: None,
+            rr: None,
+            crr_runs: vec![],
+            cpu_s_per_10k: None,
+            kernel_mem_mib: None,
+            endpoint_change_ms: None,
+            endpoint_change_stopped_after_s: None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -235,6 +257,44 @@ fn teardown(t: &mut Topology, mode: Mode, p: &mut Programmed) -> Result<()> {
     Ok(())
 }
 
+/// How long one full programming may take before the benchmark stops it and reports the limit
+/// (a transaction stopped before it commits leaves nothing behind).
+const PROGRAM_LIMIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+#[error("stopped after {0:?}")]
+struct TooSlow(Duration);
+
+/// Runs a rule loader in the node namespace, killing it once it exceeds `PROGRAM_LIMIT`.
+fn exec_bounded(t: &Topology, program: &str, args: &[&str]) -> Result<()> {
+    let mut child = t.node.spawn(
+        Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(());
+            }
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("{program} {}: {}", args.join(" "), err.trim());
+        }
+        if start.elapsed() > PROGRAM_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(TooSlow(PROGRAM_LIMIT).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Programs `svcs` from scratch, the way the mode does on a full sync; returns the time it took.
 fn program(t: &mut Topology, mode: Mode, svcs: &[Svc], p: &mut Programmed) -> Result<Duration> {
     match mode {
@@ -267,7 +327,7 @@ fn program(t: &mut Topology, mode: Mode, svcs: &[Svc], p: &mut Programmed) -> Re
                 args.extend(rule.iter().map(String::as_str));
                 node_exec(t, bin, &args).with_context(|| format!("{bin} hook in {chain}"))?;
             }
-            node_exec(
+            let done = exec_bounded(
                 t,
                 &restore,
                 &[
@@ -277,18 +337,18 @@ fn program(t: &mut Topology, mode: Mode, svcs: &[Svc], p: &mut Programmed) -> Re
                     "--counters",
                     rules.to_str().unwrap(),
                 ],
-            )?;
-            let took = start.elapsed();
+            );
             std::fs::remove_file(rules).ok();
-            Ok(took)
+            done?;
+            Ok(start.elapsed())
         }
         Mode::Nftables => {
             let rules = write_tmp(t, "rules.nft", &kube_rules::nft_full(svcs, NODE_IP))?;
             let start = Instant::now();
-            node_exec(t, "nft", &["-f", rules.to_str().unwrap()])?;
-            let took = start.elapsed();
+            let done = exec_bounded(t, "nft", &["-f", rules.to_str().unwrap()]);
             std::fs::remove_file(rules).ok();
-            Ok(took)
+            done?;
+            Ok(start.elapsed())
         }
     }
 }
@@ -343,7 +403,7 @@ fn endpoint_change(
     let want = t.pods[NEW_ENDPOINT].name.clone();
     let source = crate::bench::fresh_source(t, CLIENT)?.to_string();
     let target = format!("{}:{}", changed[k].vip, changed[k].port);
-    let probe = t.pods[CLIENT].ns.spawn(
+    let mut probe = t.pods[CLIENT].ns.spawn(
         Command::new(bin_path("ferry-loadgen")?)
             .args([
                 "--mode",
@@ -355,21 +415,27 @@ fn endpoint_change(
                 "--source",
                 &source,
                 "--seconds",
-                "30",
+                "150",
             ])
             .stdout(Stdio::piped()),
     )?;
     std::thread::sleep(Duration::from_millis(300)); // the prober is connecting by now
     let start_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as u64;
-    match &apply {
-        Apply::Ferry(yaml) => {
-            let proxy = p.proxy.as_ref().context("Ferry is not running")?;
-            proxy.update(yaml)?;
-        }
+    let applied = match &apply {
+        Apply::Ferry(yaml) => p
+            .proxy
+            .as_ref()
+            .context("Ferry is not running")
+            .and_then(|proxy| proxy.update(yaml).map(|_| ())),
         Apply::Cmd(bin, args, _) => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            node_exec(t, bin, &args)?;
+            exec_bounded(t, bin, &args)
         }
+    };
+    if let Err(e) = applied {
+        let _ = probe.kill();
+        let _ = probe.wait();
+        return Err(e);
     }
     let out = probe.wait_with_output()?;
     if let Apply::Cmd(_, _, f) = apply {
@@ -409,6 +475,18 @@ fn dataplane(t: &Topology, plan: &Plan, targets: &[String]) -> Result<(Load, Loa
         runs,
         cpu / (conns.max(1) as f64 / 10_000.0),
     ))
+}
+
+/// Shows what runs now: on the bar in a terminal, as a log line otherwise (CI).
+fn step(bar: &ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        eprintln!(
+            "[compare {}/{}] {msg}",
+            bar.position() + 1,
+            bar.length().unwrap_or(0)
+        );
+    }
+    bar.set_message(msg);
 }
 
 pub fn run(quick: bool) -> Result<()> {
@@ -486,7 +564,7 @@ pub fn run(quick: bool) -> Result<()> {
     for &mode in &runnable {
         let mut p = Programmed { proxy: None };
         if mode == Mode::NoProxy {
-            bar.set_message(format!("{}: data plane", mode.label()));
+            step(&bar, format!("{}: data plane", mode.label()));
             node_exec(&t, "nft", &["-f", ct_rules.to_str().unwrap()])?;
             let direct: Vec<String> = (0..ENDPOINTS)
                 .map(|i| format!("{}:{ECHO_PORT}", pod_ip(i)))
@@ -497,6 +575,8 @@ pub fn run(quick: bool) -> Result<()> {
                 mode,
                 services: 0,
                 program_s: None,
+                program_stopped_after_s: None,
+                endpoint_change_stopped_after_s: None,
                 crr: Some(crr),
                 rr: Some(rr),
                 crr_runs: runs,
@@ -508,7 +588,7 @@ pub fn run(quick: bool) -> Result<()> {
             continue;
         }
         for &n in &sizes {
-            bar.set_message(format!("{}: programming {n} Services", mode.label()));
+            step(&bar, format!("{}: programming {n} Services", mode.label()));
             teardown(&mut t, mode, &mut p)?;
             let svcs = svc_list(n);
             if n == plan.change_at {
@@ -516,8 +596,18 @@ pub fn run(quick: bool) -> Result<()> {
                 std::thread::sleep(Duration::from_secs(2));
             }
             let mem0 = kernel_mem_kib();
-            let took = program(&mut t, mode, &svcs, &mut p)
-                .with_context(|| format!("{}: programming {n} Services", mode.label()))?;
+            let took = match program(&mut t, mode, &svcs, &mut p) {
+                Ok(d) => d,
+                Err(e) if e.downcast_ref::<TooSlow>().is_some() => {
+                    // Larger N would only take longer: report the limit and move on.
+                    results.push(Measure::too_slow(mode, n));
+                    bar.inc((sizes.len() - sizes.iter().position(|x| *x == n).unwrap_or(0)) as u64);
+                    break;
+                }
+                Err(e) => {
+                    return Err(e.context(format!("{}: programming {n} Services", mode.label())))
+                }
+            };
             let mut mem = (kernel_mem_kib() as f64 - mem0 as f64) / 1024.0;
             if mode == Mode::Ferry {
                 // Exact figure for eBPF maps: what they charge (bytes_memlock).
@@ -526,6 +616,8 @@ pub fn run(quick: bool) -> Result<()> {
             let mut m = Measure {
                 mode,
                 services: n,
+                program_stopped_after_s: None,
+                endpoint_change_stopped_after_s: None,
                 program_s: plan
                     .program_sizes
                     .contains(&n)
@@ -538,7 +630,10 @@ pub fn run(quick: bool) -> Result<()> {
                 endpoint_change_ms: None,
             };
             if plan.dataplane_sizes.contains(&n) {
-                bar.set_message(format!("{}: data plane at {n} Services", mode.label()));
+                step(
+                    &bar,
+                    format!("{}: data plane at {n} Services", mode.label()),
+                );
                 let targets: Vec<String> = (0..plan.concurrency)
                     .map(|_| format!("{}:80", vip(rng.next() as usize % n)))
                     .collect();
@@ -549,13 +644,22 @@ pub fn run(quick: bool) -> Result<()> {
                 m.cpu_s_per_10k = Some(cpu);
             }
             if n == plan.change_at {
-                bar.set_message(format!(
-                    "{}: one endpoint change at {n} Services",
-                    mode.label()
-                ));
+                step(
+                    &bar,
+                    format!("{}: one endpoint change at {n} Services", mode.label()),
+                );
                 let k = rng.next() as usize % n;
-                m.endpoint_change_ms =
-                    Some(endpoint_change(&mut t, mode, &svcs, k, &p)?.as_secs_f64() * 1000.0);
+                match endpoint_change(&mut t, mode, &svcs, k, &p) {
+                    Ok(d) => m.endpoint_change_ms = Some(d.as_secs_f64() * 1000.0),
+                    Err(e) if e.downcast_ref::<TooSlow>().is_some() => {
+                        m.endpoint_change_stopped_after_s = Some(PROGRAM_LIMIT.as_secs_f64())
+                    }
+                    Err(e) => {
+                        return Err(
+                            e.context(format!("{}: endpoint change at {n} Services", mode.label()))
+                        )
+                    }
+                }
             }
             results.push(m);
             bar.inc(1);
@@ -574,7 +678,7 @@ pub fn run(quick: bool) -> Result<()> {
         repetitions: plan.reps,
         concurrency: plan.concurrency,
         conntrack_note: "nf_conntrack active in the node for the no-proxy and kube-proxy rows; Ferry tracks connections in its own eBPF map".into(),
-        memory_note: "kube-proxy modes: growth of Slab + VmallocUsed + Percpu from programming the rules; Ferry: bytes charged by its eBPF maps, which are preallocated at their maximum size (512k conntrack entries, 512k service slots, 256k backends) whatever N is".into(),
+        memory_note: "kube-proxy modes: growth of Slab + VmallocUsed + Percpu from programming the rules; Ferry: bytes charged by its eBPF maps; the conntrack (512k entries) and affinity (64k) LRU maps are preallocated whatever N is, the service, backend and rev-NAT maps grow with N".into(),
         unavailable,
         results,
     };
@@ -699,6 +803,19 @@ fn markdown(r: &Report) -> String {
             m.cpu_s_per_10k.unwrap_or(0.0)
         );
     }
+    for m in r
+        .results
+        .iter()
+        .filter(|m| m.program_stopped_after_s.is_some())
+    {
+        let _ = writeln!(
+            s,
+            "| {} | {} | not measured: programming did not finish in {:.0} s | | | | | | |",
+            m.mode.label(),
+            m.services,
+            m.program_stopped_after_s.unwrap_or(0.0)
+        );
+    }
     for (m, why) in &r.unavailable {
         let _ = writeln!(s, "| {} | - | {why} | | | | | | |", m.label());
     }
@@ -707,7 +824,7 @@ fn markdown(r: &Report) -> String {
         let mut v: Vec<usize> = r
             .results
             .iter()
-            .filter(|m| m.program_s.is_some())
+            .filter(|m| m.program_s.is_some() || m.program_stopped_after_s.is_some())
             .map(|m| m.services)
             .collect();
         v.sort_unstable();
@@ -730,12 +847,19 @@ fn markdown(r: &Report) -> String {
     for mode in &modes {
         let _ = write!(s, "| {} |", mode.label());
         for n in &prog_sizes {
-            let v = r
+            let m = r
                 .results
                 .iter()
-                .find(|m| m.mode == *mode && m.services == *n)
-                .and_then(|m| m.program_s);
-            let _ = write!(s, " {} |", v.map_or("-".into(), |v| format!("{v:.3}")));
+                .find(|m| m.mode == *mode && m.services == *n);
+            let cell = match (
+                m.and_then(|m| m.program_s),
+                m.and_then(|m| m.program_stopped_after_s),
+            ) {
+                (Some(v), _) => format!("{v:.3}"),
+                (None, Some(limit)) => format!("> {limit:.0} (stopped)"),
+                _ => "-".into(),
+            };
+            let _ = write!(s, " {cell} |");
         }
         let change = r.results.iter().find(|m| m.mode == *mode).and_then(|_| {
             r.results
@@ -748,10 +872,18 @@ fn markdown(r: &Report) -> String {
             .iter()
             .filter(|m| m.mode == *mode)
             .find_map(|m| m.kernel_mem_mib);
+        let stopped = r
+            .results
+            .iter()
+            .filter(|m| m.mode == *mode)
+            .find_map(|m| m.endpoint_change_stopped_after_s);
         let _ = writeln!(
             s,
             " {} | {} |",
-            change.map_or("-".into(), |v| format!("{v:.1}")),
+            change.map_or(
+                stopped.map_or("-".into(), |l| format!("> {:.0} s (stopped)", l)),
+                |v| format!("{v:.1}")
+            ),
             mem.map_or("-".into(), |v| format!("{v:.1}"))
         );
     }
