@@ -379,17 +379,23 @@ pub fn run(which: Which) -> Result<()> {
         program_10k_x10_sync_seconds: sync,
         program_10k_x10_startup_seconds: startup,
     };
-    let md = markdown(&report);
+    write_results("datapath", &report, &markdown(&report))?;
+    Ok(())
+}
+
+/// Prints the Markdown report and writes it with the JSON one under `bench/results/`; returns
+/// the directory.
+pub fn write_results(name: &str, report: &impl Serialize, md: &str) -> Result<std::path::PathBuf> {
     println!("\n{md}");
     let dir = crate::workspace_root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
-        dir.join("datapath.json"),
-        serde_json::to_string_pretty(&report)?,
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(report)?,
     )?;
-    std::fs::write(dir.join("datapath.md"), &md)?;
-    eprintln!("[bench] wrote bench/results/datapath.json and datapath.md");
-    Ok(())
+    std::fs::write(dir.join(format!("{name}.md")), md)?;
+    eprintln!("[bench] wrote bench/results/{name}.json and {name}.md");
+    Ok(dir)
 }
 
 fn markdown(r: &Report) -> String {

@@ -682,17 +682,9 @@ pub fn run(quick: bool) -> Result<()> {
         unavailable,
         results,
     };
-    let md = markdown(&report);
-    println!("\n{md}");
-    let dir = crate::workspace_root().join("bench/results");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("compare.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(dir.join("compare.md"), &md)?;
+    let dir = crate::bench::write_results("compare", &report, &markdown(&report))?;
     crate::charts::compare(&report_series(&report), &dir)?;
-    eprintln!("[bench] wrote bench/results/compare.{{json,md}}, compare-connrate.png, compare-programming.png");
+    eprintln!("[bench] wrote bench/results/compare-connrate.png and compare-programming.png");
     Ok(())
 }
 
