@@ -103,6 +103,7 @@ where
             .map_err(|e| anyhow!("{e}"))?;
     }
     c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
