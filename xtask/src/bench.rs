@@ -18,6 +18,8 @@ use clap::{Args, Subcommand};
 use ferry_testbed::{bin_path, pod_ip, Topology, ECHO_PORT};
 use serde::Serialize;
 
+use crate::kube_rules::Svc;
+
 #[derive(Subcommand)]
 pub enum Which {
     /// Datapath rates and programming time (see the module docs).
@@ -94,23 +96,42 @@ pub fn vip(i: usize) -> Ipv4Addr {
 /// `n` ClusterIP Services; each has `eps` endpoints. With `real`, every Service points at the
 /// test bed's backend pods; otherwise at distinct addresses (a worst case for the backend map).
 fn services_yaml(n: usize, eps: usize, real: bool) -> String {
-    let mut s = String::with_capacity(n * (400 + eps * 90));
-    for i in 0..n {
+    let svcs: Vec<Svc> = (0..n)
+        .map(|i| Svc {
+            ns: "bench".into(),
+            name: format!("svc-{i}"),
+            port_name: "http".into(),
+            vip: vip(i),
+            port: 80,
+            endpoints: (0..eps)
+                .map(|j| {
+                    let addr = if real {
+                        pod_ip(j % BACKENDS)
+                    } else {
+                        Ipv4Addr::from(
+                            u32::from(Ipv4Addr::new(10, 248, 0, 0)) + (i * eps + j) as u32,
+                        )
+                    };
+                    (addr, ECHO_PORT)
+                })
+                .collect(),
+        })
+        .collect();
+    ferry_yaml(&svcs)
+}
+
+/// Services as Kubernetes YAML (a v1 Service and its EndpointSlice each), for ferry-proxy.
+pub fn ferry_yaml(svcs: &[Svc]) -> String {
+    let mut s = String::with_capacity(svcs.len() * 600);
+    for v in svcs {
+        let target = v.endpoints.first().map_or(v.port, |e| e.1);
         let _ = write!(
             s,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: {}\n  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-a\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n",
-            vip(i)
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  clusterIP: {}\n  ports: [{{name: {}, port: {}, targetPort: {target}, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-a\n  namespace: {}\n  labels: {{kubernetes.io/service-name: {}}}\naddressType: IPv4\nports: [{{name: {}, port: {target}, protocol: TCP}}]\nendpoints:\n",
+            v.name, v.ns, v.vip, v.port_name, v.port, v.name, v.ns, v.name, v.port_name
         );
-        for j in 0..eps {
-            let addr = if real {
-                pod_ip(j % BACKENDS)
-            } else {
-                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 248, 0, 0)) + (i * eps + j) as u32)
-            };
-            let _ = writeln!(
-                s,
-                "- addresses: [\"{addr}\"]\n  conditions: {{ready: true}}"
-            );
+        for (ip, _) in &v.endpoints {
+            let _ = writeln!(s, "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}");
         }
     }
     s

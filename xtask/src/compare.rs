@@ -19,7 +19,7 @@ use ferry_testbed::{bin_path, pod_ip, Proxy, Topology, ECHO_PORT, NODE_IP};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bench::{cpu_model, loadgen, median, uname, vip, Load, Rng};
+use crate::bench::{cpu_model, ferry_yaml, loadgen, median, uname, vip, Load, Rng};
 use crate::kube_rules::{self, Svc};
 
 /// Pods 0 and 1 serve every Service (M = 2); pod 2 is the endpoint added by the change test.
@@ -161,22 +161,6 @@ fn svc_list(n: usize) -> Vec<Svc> {
         .collect()
 }
 
-/// The same Services as Kubernetes YAML, for Ferry.
-fn ferry_yaml(svcs: &[Svc]) -> String {
-    let mut s = String::with_capacity(svcs.len() * 600);
-    for v in svcs {
-        let _ = write!(
-            s,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  clusterIP: {}\n  ports: [{{name: {}, port: {}, targetPort: {ECHO_PORT}, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-a\n  namespace: {}\n  labels: {{kubernetes.io/service-name: {}}}\naddressType: IPv4\nports: [{{name: {}, port: {ECHO_PORT}, protocol: TCP}}]\nendpoints:\n",
-            v.name, v.ns, v.vip, v.port_name, v.port, v.name, v.ns, v.name, v.port_name
-        );
-        for (ip, _) in &v.endpoints {
-            let _ = writeln!(s, "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}");
-        }
-    }
-    s
-}
-
 /// Kernel memory that rules and maps live in, KiB.
 fn kernel_mem_kib() -> u64 {
     let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -188,7 +172,7 @@ fn kernel_mem_kib() -> u64 {
         .sum()
 }
 
-/// Memory charged by Ferry's maps (all preallocated up front), MiB.
+/// Memory charged by Ferry's maps, MiB.
 fn ferry_maps_mib() -> Result<f64> {
     let out = Command::new("bpftool")
         .args(["map", "show", "-j"])
