@@ -278,7 +278,6 @@ fn udp_client_reaches_a_live_backend_after_its_backend_is_removed() {
         );
     };
     eprintln!("UDP flow moved {moved:?} after the daemon applied the removal");
-    assert!(proxy.metric("ferry_conntrack_gc_removed_total").is_ok());
 }
 
 #[test]

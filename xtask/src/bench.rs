@@ -341,7 +341,24 @@ pub fn run(which: Which) -> Result<()> {
         eprintln!("[bench] programming {n} Services");
         let yaml = services_yaml(n, BACKENDS, true);
         match &proxy {
-            None => proxy = Some(t.start_proxy(&yaml)?),
+            None => {
+                proxy = Some(t.start_proxy(&yaml)?);
+                // Fill the conntrack table to its steady state first (at these rates closed
+                // connections occupy it for their 10 s close timeout), so the first row does not
+                // enjoy an empty table that the later rows do not have.
+                eprintln!(
+                    "[bench] warming Ferry's conntrack table up ({:.0} s, not measured)",
+                    plan.secs * 2.0
+                );
+                loadgen(
+                    &t,
+                    CLIENT,
+                    "crr",
+                    &[format!("{}:80", vip(0))],
+                    plan.secs * 2.0,
+                    plan.concurrency,
+                )?;
+            }
             Some(p) => {
                 if !p.update(&yaml)? {
                     bail!("ferry-proxy rejected the generated Services");
