@@ -163,6 +163,8 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     for link in links::list_links().await? {
         d.link_event(LinkEvent::Present(link), &cfg.interfaces);
     }
+    // Pins of links that vanished while no daemon ran would keep dead links alive.
+    d.datapath.forget_links_except(&d.attached);
     let (tx, mut link_rx) = mpsc::unbounded_channel();
     let watcher = tokio::spawn(async move {
         if let Err(e) = links::watch(tx).await {
