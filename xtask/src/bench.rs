@@ -58,14 +58,47 @@ struct Row {
     rr_runs: Vec<f64>,
 }
 
+/// Where and how a benchmark ran: the head of every report.
+#[derive(Debug, Serialize)]
+pub struct RunInfo {
+    pub machine: String,
+    pub kernel: String,
+    pub quick: bool,
+    pub seconds_per_run: f64,
+    pub repetitions: usize,
+    pub concurrency: usize,
+}
+
+impl RunInfo {
+    pub fn new(quick: bool, seconds_per_run: f64, repetitions: usize, concurrency: usize) -> Self {
+        Self {
+            machine: cpu_model(),
+            kernel: uname(),
+            quick,
+            seconds_per_run,
+            repetitions,
+            concurrency,
+        }
+    }
+
+    /// "`cargo xtask bench NAME` on MACHINE (Linux K), C connections, R x S s per figure".
+    pub fn describe(&self, name: &str) -> String {
+        format!(
+            "`cargo xtask bench {name}{}` on {} (Linux {}): {} connections, {} x {:.1} s per figure",
+            if self.quick { " --quick" } else { "" },
+            self.machine,
+            self.kernel,
+            self.concurrency,
+            self.repetitions,
+            self.seconds_per_run
+        )
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
-    machine: String,
-    kernel: String,
-    quick: bool,
-    seconds_per_run: f64,
-    repetitions: usize,
-    concurrency: usize,
+    #[serde(flatten)]
+    run: RunInfo,
     rows: Vec<Row>,
     program_10k_x10_sync_seconds: f64,
     program_10k_x10_startup_seconds: f64,
@@ -250,14 +283,14 @@ fn measure(
     })
 }
 
-pub fn uname() -> String {
+fn uname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
         .to_string()
 }
 
-pub fn cpu_model() -> String {
+fn cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = info
         .lines()
@@ -407,12 +440,7 @@ pub fn run(which: Which) -> Result<()> {
     drop(t);
 
     let report = Report {
-        machine: cpu_model(),
-        kernel: uname(),
-        quick: opts.quick,
-        seconds_per_run: plan.secs,
-        repetitions: plan.reps,
-        concurrency: plan.concurrency,
+        run: RunInfo::new(opts.quick, plan.secs, plan.reps, plan.concurrency),
         rows,
         program_10k_x10_sync_seconds: sync,
         program_10k_x10_startup_seconds: startup,
@@ -445,7 +473,11 @@ fn markdown(r: &Report) -> String {
         .iter()
         .find(|x| x.services == 1 && !x.name.contains("kernel"));
     let mut s = String::new();
-    let _ = writeln!(s, "`cargo xtask bench datapath{}` on {} (Linux {}), {} connections, {} x {:.1} s per figure (median; spread in the JSON).\n", if r.quick { " --quick" } else { "" }, r.machine, r.kernel, r.concurrency, r.repetitions, r.seconds_per_run);
+    let _ = writeln!(
+        s,
+        "{} (median; spread in the JSON).\n",
+        r.run.describe("datapath")
+    );
     let _ = writeln!(s, "| path | conn/s (CRR) | vs direct | round trips/s (RR) | vs direct | RR p50 µs | RR p99 µs |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
     for row in &r.rows {

@@ -19,7 +19,7 @@ use ferry_testbed::{bin_path, pod_ip, Proxy, Topology, ECHO_PORT, NODE_IP};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bench::{cpu_model, ferry_yaml, loadgen, median, uname, vip, Load, Rng};
+use crate::bench::{ferry_yaml, loadgen, median, vip, Load, Rng, RunInfo};
 use crate::kube_rules::{self, Svc};
 
 /// Pods 0 and 1 serve every Service (M = 2); pod 2 is the endpoint added by the change test.
@@ -127,12 +127,8 @@ impl Measure {
 
 #[derive(Debug, Serialize)]
 struct Report {
-    machine: String,
-    kernel: String,
-    quick: bool,
-    seconds_per_run: f64,
-    repetitions: usize,
-    concurrency: usize,
+    #[serde(flatten)]
+    run: RunInfo,
     conntrack_note: String,
     memory_note: String,
     unavailable: Vec<(Mode, String)>,
@@ -655,12 +651,7 @@ pub fn run(quick: bool) -> Result<()> {
     drop(t);
 
     let report = Report {
-        machine: cpu_model(),
-        kernel: uname(),
-        quick,
-        seconds_per_run: plan.secs,
-        repetitions: plan.reps,
-        concurrency: plan.concurrency,
+        run: RunInfo::new(quick, plan.secs, plan.reps, plan.concurrency),
         conntrack_note: "nf_conntrack active in the node for the no-proxy and kube-proxy rows; Ferry tracks connections in its own eBPF map".into(),
         memory_note: "kube-proxy modes: growth of Slab + VmallocUsed + Percpu from programming the rules; Ferry: bytes charged by its eBPF maps; the conntrack (512k entries) and affinity (64k) LRU maps are preallocated whatever N is, the service, backend and rev-NAT maps grow with N".into(),
         unavailable,
@@ -744,13 +735,8 @@ fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "`cargo xtask bench compare{}` on {} (Linux {}): {} connections, {} x {:.0} s per figure (median). {}.\n",
-        if r.quick { " --quick" } else { "" },
-        r.machine,
-        r.kernel,
-        r.concurrency,
-        r.repetitions,
-        r.seconds_per_run,
+        "{} (median). {}.\n",
+        r.run.describe("compare"),
         r.conntrack_note
     );
     let _ = writeln!(
@@ -871,7 +857,7 @@ fn markdown(r: &Report) -> String {
 /// The targets, each checked against this run's figures and said plainly.
 fn targets(r: &Report) -> String {
     let find = |mode: Mode, n: usize| r.results.iter().find(|m| m.mode == mode && m.services == n);
-    let big = if r.quick { 1_000 } else { 10_000 };
+    let big = if r.run.quick { 1_000 } else { 10_000 };
     let rate = |mode, n| find(mode, n).and_then(|m| m.crr.as_ref()).map(|l| l.rate);
     let base = r
         .results
