@@ -181,7 +181,7 @@ pub fn fresh_source(t: &Topology, client: usize) -> Result<Ipv4Addr> {
 }
 
 /// Runs `ferry-loadgen` in pod `client` from a fresh source address.
-pub fn loadgen(
+fn loadgen(
     t: &Topology,
     client: usize,
     mode: &str,
@@ -237,6 +237,54 @@ struct Plan {
     concurrency: usize,
 }
 
+/// The CRR and RR runs of one measurement, with the machine's busy CPU time during the CRR runs.
+pub struct Reps {
+    pub crr: Vec<Load>,
+    pub rr: Vec<Load>,
+    pub crr_cpu_s: f64,
+}
+
+/// `reps` times a CRR run then an RR run from pod `client`; `before` is told each repetition.
+pub fn run_reps(
+    t: &Topology,
+    client: usize,
+    targets: &[String],
+    (secs, reps, concurrency): (f64, usize, usize),
+    mut before: impl FnMut(usize),
+) -> Result<Reps> {
+    let mut out = Reps {
+        crr: Vec::new(),
+        rr: Vec::new(),
+        crr_cpu_s: 0.0,
+    };
+    for rep in 0..reps {
+        before(rep);
+        let c0 = cpu_busy_s();
+        out.crr
+            .push(loadgen(t, client, "crr", targets, secs, concurrency)?);
+        out.crr_cpu_s += cpu_busy_s() - c0;
+        out.rr
+            .push(loadgen(t, client, "rr", targets, secs, concurrency)?);
+    }
+    Ok(out)
+}
+
+/// Busy CPU time of the whole machine, in seconds (from /proc/stat).
+fn cpu_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle) as f64 / 100.0 // USER_HZ
+}
+
 fn measure(
     t: &Topology,
     plan: &Plan,
@@ -246,33 +294,21 @@ fn measure(
     step: &mut usize,
     steps: usize,
 ) -> Result<Row> {
-    let mut crr = Vec::new();
-    let mut rr = Vec::new();
-    for rep in 0..plan.reps {
-        *step += 1;
-        eprintln!(
-            "[bench {step}/{steps}] {name}: run {}/{} ({:.0} s each for CRR and RR)",
-            rep + 1,
-            plan.reps,
-            plan.secs
-        );
-        crr.push(loadgen(
-            t,
-            CLIENT,
-            "crr",
-            targets,
-            plan.secs,
-            plan.concurrency,
-        )?);
-        rr.push(loadgen(
-            t,
-            CLIENT,
-            "rr",
-            targets,
-            plan.secs,
-            plan.concurrency,
-        )?);
-    }
+    let Reps { crr, rr, .. } = run_reps(
+        t,
+        CLIENT,
+        targets,
+        (plan.secs, plan.reps, plan.concurrency),
+        |rep| {
+            *step += 1;
+            eprintln!(
+                "[bench {step}/{steps}] {name}: run {}/{} ({:.0} s each for CRR and RR)",
+                rep + 1,
+                plan.reps,
+                plan.secs
+            );
+        },
+    )?;
     Ok(Row {
         name: name.into(),
         services,

@@ -19,7 +19,7 @@ use ferry_testbed::{bin_path, pod_ip, Proxy, Topology, ECHO_PORT, NODE_IP};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bench::{ferry_yaml, loadgen, median, vip, Load, Rng, RunInfo};
+use crate::bench::{ferry_yaml, median, run_reps, vip, Load, Rng, RunInfo};
 use crate::kube_rules::{self, Svc};
 
 /// Pods 0 and 1 serve every Service (M = 2); pod 2 is the endpoint added by the change test.
@@ -184,22 +184,6 @@ fn ferry_maps_mib() -> Result<f64> {
         .filter_map(|m| m["bytes_memlock"].as_u64())
         .sum();
     Ok(bytes as f64 / (1024.0 * 1024.0))
-}
-
-/// Busy CPU time of the whole machine, in seconds.
-fn cpu_busy_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle) as f64 / 100.0 // USER_HZ
 }
 
 /// Runs a command in the node namespace with a file as its input.
@@ -430,31 +414,17 @@ fn endpoint_change(
 }
 
 fn dataplane(t: &Topology, plan: &Plan, targets: &[String]) -> Result<(Load, Load, Vec<f64>, f64)> {
-    let mut crr = Vec::new();
-    let mut rr = Vec::new();
-    let (mut cpu, mut conns) = (0.0, 0u64);
-    for _ in 0..plan.reps {
-        let c0 = cpu_busy_s();
-        let l = loadgen(t, CLIENT, "crr", targets, plan.secs, plan.concurrency)?;
-        cpu += cpu_busy_s() - c0;
-        conns += l.transactions;
-        crr.push(l);
-        rr.push(loadgen(
-            t,
-            CLIENT,
-            "rr",
-            targets,
-            plan.secs,
-            plan.concurrency,
-        )?);
-    }
-    let runs = crr.iter().map(|l| l.rate).collect();
-    Ok((
-        median(crr),
-        median(rr),
-        runs,
-        cpu / (conns.max(1) as f64 / 10_000.0),
-    ))
+    let reps = run_reps(
+        t,
+        CLIENT,
+        targets,
+        (plan.secs, plan.reps, plan.concurrency),
+        |_| {},
+    )?;
+    let conns: u64 = reps.crr.iter().map(|l| l.transactions).sum();
+    let runs = reps.crr.iter().map(|l| l.rate).collect();
+    let cpu = reps.crr_cpu_s / (conns.max(1) as f64 / 10_000.0);
+    Ok((median(reps.crr), median(reps.rr), runs, cpu))
 }
 
 /// Shows what runs now: on the bar in a terminal, as a log line otherwise (CI).
