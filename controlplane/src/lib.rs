@@ -1,3 +1,11 @@
 //! Ferry's control plane: a Kubernetes-compatible API server over a durable store.
+//!
+//! - [`store`]: the `Store` trait, the embedded default and the etcd backend;
+//! - [`api`]: authentication, RBAC, admission, the REST verbs, watch, discovery, tables;
+//! - [`pki`]: the cluster CA, serving and client certificates, kubeconfigs;
+//! - [`server`]: HTTPS with client certificates.
 
+pub mod api;
+pub mod pki;
+pub mod server;
 pub mod store;

@@ -1,1 +1,242 @@
-fn main() {}
+//! `ferry-controlplane`: the Kubernetes-compatible API server (embedded store by default,
+//! etcd with `--etcd-servers`), and `snapshot save|restore` for the embedded store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use controlplane::api::{self, auth, Api, Config};
+use controlplane::store::{embedded, etcd::EtcdStore, Store};
+use controlplane::{pki, server};
+use ipnetwork::Ipv4Network;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-controlplane",
+    version,
+    about = "Ferry's Kubernetes-compatible API server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Backup and restore of the embedded store.
+    Snapshot {
+        #[command(subcommand)]
+        op: SnapshotOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotOp {
+    /// Writes a consistent copy of the store in --data-dir to FILE (the server may run).
+    Save {
+        file: PathBuf,
+        #[arg(long, default_value = "/var/lib/ferry/controlplane")]
+        data_dir: PathBuf,
+    },
+    /// Makes --data-dir hold exactly the state in FILE (the server must be stopped).
+    Restore {
+        file: PathBuf,
+        #[arg(long, default_value = "/var/lib/ferry/controlplane")]
+        data_dir: PathBuf,
+        /// Replace a store that already holds data.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// State directory: the embedded store (store/), certificates (pki/), kubeconfigs.
+    #[arg(long, default_value = "/var/lib/ferry/controlplane")]
+    data_dir: PathBuf,
+    /// Address and port of the HTTPS API.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    bind_address: SocketAddr,
+    /// Use etcd v3 at these URLs (comma-separated) instead of the embedded store.
+    #[arg(long, value_delimiter = ',')]
+    etcd_servers: Vec<String>,
+    /// Static bearer tokens: lines of `token,user,uid[,"group1,group2"]`.
+    #[arg(long)]
+    token_auth_file: Option<PathBuf>,
+    /// Cluster IPs of Services are allocated from this range.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cluster_ip_range: Ipv4Network,
+    /// Node ports of NodePort Services are allocated from this range.
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: String,
+    /// Extra names and addresses in the serving certificate (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tls_san: Vec<String>,
+    /// Write a kubeconfig (client certificate, group system:nodes) for each of these nodes.
+    #[arg(long, value_delimiter = ',')]
+    node_kubeconfigs: Vec<String>,
+    /// Store history older than this is compacted (watches from before it get 410 Gone).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    compaction_interval: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a duration: write e.g. 30s, 5m or 1h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "\"{s}\": unknown unit \"{unit}\" (use ms, s, m or h)"
+            ))
+        }
+    })
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16)> {
+    let (a, b) = s
+        .split_once('-')
+        .context("--service-node-port-range: write it as LOW-HIGH, e.g. 30000-32767")?;
+    let (a, b): (u16, u16) = (
+        a.trim()
+            .parse()
+            .context("--service-node-port-range: LOW is not a port")?,
+        b.trim()
+            .parse()
+            .context("--service-node-port-range: HIGH is not a port")?,
+    );
+    if a == 0 || a > b {
+        bail!(
+            "--service-node-port-range: {a}-{b} is empty; LOW must be 1 or more and at most HIGH"
+        );
+    }
+    Ok((a, b))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::Snapshot {
+            op: SnapshotOp::Save { file, data_dir },
+        }) => {
+            let rev = embedded::snapshot_save(&data_dir.join("store"), &file)?;
+            println!("snapshot of revision {rev} saved to {}", file.display());
+            Ok(())
+        }
+        Some(Cmd::Snapshot {
+            op:
+                SnapshotOp::Restore {
+                    file,
+                    data_dir,
+                    force,
+                },
+        }) => {
+            let rev = embedded::snapshot_restore(&file, &data_dir.join("store"), force)?;
+            println!("store in {} restored to revision {rev}", data_dir.display());
+            Ok(())
+        }
+        None => serve(cli.serve).await,
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let node_ports = parse_ports(&a.service_node_port_range)?;
+    if a.service_cluster_ip_range.prefix() > 28 {
+        bail!(
+            "--service-cluster-ip-range {} is too small; give at least a /28",
+            a.service_cluster_ip_range
+        );
+    }
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let store: Arc<dyn Store> = if a.etcd_servers.is_empty() {
+        embedded::EmbeddedStore::open(&a.data_dir.join("store"))?
+    } else {
+        info!(servers = ?a.etcd_servers, "using etcd");
+        EtcdStore::connect(&a.etcd_servers).await?
+    };
+    let tokens = match &a.token_auth_file {
+        Some(p) => auth::load_tokens(p)?,
+        None => Default::default(),
+    };
+    let listener = tokio::net::TcpListener::bind(a.bind_address)
+        .await
+        .with_context(|| format!("listening on {}", a.bind_address))?;
+    let addr = listener.local_addr()?;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let server_url = format!("https://{host}:{}", addr.port());
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "kubernetes".to_string(),
+        "kubernetes.default".to_string(),
+        "kubernetes.default.svc".to_string(),
+        host.clone(),
+    ];
+    names.extend(a.tls_san.iter().cloned());
+    names.sort();
+    names.dedup();
+    let pki = pki::ensure(&a.data_dir, &server_url, &names, &a.node_kubeconfigs)?;
+    for p in &pki.written {
+        info!(path = %p.display(), "kubeconfig written");
+    }
+    let cfg = Config {
+        service_cidr: a.service_cluster_ip_range,
+        node_ports,
+        tokens,
+        advertise: format!("{host}:{}", addr.port()),
+    };
+    api::log_start(&cfg);
+    let api = Api::new(store.clone(), cfg).await?;
+    // Compaction as Kubernetes does it: each interval, forget history older than the
+    // revision seen at the previous tick.
+    let compact_store = store.clone();
+    let every = a.compaction_interval;
+    tokio::spawn(async move {
+        let mut prev = 0;
+        loop {
+            tokio::time::sleep(every).await;
+            if prev > 0 {
+                match compact_store.compact(prev).await {
+                    Ok(()) => info!(revision = prev, "store compacted"),
+                    Err(e) => warn!(error = %e, "compaction failed"),
+                }
+            }
+            prev = compact_store.current_revision().await.unwrap_or(prev);
+        }
+    });
+    println!(
+        "ferry-controlplane serving {server_url}; admin kubeconfig: {}",
+        a.data_dir.join("admin.kubeconfig").display()
+    );
+    tokio::select! {
+        r = server::serve(api, listener, &pki) => r,
+        _ = tokio::signal::ctrl_c() => {
+            info!("interrupted; stopping");
+            Ok(())
+        }
+    }
+}

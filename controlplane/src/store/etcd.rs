@@ -408,14 +408,18 @@ pub struct LocalEtcd {
 }
 
 impl LocalEtcd {
-    pub async fn start(dir: &std::path::Path, client_port: u16) -> anyhow::Result<Self> {
+    /// Starts etcd with its data under `dir`, serving clients on `client_port` (the peer
+    /// port is the next one), and waits until it reports healthy.
+    pub fn start(dir: &std::path::Path, client_port: u16) -> anyhow::Result<Self> {
         let bin = which_etcd()?;
+        if std::net::TcpStream::connect(("127.0.0.1", client_port)).is_ok() {
+            anyhow::bail!(
+                "port {client_port} is in use (an etcd left running?); stop it or pick another port"
+            );
+        }
         std::fs::create_dir_all(dir)?;
         let endpoint = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{}", client_port + 1);
-        if std::net::TcpStream::connect(("127.0.0.1", client_port)).is_ok() {
-            anyhow::bail!("port {client_port} is in use (an etcd left running?); stop it or pick another port");
-        }
         let log = std::fs::File::create(dir.join("etcd.log"))?;
         let mut cmd = std::process::Command::new(bin);
         // The server goes when the process that started it goes, even when it is killed.
@@ -443,22 +447,33 @@ impl LocalEtcd {
             endpoint,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = Client::connect([&me.endpoint], None).await {
-                if c.get("/", None).await.is_ok() {
-                    return Ok(me);
-                }
-            }
+        while !healthy(client_port) {
             if std::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "etcd did not answer on {} within 20 s; see {}",
+                    "etcd did not become healthy on {} within 20 s; see {}",
                     me.endpoint,
                     me.dir.join("etcd.log").display()
                 );
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        Ok(me)
     }
+}
+
+/// etcd's /health answers `"health":"true"` once it has a leader.
+fn healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("\"health\":\"true\"")
 }
 
 impl Drop for LocalEtcd {
@@ -486,9 +501,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
-        let etcd = LocalEtcd::start(&dir.path().join("etcd"), 23790)
-            .await
-            .unwrap();
+        let etcd = LocalEtcd::start(&dir.path().join("etcd"), 23790).unwrap();
         let s = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
             .await
             .unwrap();

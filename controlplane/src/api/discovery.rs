@@ -1,0 +1,174 @@
+//! Discovery (/api, /apis, group versions, /version) and the OpenAPI v3 documents kubectl
+//! reads to learn that the server validates fields itself (`fieldValidation` on PATCH).
+
+use serde_json::{json, Value};
+
+use super::resources::{groups, ResourceInfo, RESOURCES};
+
+pub const KUBE_VERSION: &str = "v1.32.0";
+
+pub fn version() -> Value {
+    json!({"major": "1", "minor": "32", "gitVersion": format!("{KUBE_VERSION}+ferry"),
+           "gitCommit": env!("CARGO_PKG_VERSION"), "gitTreeState": "clean",
+           "buildDate": "2026-01-01T00:00:00Z", "goVersion": "n/a (rust)",
+           "compiler": "rustc", "platform": "linux/amd64"})
+}
+
+pub fn api_versions(addr: &str) -> Value {
+    json!({"kind": "APIVersions", "versions": ["v1"],
+           "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr}]})
+}
+
+fn group_json(name: &str, version: &str) -> Value {
+    let gv = json!({"groupVersion": format!("{name}/{version}"), "version": version});
+    json!({"name": name, "versions": [gv.clone()], "preferredVersion": gv})
+}
+
+pub fn api_group_list() -> Value {
+    let groups: Vec<Value> = groups().iter().map(|(g, v)| group_json(g, v)).collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn api_group(name: &str) -> Option<Value> {
+    groups().iter().find(|(g, _)| *g == name).map(|(g, v)| {
+        let mut j = group_json(g, v);
+        j["kind"] = json!("APIGroup");
+        j["apiVersion"] = json!("v1");
+        j
+    })
+}
+
+fn verbs() -> Value {
+    json!([
+        "create",
+        "delete",
+        "deletecollection",
+        "get",
+        "list",
+        "patch",
+        "update",
+        "watch"
+    ])
+}
+
+pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let rs: Vec<&ResourceInfo> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if rs.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for r in rs {
+        let mut main = json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
+            "kind": r.kind, "verbs": verbs()});
+        if !r.short_names.is_empty() {
+            main["shortNames"] = json!(r.short_names);
+        }
+        if !r.categories.is_empty() {
+            main["categories"] = json!(r.categories);
+        }
+        out.push(main);
+        for sub in r.subresources {
+            let (kind, extra, v) = match *sub {
+                "scale" => (
+                    "Scale",
+                    json!({"group": "autoscaling", "version": "v1"}),
+                    json!(["get", "patch", "update"]),
+                ),
+                "binding" => ("Binding", json!({}), json!(["create"])),
+                "finalize" => (r.kind, json!({}), json!(["update"])),
+                _ => (r.kind, json!({}), json!(["get", "patch", "update"])),
+            };
+            let mut s = json!({"name": format!("{}/{sub}", r.plural), "singularName": "",
+                "namespaced": r.namespaced, "kind": kind, "verbs": v});
+            if let (Some(m), Some(e)) = (s.as_object_mut(), extra.as_object()) {
+                m.extend(e.clone());
+            }
+            out.push(s);
+        }
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}),
+    )
+}
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// `/openapi/v3`: one document per group version.
+pub fn openapi_root() -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut gvs = vec![("", "v1")];
+    gvs.extend(groups());
+    for (g, v) in gvs {
+        let p = gv_path(g, v);
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={}", env!("CARGO_PKG_VERSION").replace('.', ""))}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+/// The document of one group version: every operation on every resource, each PATCH and
+/// POST marked with the kind it takes and the `fieldValidation` parameter.
+pub fn openapi_gv(path: &str) -> Option<Value> {
+    let (group, version) = match path.trim_matches('/').split('/').collect::<Vec<_>>()[..] {
+        ["api", v] => ("", v),
+        ["apis", g, v] => (g, v),
+        _ => return None,
+    };
+    let rs: Vec<&ResourceInfo> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if rs.is_empty() {
+        return None;
+    }
+    let params = json!([
+        {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+        {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+        {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}}]);
+    let mut paths = serde_json::Map::new();
+    for r in rs {
+        let gvk = json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
+        let base = format!("/{}", gv_path(group, version));
+        let (coll, item) = if r.namespaced {
+            (
+                format!("{base}/namespaces/{{namespace}}/{}", r.plural),
+                format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural),
+            )
+        } else {
+            (
+                format!("{base}/{}", r.plural),
+                format!("{base}/{}/{{name}}", r.plural),
+            )
+        };
+        let op = |id: &str| {
+            json!({"operationId": format!("{id}{}", r.kind), "parameters": params.clone(),
+                   "x-kubernetes-group-version-kind": gvk[0].clone(),
+                   "responses": {"200": {"description": "OK"}}})
+        };
+        paths.insert(coll, json!({"get": op("list"), "post": op("create")}));
+        paths.insert(
+            item,
+            json!({"get": op("read"), "put": op("replace"), "patch": op("patch"), "delete": op("delete")}),
+        );
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": KUBE_VERSION},
+                "paths": paths, "components": {"schemas": {}}}),
+    )
+}

@@ -1,0 +1,608 @@
+//! The API server: authentication, authorization, routing of Kubernetes REST paths, and the
+//! object lifecycle (admission, optimistic concurrency, finalizers) over the [`Store`].
+//!
+//! Objects are stored as JSON under `/registry/<group>/<plural>/[<namespace>/]<name>`, with
+//! `metadata` first and without `resourceVersion`: the store's mod revision is the resource
+//! version, spliced into the bytes on the way out, so a list of unfiltered objects is served
+//! without parsing them.
+
+pub mod admission;
+pub mod auth;
+pub mod discovery;
+mod handlers;
+pub mod patch;
+pub mod resources;
+pub mod selectors;
+pub mod status;
+pub mod table;
+mod watch;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use ipnetwork::Ipv4Network;
+use serde_json::{json, Value};
+use tracing::{debug, info, warn};
+
+use crate::store::{KeyValue, ListOptions, Precondition, Store, StoreError};
+use auth::{Attributes, Rbac, User};
+use resources::ResourceInfo;
+use status::{ApiError, ApiResult};
+
+/// Largest request body accepted (Kubernetes' limit is 3 MiB as well).
+pub const MAX_BODY: usize = 3 << 20;
+
+pub struct Config {
+    pub service_cidr: Ipv4Network,
+    pub node_ports: (u16, u16),
+    /// Bearer tokens from the token file.
+    pub tokens: HashMap<String, User>,
+    /// host:port clients use, for discovery.
+    pub advertise: String,
+}
+
+pub struct Api {
+    pub store: Arc<dyn Store>,
+    pub cfg: Config,
+    rbac: RwLock<Rbac>,
+}
+
+/// A verified client certificate's user, attached to each request of its connection.
+#[derive(Clone, Default)]
+pub struct Peer(pub Option<User>);
+
+impl Api {
+    pub async fn new(store: Arc<dyn Store>, cfg: Config) -> anyhow::Result<Arc<Api>> {
+        let api = Arc::new(Api {
+            store,
+            cfg,
+            rbac: RwLock::new(Rbac::default()),
+        });
+        api.bootstrap().await?;
+        api.load_rbac().await?;
+        let weak = Arc::downgrade(&api);
+        tokio::spawn(async move { watch_rbac(weak).await });
+        Ok(api)
+    }
+
+    /// Default namespaces and the bootstrap RBAC policy, created when missing.
+    async fn bootstrap(&self) -> anyhow::Result<()> {
+        let mut objs: Vec<Value> = ["default", "kube-system", "kube-public", "kube-node-lease"]
+            .iter()
+            .map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}))
+            .collect();
+        objs.extend(auth::bootstrap_policy());
+        for obj in objs {
+            let info = resources::by_kind(
+                obj["apiVersion"].as_str().unwrap_or_default(),
+                obj["kind"].as_str().unwrap_or_default(),
+            )
+            .expect("bootstrap objects are of served kinds");
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if self.store.get(&info.key("", &name)).await?.is_none() {
+                match self.create_object(info, None, obj, false).await {
+                    Ok(_) => debug!(kind = info.kind, name, "bootstrap object created"),
+                    Err(e) if e.code == 409 => {}
+                    Err(e) => {
+                        anyhow::bail!("creating bootstrap {} {name}: {}", info.kind, e.message)
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_rbac(&self) -> anyhow::Result<i64> {
+        let mut rbac = Rbac::default();
+        let mut rev = 0;
+        for kind in ["ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding"] {
+            let info = resources::by_kind("rbac.authorization.k8s.io/v1", kind).unwrap();
+            let l = self
+                .store
+                .list(ListOptions {
+                    prefix: &info.prefix(),
+                    ..Default::default()
+                })
+                .await?;
+            rev = rev.max(l.revision);
+            for kv in l.kvs {
+                rbac.add(kind, &decode(&kv));
+            }
+        }
+        *self.rbac.write().unwrap() = rbac;
+        Ok(rev)
+    }
+
+    fn authorize(&self, user: &User, a: &Attributes) -> ApiResult<()> {
+        if self.rbac.read().unwrap().allows(user, a) {
+            Ok(())
+        } else {
+            debug!(user = %user.name, verb = %a.verb, resource = %a.resource, ns = %a.namespace, "denied");
+            let mut e = ApiError::forbidden(auth::forbidden_message(user, a));
+            e.details = Some(json!({"name": a.name, "group": a.group, "kind": a.resource}));
+            Err(e)
+        }
+    }
+}
+
+/// Rebuilds the RBAC snapshot whenever an RBAC object changes.
+async fn watch_rbac(api: std::sync::Weak<Api>) {
+    let prefix = "/registry/rbac.authorization.k8s.io/";
+    loop {
+        let Some(a) = api.upgrade() else { return };
+        let rev = match a.load_rbac().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "loading RBAC objects");
+                drop(a);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut w = match a.store.watch(prefix, rev).await {
+            Ok(w) => w,
+            Err(_) => continue,
+        };
+        drop(a);
+        while let Some(Ok(_)) = w.next().await {
+            let Some(a) = api.upgrade() else { return };
+            if let Err(e) = a.load_rbac().await {
+                warn!(error = %format!("{e:#}"), "reloading RBAC objects");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stored form
+
+/// The stored bytes of an object: `{"metadata":{...},...}` without resourceVersion.
+pub fn encode(obj: &Value) -> Bytes {
+    let mut o = obj.as_object().cloned().unwrap_or_default();
+    let mut meta = o.remove("metadata").unwrap_or_else(|| json!({}));
+    if let Some(m) = meta.as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("selfLink");
+        m.remove("managedFields");
+    }
+    let meta = serde_json::to_vec(&meta).unwrap_or_default();
+    let rest = serde_json::to_vec(&Value::Object(o)).unwrap_or_default();
+    let mut out = Vec::with_capacity(meta.len() + rest.len() + 16);
+    out.extend_from_slice(b"{\"metadata\":");
+    out.extend_from_slice(&meta);
+    if rest.len() > 2 {
+        out.push(b',');
+        out.extend_from_slice(&rest[1..]);
+    } else {
+        out.push(b'}');
+    }
+    Bytes::from(out)
+}
+
+/// The object's JSON with `metadata.resourceVersion` set, without parsing it.
+pub fn splice_rv(raw: &[u8], rv: i64) -> Vec<u8> {
+    const HEAD: &[u8] = b"{\"metadata\":{";
+    let mut out = Vec::with_capacity(raw.len() + 32);
+    if raw.starts_with(HEAD) {
+        out.extend_from_slice(HEAD);
+        out.extend_from_slice(format!("\"resourceVersion\":\"{rv}\"").as_bytes());
+        if raw.get(HEAD.len()) != Some(&b'}') {
+            out.push(b',');
+        }
+        out.extend_from_slice(&raw[HEAD.len()..]);
+    } else {
+        let mut v: Value = serde_json::from_slice(raw).unwrap_or(json!({}));
+        v["metadata"]["resourceVersion"] = json!(rv.to_string());
+        out = serde_json::to_vec(&v).unwrap_or_default();
+    }
+    out
+}
+
+pub fn decode(kv: &KeyValue) -> Value {
+    let mut v: Value = serde_json::from_slice(&kv.value).unwrap_or_else(|e| {
+        warn!(key = %kv.key, error = %e, "stored object is not JSON");
+        json!({})
+    });
+    if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        m.insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
+    }
+    v
+}
+
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .unwrap_or(jiff::Timestamp::now())
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------------------
+// Requests
+
+/// Query parameters, decoded.
+pub struct Query(pub HashMap<String, String>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        let mut m = HashMap::new();
+        for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            m.insert(pct_decode(k), pct_decode(v));
+        }
+        Query(m)
+    }
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str).filter(|s| !s.is_empty())
+    }
+    pub fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true") | Some("1"))
+    }
+}
+
+fn pct_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What a resource path names.
+pub struct Target {
+    pub info: &'static ResourceInfo,
+    pub ns: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+    /// The legacy `/watch/` path prefix.
+    pub watch_path: bool,
+}
+
+fn parse_target(path: &str) -> ApiResult<Option<Target>> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] if !rest.is_empty() => ("", *v, rest),
+        ["apis", g, v, rest @ ..] if !rest.is_empty() => (*g, *v, rest),
+        _ => return Ok(None),
+    };
+    let (watch_path, rest) = match rest {
+        ["watch", r @ ..] => (true, r),
+        r => (false, r),
+    };
+    let not_found = || {
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    };
+    let namespace_sub = |p: &str| group.is_empty() && (p == "status" || p == "finalize");
+    let (ns, plural, tail) = match rest {
+        ["namespaces", ns, plural, tail @ ..] if !namespace_sub(plural) => {
+            (Some(ns.to_string()), *plural, tail)
+        }
+        [plural, tail @ ..] => (None, *plural, tail),
+        [] => return Err(not_found()),
+    };
+    if tail.len() > 2 {
+        return Err(not_found());
+    }
+    let (name, sub) = (tail.first().copied(), tail.get(1).copied());
+    let info = resources::find(group, version, plural).ok_or_else(not_found)?;
+    // Cluster-scoped resources have no namespace; a namespaced object is named in one.
+    if (!info.namespaced && ns.is_some()) || (info.namespaced && ns.is_none() && name.is_some()) {
+        return Err(not_found());
+    }
+    if let Some(s) = sub {
+        if !info.subresources.contains(&s) {
+            return Err(not_found());
+        }
+    }
+    Ok(Some(Target {
+        info,
+        ns,
+        name: name.map(String::from),
+        sub: sub.map(String::from),
+        watch_path,
+    }))
+}
+
+fn verb_of(method: &Method, t: &Target, q: &Query) -> &'static str {
+    match (method.as_str(), t.name.is_some()) {
+        ("GET", _) if t.watch_path || q.flag("watch") => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+pub fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| {
+            a.split(',')
+                .next()
+                .is_some_and(|first| first.contains("as=Table"))
+        })
+}
+
+pub fn json_response(code: StatusCode, v: &Value) -> Response {
+    (
+        code,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+fn authenticate(api: &Api, headers: &HeaderMap, peer: &Peer) -> ApiResult<User> {
+    if let Some(h) = headers.get(axum::http::header::AUTHORIZATION) {
+        let h = h.to_str().unwrap_or_default();
+        if let Some(token) = h.strip_prefix("Bearer ") {
+            return api
+                .cfg
+                .tokens
+                .get(token.trim())
+                .cloned()
+                .ok_or_else(ApiError::unauthorized);
+        }
+    }
+    peer.0.clone().ok_or_else(ApiError::unauthorized)
+}
+
+/// Every request comes here.
+pub async fn handle(api: Arc<Api>, peer: Peer, req: Request<Body>) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let resp = match serve(&api, &peer, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    debug!(%method, %path, code = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    resp
+}
+
+async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Response> {
+    let user = authenticate(api, req.headers(), peer)?;
+    let path = req.uri().path().to_string();
+    let q = Query::parse(req.uri().query());
+    let target = parse_target(&path)?;
+    let Some(t) = target else {
+        return non_resource(api, &user, req.method(), &path);
+    };
+    let verb = verb_of(req.method(), &t, &q);
+    let mut attrs = Attributes {
+        verb: verb.into(),
+        group: t.info.group.into(),
+        resource: t.info.plural.into(),
+        subresource: t.sub.clone().unwrap_or_default(),
+        namespace: t.ns.clone().unwrap_or_default(),
+        name: t.name.clone().unwrap_or_default(),
+        path: None,
+    };
+    if t.info.plural == "namespaces" {
+        attrs.namespace = attrs.name.clone();
+    }
+    api.authorize(&user, &attrs)?;
+    let (parts, body) = req.into_parts();
+    let body = if matches!(
+        parts.method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    ) {
+        axum::body::to_bytes(body, MAX_BODY)
+            .await
+            .map_err(|_| ApiError::too_large(MAX_BODY))?
+    } else {
+        Bytes::new()
+    };
+    handlers::dispatch(api, &user, verb, t, q, &parts.headers, body).await
+}
+
+fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResult<Response> {
+    let attrs = Attributes {
+        verb: method.as_str().to_lowercase(),
+        path: Some(path.to_string()),
+        ..Default::default()
+    };
+    api.authorize(user, &attrs)?;
+    if method != Method::GET {
+        return Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported on {path}"
+        )));
+    }
+    let trimmed = path.trim_end_matches('/');
+    let v = match trimmed {
+        "/version" => discovery::version(),
+        "/healthz" | "/livez" | "/readyz" => {
+            return Ok((StatusCode::OK, "ok").into_response());
+        }
+        "/api" => discovery::api_versions(&api.cfg.advertise),
+        "/apis" => discovery::api_group_list(),
+        "/openapi/v3" => discovery::openapi_root(),
+        p => {
+            let segs: Vec<&str> = p.trim_matches('/').split('/').collect();
+            let found = match segs.as_slice() {
+                ["api", v] => discovery::resource_list("", v),
+                ["apis", g] => discovery::api_group(g),
+                ["apis", g, v] => discovery::resource_list(g, v),
+                ["openapi", "v3", rest @ ..] => discovery::openapi_gv(&rest.join("/")),
+                _ => None,
+            };
+            found.ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )
+            })?
+        }
+    };
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+// ---------------------------------------------------------------------------------------
+// Service cluster IPs and node ports: each allocation is a store key created only if absent,
+// so two concurrent creates can never get the same one.
+
+const IP_PREFIX: &str = "/registry/ranges/serviceips/";
+const PORT_PREFIX: &str = "/registry/ranges/servicenodeports/";
+
+impl Api {
+    async fn claim(&self, key: String, owner: &str) -> ApiResult<bool> {
+        match self
+            .store
+            .put(
+                &key,
+                Bytes::from(owner.to_string()),
+                Precondition::Absent,
+                0,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::AlreadyExists(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn release(&self, key: String) {
+        if let Err(e) = self.store.delete(&key, Precondition::None).await {
+            if !matches!(e, StoreError::NotFound(_)) {
+                warn!(key, error = %e, "releasing an allocation");
+            }
+        }
+    }
+
+    /// Claims `want` (if given) or a free address of the service CIDR.
+    pub async fn allocate_ip(&self, want: Option<Ipv4Addr>, owner: &str) -> ApiResult<Ipv4Addr> {
+        let net = self.cfg.service_cidr;
+        if let Some(ip) = want {
+            if !net.contains(ip) || ip == net.network() || ip == net.broadcast() {
+                return Err(ApiError::invalid(
+                    "Service",
+                    "",
+                    owner,
+                    vec![status::FieldError::invalid(
+                        "spec.clusterIPs",
+                        format!("[]string{{\"{ip}\"}}"),
+                        &format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {net}"),
+                    )],
+                ));
+            }
+            if self.claim(format!("{IP_PREFIX}{ip}"), owner).await? {
+                return Ok(ip);
+            }
+            return Err(ApiError::invalid(
+                "Service",
+                "",
+                owner,
+                vec![status::FieldError::invalid(
+                    "spec.clusterIPs",
+                    format!("[]string{{\"{ip}\"}}"),
+                    &format!("failed to allocate IP {ip}: provided IP is already allocated"),
+                )],
+            ));
+        }
+        let size = net.size() as u64;
+        let base = u32::from(net.network()) as u64;
+        let start = rand::random::<u64>() % size.max(1);
+        // Skip the network address, the broadcast address and .1 (kubernetes.default).
+        for i in 0..size {
+            let off = (start + i) % size;
+            if off < 2 || off == size - 1 {
+                continue;
+            }
+            let ip = Ipv4Addr::from((base + off) as u32);
+            if self.claim(format!("{IP_PREFIX}{ip}"), owner).await? {
+                return Ok(ip);
+            }
+        }
+        Err(ApiError::internal(format!(
+            "no free cluster IP left in {net}"
+        )))
+    }
+
+    pub async fn allocate_port(
+        &self,
+        want: Option<u16>,
+        owner: &str,
+        field: &str,
+    ) -> ApiResult<u16> {
+        let (lo, hi) = self.cfg.node_ports;
+        if let Some(p) = want {
+            if p < lo || p > hi {
+                return Err(ApiError::invalid("Service", "", owner, vec![status::FieldError::invalid(
+                    field, p, &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"))]));
+            }
+            if self.claim(format!("{PORT_PREFIX}{p}"), owner).await? {
+                return Ok(p);
+            }
+            return Err(ApiError::invalid(
+                "Service",
+                "",
+                owner,
+                vec![status::FieldError::invalid(
+                    field,
+                    p,
+                    "provided port is already allocated",
+                )],
+            ));
+        }
+        let n = (hi - lo + 1) as u32;
+        let start = rand::random::<u32>() % n;
+        for i in 0..n {
+            let p = lo + ((start + i) % n) as u16;
+            if self.claim(format!("{PORT_PREFIX}{p}"), owner).await? {
+                return Ok(p);
+            }
+        }
+        Err(ApiError::internal(format!(
+            "no free node port left in {lo}-{hi}"
+        )))
+    }
+
+    pub fn ip_key(ip: &str) -> String {
+        format!("{IP_PREFIX}{ip}")
+    }
+    pub fn port_key(p: i64) -> String {
+        format!("{PORT_PREFIX}{p}")
+    }
+}
+
+pub fn log_start(cfg: &Config) {
+    info!(service_cidr = %cfg.service_cidr, node_ports = ?cfg.node_ports, tokens = cfg.tokens.len(), "API server configured");
+}

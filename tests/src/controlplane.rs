@@ -1,0 +1,176 @@
+//! A `ferry-controlplane` for tests: its own state directory, a free loopback port, killed
+//! and removed on drop. kubectl runs against it with its own cache directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::bin_path;
+
+pub struct ControlPlane {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+    args: Vec<String>,
+}
+
+/// A fresh directory under the system's temporary directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "ferry-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+pub use controlplane::store::etcd::LocalEtcd;
+
+impl ControlPlane {
+    /// Starts a control plane with `extra` flags (e.g. `--etcd-servers`, `--token-auth-file`).
+    pub fn start(extra: &[&str]) -> Result<Self> {
+        let dir = temp_dir("cp");
+        std::fs::create_dir_all(&dir)?;
+        let mut cp = ControlPlane {
+            child: None,
+            dir,
+            port: 0,
+            url: String::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        cp.spawn()?;
+        Ok(cp)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let bin = bin_path("ferry-controlplane")?;
+        let bind = format!("127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("controlplane.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--bind-address", &bind])
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .stderr(log);
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting ferry-controlplane")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        self.child = Some(child);
+        let line = rx.recv_timeout(Duration::from_secs(30)).with_context(|| {
+            format!(
+                "ferry-controlplane did not start; see {}",
+                self.log_path().display()
+            )
+        })?;
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("https://"))
+            .with_context(|| format!("unexpected first line: {line}"))?
+            .trim_end_matches(';')
+            .to_string();
+        self.port = url.rsplit(':').next().unwrap_or_default().parse()?;
+        self.url = url;
+        Ok(())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("controlplane.log")
+    }
+
+    pub fn kubeconfig(&self, who: &str) -> PathBuf {
+        self.dir.join(format!("{who}.kubeconfig"))
+    }
+
+    /// Kills the server with SIGKILL (no chance to flush anything).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and state.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// kubectl as the admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_as(&self.kubeconfig("admin"), args, None)
+    }
+
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("kube-cache"))
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl is installed");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().expect("kubectl ran")
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args);
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("control plane log kept at {}", self.log_path().display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
