@@ -30,8 +30,6 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-pub use controlplane::store::etcd::LocalEtcd;
-
 impl ControlPlane {
     /// Starts a control plane with `extra` flags (e.g. `--etcd-servers`, `--token-auth-file`).
     pub fn start(extra: &[&str]) -> Result<Self> {
@@ -174,3 +172,14 @@ impl Drop for ControlPlane {
         }
     }
 }
+
+/// The Python with the `kubernetes` client that `cargo xtask setup` installs.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_PYTHON") {
+        return p.into();
+    }
+    PathBuf::from(PYTHON_VENV).join("bin/python")
+}
+
+/// Where `cargo xtask setup` makes the virtual environment for the Python client tests.
+pub const PYTHON_VENV: &str = "/var/lib/ferry/python";

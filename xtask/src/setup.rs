@@ -8,7 +8,8 @@ use anyhow::{bail, Context as _, Result};
 use crate::sh;
 
 /// Debian packages: iproute2/ping/curl for the test bed and demo, iptables/nftables/conntrack
-/// for the comparisons, bpftool to inspect maps, iperf3 for bulk throughput, a font for charts.
+/// for the comparisons, bpftool to inspect maps, iperf3 for bulk throughput, a font for charts,
+/// protoc for the etcd client's generated code, etcd for the control plane's etcd backend.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -20,7 +21,12 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "util-linux",
     "fonts-dejavu-core",
+    "protobuf-compiler",
+    "etcd-server",
 ];
+
+/// The Python `kubernetes` client the control plane's client tests run (pinned).
+const PYTHON_KUBERNETES: &str = "kubernetes==37.0.2";
 
 fn ok(program: &str, args: &[&str]) -> bool {
     Command::new(program)
@@ -42,6 +48,15 @@ fn missing_packages() -> Vec<&'static str> {
                 .unwrap_or(false)
         })
         .collect()
+}
+
+use ferry_testbed::controlplane::PYTHON_VENV;
+
+fn python_client_ok() -> bool {
+    ok(
+        &format!("{PYTHON_VENV}/bin/python"),
+        &["-c", "import kubernetes"],
+    )
 }
 
 fn home() -> String {
@@ -92,6 +107,11 @@ pub fn check() -> Result<()> {
     }
     if !bpf_linker_ok() {
         missing.push("bpf-linker".into());
+    }
+    if !python_client_ok() {
+        missing.push(format!(
+            "the Python client ({PYTHON_KUBERNETES}) in {PYTHON_VENV}"
+        ));
     }
     if !missing.is_empty() {
         bail!("missing: {}; run `cargo xtask setup`", missing.join(", "));
@@ -183,6 +203,14 @@ pub fn run() -> Result<()> {
         if !status.success() {
             bail!("building bpf-linker failed");
         }
+    }
+    if !python_client_ok() {
+        eprintln!("[setup] installing the Python {PYTHON_KUBERNETES} client into {PYTHON_VENV}");
+        sh("python3", &["-m", "venv", PYTHON_VENV])?;
+        sh(
+            &format!("{PYTHON_VENV}/bin/pip"),
+            &["install", "-q", PYTHON_KUBERNETES],
+        )?;
     }
     eprintln!("[setup] all set");
     Ok(())

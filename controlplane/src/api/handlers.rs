@@ -205,9 +205,11 @@ fn parse_any(headers: &HeaderMap, body: &[u8]) -> ApiResult<Value> {
         serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}")))?
     } else if ct.contains("protobuf") {
-        return Err(ApiError::unsupported_media(
-            "protobuf bodies are not supported; send application/json",
-        ));
+        super::protobuf::decode(body).map_err(|e| {
+            ApiError::unsupported_media(format!(
+                "this protobuf body is not supported ({e}); send it as application/json"
+            ))
+        })?
     } else {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?

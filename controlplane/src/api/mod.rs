@@ -11,6 +11,7 @@ pub mod auth;
 pub mod discovery;
 mod handlers;
 pub mod patch;
+mod protobuf;
 pub mod resources;
 pub mod selectors;
 pub mod status;
@@ -418,6 +419,14 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
         attrs.namespace = attrs.name.clone();
     }
     api.authorize(&user, &attrs)?;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Err(ApiError::too_large(MAX_BODY));
+    }
     let (parts, body) = req.into_parts();
     let body = if matches!(
         parts.method,

@@ -1,0 +1,802 @@
+//! The control plane against real clients: this machine's kubectl and the Python
+//! `kubernetes` client, on the embedded store and on etcd; a crash test with kill -9.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use controlplane::store::etcd::LocalEtcd;
+use ferry_testbed::controlplane::{temp_dir, ControlPlane};
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web, tier: front}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: ferry/echo:1
+        ports:
+        - containerPort: 8080
+      - name: log
+        image: busybox:1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+"#;
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The scenario a kubectl user goes through; `cp` is fresh.
+fn kubectl_scenario(cp: &ControlPlane, tokens: bool) {
+    let dir = &cp.dir;
+    let app = write(dir, "app.yaml", APP);
+    let out = cp.ok(&["apply", "-f", &app]).unwrap();
+    assert!(out.contains("namespace/shop created"), "{out}");
+    assert!(out.contains("deployment.apps/web created"), "{out}");
+    assert!(out.contains("service/web created"), "{out}");
+
+    // get, in the formats users use.
+    let wide = cp
+        .ok(&["-n", "shop", "get", "svc", "web", "-o", "wide"])
+        .unwrap();
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE",
+            "SELECTOR"
+        ]
+    );
+    let row: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[1], "NodePort");
+    let ip: std::net::Ipv4Addr = row[2].parse().expect("a cluster IP");
+    assert!(
+        ipnetwork::Ipv4Network::new("10.96.0.0".parse().unwrap(), 12)
+            .unwrap()
+            .contains(ip)
+    );
+    let node_port: u16 = row[4]
+        .trim_start_matches("80:")
+        .trim_end_matches("/TCP")
+        .parse()
+        .unwrap();
+    assert!((30000..=32767).contains(&node_port), "{}", row[4]);
+    assert_eq!(row[6], "app=web");
+    let d = cp
+        .ok(&["-n", "shop", "get", "deploy", "-o", "wide"])
+        .unwrap();
+    assert!(
+        d.lines()
+            .next()
+            .unwrap()
+            .starts_with("NAME   READY   UP-TO-DATE   AVAILABLE   AGE   CONTAINERS   IMAGES"),
+        "{d}"
+    );
+    assert!(
+        d.contains("web,log") && d.contains("ferry/echo:1,busybox:1"),
+        "{d}"
+    );
+    let yaml = cp
+        .ok(&["-n", "shop", "get", "deploy", "web", "-o", "yaml"])
+        .unwrap();
+    let obj: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(
+        obj["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%",
+        "defaults applied"
+    );
+    assert_eq!(obj["metadata"]["generation"], 1);
+    assert!(obj["metadata"]["uid"]
+        .as_str()
+        .is_some_and(|u| u.len() == 36));
+    let jp = cp
+        .ok(&["-n", "shop", "get", "svc", "web", "-o", "jsonpath={.spec.ports[0].protocol} {.spec.ports[0].targetPort} {.spec.sessionAffinity}"])
+        .unwrap();
+    assert_eq!(jp, "TCP 8080 None");
+    let labels = cp
+        .ok(&["-n", "shop", "get", "deploy", "--show-labels"])
+        .unwrap();
+    assert!(labels.contains("app=web,tier=front"), "{labels}");
+    assert!(cp
+        .ok(&[
+            "-n",
+            "shop",
+            "get",
+            "deploy",
+            "-l",
+            "tier=front",
+            "-o",
+            "name"
+        ])
+        .unwrap()
+        .contains("deployment.apps/web"));
+    assert!(cp
+        .ok(&[
+            "-n",
+            "shop",
+            "get",
+            "deploy",
+            "-l",
+            "tier in (back,db)",
+            "-o",
+            "name"
+        ])
+        .unwrap()
+        .trim()
+        .is_empty());
+    assert!(cp
+        .ok(&[
+            "-n",
+            "shop",
+            "get",
+            "deploy",
+            "-l",
+            "tier notin (back)",
+            "-o",
+            "name"
+        ])
+        .unwrap()
+        .contains("web"));
+    assert!(cp
+        .ok(&["-n", "shop", "get", "deploy", "-l", "!tier", "-o", "name"])
+        .unwrap()
+        .trim()
+        .is_empty());
+
+    // get -w sees a later change.
+    let mut w = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig("admin"))
+        .arg("--cache-dir")
+        .arg(dir.join("kube-cache"))
+        .args([
+            "-n",
+            "shop",
+            "get",
+            "deploy",
+            "web",
+            "-w",
+            "--request-timeout=30s",
+            "-o",
+            "custom-columns=NAME:.metadata.name,REPLICAS:.spec.replicas",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wout = w.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(wout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("watch printed the header");
+    assert!(first.starts_with("NAME"), "{first}");
+    let current = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(current.contains('2'), "{current}");
+
+    // scale, label, annotate, patch in all three types.
+    assert!(cp
+        .ok(&["-n", "shop", "scale", "deploy", "web", "--replicas=5"])
+        .unwrap()
+        .contains("scaled"));
+    let seen = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the watch saw the scale");
+    assert!(seen.split_whitespace().last() == Some("5"), "{seen}");
+    let _ = w.kill();
+    let _ = w.wait();
+    cp.ok(&["-n", "shop", "label", "deploy", "web", "release=stable"])
+        .unwrap();
+    cp.ok(&["-n", "shop", "annotate", "deploy", "web", "owner=team-a"])
+        .unwrap();
+    cp.ok(&[
+        "-n",
+        "shop",
+        "patch",
+        "deploy",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":3}}"#,
+    ])
+    .unwrap();
+    cp.ok(&[
+        "-n",
+        "shop",
+        "patch",
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/metadata/labels/track","value":"blue"}]"#,
+    ])
+    .unwrap();
+    cp.ok(&[
+        "-n",
+        "shop",
+        "patch",
+        "deploy",
+        "web",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"ferry/echo:2"}]}}}}"#,
+    ])
+    .unwrap();
+    let j = cp
+        .ok(&["-n", "shop", "get", "deploy", "web", "-o", "json"])
+        .unwrap();
+    let obj: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(obj["spec"]["replicas"], 3);
+    assert_eq!(obj["metadata"]["labels"]["release"], "stable");
+    assert_eq!(obj["metadata"]["labels"]["track"], "blue");
+    assert_eq!(obj["metadata"]["annotations"]["owner"], "team-a");
+    let cs = obj["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        cs.len(),
+        2,
+        "the strategic patch merged by name, not replaced"
+    );
+    assert_eq!(cs[0]["image"], "ferry/echo:2");
+    assert_eq!(cs[0]["ports"][0]["containerPort"], 8080);
+    assert_eq!(cs[1]["name"], "log");
+    assert!(
+        obj["metadata"]["generation"].as_i64().unwrap() >= 4,
+        "spec changes bump generation"
+    );
+
+    // Edit by applying a changed file: the sidecar goes, the image changes.
+    let changed = APP
+        .replace("ferry/echo:1", "ferry/echo:3")
+        .replace("      - name: log\n        image: busybox:1\n", "");
+    let app2 = write(dir, "app2.yaml", &changed);
+    let out = cp.ok(&["apply", "-f", &app2]).unwrap();
+    assert!(out.contains("deployment.apps/web configured"), "{out}");
+    assert!(out.contains("service/web unchanged"), "{out}");
+    let imgs = cp
+        .ok(&["-n", "shop", "get", "deploy", "web", "-o", "jsonpath={.spec.template.spec.containers[*].name}={.spec.template.spec.containers[*].image} {.spec.replicas}"])
+        .unwrap();
+    assert_eq!(imgs, "web=ferry/echo:3 2");
+    // The Service kept its cluster IP and node port through apply.
+    let again = cp
+        .ok(&[
+            "-n",
+            "shop",
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}",
+        ])
+        .unwrap();
+    assert_eq!(again, format!("{ip} {node_port}"));
+
+    // Bad input: invalid values and unknown fields are refused with the field named.
+    let bad = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop}\nspec:\n  ports: [{port: 80, protocol: SCTPX}]\n"));
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("spec.ports[0].protocol: Unsupported value: \"SCTPX\""),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: shop}\ndatta: {a: b}\n"));
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("unknown field \"datta\""),
+        "{}",
+        stderr(&bad)
+    );
+
+    // Delete with cascade; the namespace goes with its contents.
+    let out = cp
+        .ok(&[
+            "-n",
+            "shop",
+            "delete",
+            "deploy",
+            "web",
+            "--cascade=foreground",
+            "--wait=false",
+        ])
+        .unwrap();
+    assert!(out.contains("deleted"), "{out}");
+    let left = cp
+        .ok(&[
+            "-n",
+            "shop",
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.metadata.finalizers}",
+        ])
+        .unwrap();
+    assert!(
+        left.contains("foregroundDeletion"),
+        "foreground deletion waits for dependents: {left}"
+    );
+    cp.ok(&[
+        "-n",
+        "shop",
+        "patch",
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])
+    .unwrap();
+    let gone = cp.kubectl(&["-n", "shop", "get", "deploy", "web"]);
+    assert!(
+        stderr(&gone).contains("deployments.apps \"web\" not found"),
+        "{}",
+        stderr(&gone)
+    );
+    cp.ok(&["delete", "ns", "shop", "--timeout=60s"]).unwrap();
+    let gone = cp.kubectl(&["get", "ns", "shop"]);
+    assert!(
+        stderr(&gone).contains("namespaces \"shop\" not found"),
+        "{}",
+        stderr(&gone)
+    );
+    let svc = cp
+        .ok(&[
+            "get",
+            "svc",
+            "-A",
+            "-o",
+            "jsonpath={.items[*].metadata.namespace}",
+        ])
+        .unwrap();
+    assert!(
+        !svc.contains("shop"),
+        "the namespace's Service went with it: {svc}"
+    );
+
+    // A user without rights is refused, with kubectl's usual message.
+    if tokens {
+        let tok = cp.kubectl_as(
+            &cp.kubeconfig("admin"),
+            &["--token", "viewer-token", "-n", "default", "get", "pods"],
+            None,
+        );
+        assert!(
+            tok.status.success(),
+            "viewer may list pods: {}",
+            stderr(&tok)
+        );
+        let no = cp.kubectl_as(
+            &cp.kubeconfig("admin"),
+            &[
+                "--token",
+                "viewer-token",
+                "-n",
+                "default",
+                "delete",
+                "svc",
+                "kubernetes",
+            ],
+            None,
+        );
+        assert!(
+            stderr(&no).contains("Error from server (Forbidden): services \"kubernetes\" is forbidden: User \"viewer\" cannot delete resource \"services\" in API group \"\" in the namespace \"default\""),
+            "{}",
+            stderr(&no)
+        );
+        let anon = cp.kubectl_as(
+            &cp.kubeconfig("admin"),
+            &["--token", "no-such-token", "get", "pods"],
+            None,
+        );
+        assert!(stderr(&anon).contains("Unauthorized"), "{}", stderr(&anon));
+        let proxy = cp.kubectl_as(
+            &cp.kubeconfig("kube-proxy"),
+            &["get", "endpointslices", "-A"],
+            None,
+        );
+        assert!(
+            proxy.status.success(),
+            "kube-proxy may list endpointslices: {}",
+            stderr(&proxy)
+        );
+        let proxy = cp.kubectl_as(
+            &cp.kubeconfig("kube-proxy"),
+            &["get", "secrets", "-A"],
+            None,
+        );
+        assert!(
+            stderr(&proxy).contains("Forbidden"),
+            "kube-proxy may not read secrets"
+        );
+    }
+}
+
+fn tokens_file() -> String {
+    let dir = temp_dir("tokens");
+    std::fs::create_dir_all(&dir).unwrap();
+    write(&dir, "tokens.csv", "viewer-token,viewer,2001,\"viewers\"\n")
+}
+
+fn grant_viewer(cp: &ControlPlane) {
+    cp.ok(&[
+        "create",
+        "clusterrolebinding",
+        "viewers-view",
+        "--clusterrole=view",
+        "--group=viewers",
+    ])
+    .unwrap();
+    // RBAC changes apply within moments (the server watches them).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cp
+        .kubectl_as(
+            &cp.kubeconfig("admin"),
+            &["--token", "viewer-token", "-n", "default", "get", "pods"],
+            None,
+        )
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the binding never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn kubectl_scenario_on_the_embedded_store() {
+    let tokens = tokens_file();
+    let cp = ControlPlane::start(&["--token-auth-file", &tokens]).unwrap();
+    // The default Service the kubectl scenario tries to delete as the viewer.
+    cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: kubernetes, namespace: default}\nspec: {ports: [{port: 443}]}\n"));
+    grant_viewer(&cp);
+    kubectl_scenario(&cp, true);
+}
+
+#[test]
+fn kubectl_scenario_on_etcd() {
+    let dir = temp_dir("etcd");
+    let etcd = LocalEtcd::start(&dir, 23800).unwrap();
+    let cp = ControlPlane::start(&["--etcd-servers", &etcd.endpoint]).unwrap();
+    kubectl_scenario(&cp, false);
+    drop(cp);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_requests_get_status_bodies_that_name_the_problem() {
+    let cp = ControlPlane::start(&[]).unwrap();
+    // Malformed YAML, wrong apiVersion, wrong kind for the endpoint, invalid names.
+    let cases: &[(&str, &str)] = &[
+        ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x\n", "error converting YAML"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\n", "spec.containers[0].image: Required value"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: x, ports: [{containerPort: \"eighty\"}]}]}\n", "spec.containers[0].ports[0].containerPort"),
+        ("apiVersion: v1\nkind: Namespace\nmetadata: {name: Bad.Name}\n", "metadata.name: Invalid value: \"Bad.Name\""),
+        ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  selector: {matchLabels: {app: a}}\n  template: {metadata: {labels: {app: b}}, spec: {containers: [{name: c, image: x}]}}\n",
+         "`selector` does not match template `labels`"),
+    ];
+    for (input, want) in cases {
+        let out = cp.kubectl_as(&cp.kubeconfig("admin"), &["create", "-f", "-"], Some(input));
+        assert!(!out.status.success(), "{input} was accepted");
+        assert!(stderr(&out).contains(want), "{input}: {}", stderr(&out));
+    }
+    let out = cp.kubectl_as(
+        &cp.kubeconfig("admin"),
+        &["create", "--validate=false", "-f", "-"],
+        Some("apiVersion: apps/v2\nkind: Deployment\nmetadata: {name: x}\n"),
+    );
+    assert!(
+        stderr(&out).contains("no matches for kind \"Deployment\" in version \"apps/v2\""),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing half-written: none of the refused objects exists.
+    let all = cp
+        .ok(&["get", "pods,deploy,cm", "-A", "-o", "name"])
+        .unwrap();
+    assert!(
+        !all.contains("/p") && !all.contains("/d") && !all.contains("/x"),
+        "{all}"
+    );
+
+    // Raw HTTP: the Status body and code, for bodies kubectl would not send.
+    let curl = |args: &[&str]| -> (u16, serde_json::Value) {
+        let pki = cp.dir.join("pki");
+        let cfg: serde_json::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig("admin")).unwrap())
+                .unwrap();
+        use base64::Engine as _;
+        let b = |k: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(cfg["users"][0]["user"][k].as_str().unwrap())
+                .unwrap()
+        };
+        std::fs::write(cp.dir.join("c.pem"), b("client-certificate-data")).unwrap();
+        std::fs::write(cp.dir.join("k.pem"), b("client-key-data")).unwrap();
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+            .arg(pki.join("ca.crt"))
+            .arg("--cert")
+            .arg(cp.dir.join("c.pem"))
+            .arg("--key")
+            .arg(cp.dir.join("k.pem"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    };
+    let url = format!("{}/api/v1/namespaces/default/configmaps", cp.url);
+    let (code, st) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"apiVersion":"apps/v2","kind":"ConfigMap","metadata":{"name":"v"}}"#,
+        &url,
+    ]);
+    assert_eq!(code, 400);
+    assert!(
+        st["message"].as_str().unwrap().contains(
+            "the API version in the data (apps/v2) does not match the expected API version (v1)"
+        ),
+        "{st}"
+    );
+    let (code, st) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"v"}}"#,
+        &url,
+    ]);
+    assert_eq!(code, 400);
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("the kind in the data (Secret)"),
+        "{st}"
+    );
+    let (code, st) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        "{not json",
+        &url,
+    ]);
+    assert_eq!(code, 400);
+    assert_eq!(st["kind"], "Status");
+    assert_eq!(st["reason"], "BadRequest");
+    let big = format!(
+        "{{\"metadata\":{{\"name\":\"big\"}},\"data\":{{\"a\":\"{}\"}}}}",
+        "x".repeat(4 << 20)
+    );
+    let big_file = write(&cp.dir, "big.json", &big);
+    let (code, st) = curl(&[
+        "--http1.1",
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &format!("@{big_file}"),
+        &url,
+    ]);
+    assert_eq!(code, 413, "{st}");
+    assert!(
+        st["message"].as_str().unwrap().contains("too large"),
+        "{st}"
+    );
+    let (code, st) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a_b"}}"#,
+        &url,
+    ]);
+    assert_eq!(code, 422);
+    assert_eq!(st["details"]["causes"][0]["field"], "metadata.name", "{st}");
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ok1"}}"#,
+        &url,
+    ]);
+    assert_eq!(code, 201);
+    let (code, st) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ok1","resourceVersion":"1"},"data":{"a":"b"}}"#,
+        &format!("{url}/ok1"),
+    ]);
+    assert_eq!(code, 409, "a stale resourceVersion is a conflict: {st}");
+    assert_eq!(st["reason"], "Conflict");
+    let (code, st) = curl(&[
+        "-X",
+        "PATCH",
+        "-H",
+        "Content-Type: application/json-patch+json",
+        "-d",
+        r#"[{"op":"test","path":"/data/a","value":"zz"}]"#,
+        &format!("{url}/ok1"),
+    ]);
+    assert_eq!(code, 422, "{st}");
+    let (code, _) = curl(&[
+        "-X",
+        "GET",
+        &format!("{}/api/v1/namespaces/default/nosuchthings", cp.url),
+    ]);
+    assert_eq!(code, 404);
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "401",
+        "anonymous requests are refused"
+    );
+}
+
+#[test]
+fn python_client_scenario() {
+    let cp = ControlPlane::start(&["--compaction-interval", "3s"]).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/client_scenario.py");
+    let out = Command::new(ferry_testbed::controlplane::python())
+        .arg(&script)
+        .env("KUBECONFIG", cp.kubeconfig("admin"))
+        .output()
+        .expect("python3 runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the Python client scenario failed:\n{text}"
+    );
+    for step in ["crud ok", "watch resume ok", "gone ok", "status ok"] {
+        assert!(text.contains(step), "missing step {step}:\n{text}");
+    }
+}
+
+#[test]
+fn every_acknowledged_write_survives_kill_9() {
+    let mut cp = ControlPlane::start(&[]).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/crash_writer.py");
+    let mut acked: Vec<(String, i64)> = Vec::new();
+    let mut last_rev = 0i64;
+    for round in 0..3 {
+        let mut w = Command::new(ferry_testbed::controlplane::python())
+            .arg(&script)
+            .arg(format!("r{round}"))
+            .env("KUBECONFIG", cp.kubeconfig("admin"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(w.stdout.take().unwrap());
+        let mut n = 0;
+        for l in lines.lines().map_while(Result::ok) {
+            if let Some((name, rv)) = l.strip_prefix("ACK ").and_then(|r| r.split_once(' ')) {
+                let rv: i64 = rv.parse().unwrap();
+                assert!(
+                    rv > last_rev || n > 0,
+                    "revision went backwards: {rv} after {last_rev}"
+                );
+                acked.push((name.to_string(), rv));
+                n += 1;
+                if n == 300 {
+                    // Mid-stream: writers are still sending.
+                    cp.kill9();
+                    break;
+                }
+            }
+        }
+        let _ = w.kill();
+        let _ = w.wait();
+        assert_eq!(n, 300, "the writer acknowledged {n} writes before the kill");
+        cp.restart().unwrap();
+        let listed = cp
+            .ok(&["get", "--raw", "/api/v1/namespaces/default/configmaps"])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        let have: std::collections::HashMap<String, i64> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["metadata"]["name"].as_str().unwrap().to_string(),
+                    i["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        for (name, rv) in &acked {
+            assert_eq!(
+                have.get(name),
+                Some(rv),
+                "acknowledged write {name}@{rv} lost in round {round}"
+            );
+        }
+        let list_rv: i64 = v["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let max = acked.iter().map(|a| a.1).max().unwrap();
+        assert!(
+            list_rv >= max,
+            "revision went backwards after restart: {list_rv} < {max}"
+        );
+        last_rev = list_rv;
+    }
+}
