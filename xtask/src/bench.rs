@@ -26,6 +26,8 @@ pub enum Which {
     Datapath(Opts),
     /// Ferry against kube-proxy's iptables, nftables and IPVS layouts, side by side.
     Compare(Opts),
+    /// The API server on the embedded store against etcd: creates, updates, lists, watches.
+    Controlplane(Opts),
 }
 
 #[derive(Args, Clone)]
@@ -344,6 +346,7 @@ pub fn run(which: Which) -> Result<()> {
     let opts = match which {
         Which::Datapath(o) => o,
         Which::Compare(o) => return crate::compare::run(o.quick),
+        Which::Controlplane(o) => return controlplane(o.quick),
     };
     let plan = if opts.quick {
         Plan {
@@ -487,6 +490,27 @@ pub fn run(which: Which) -> Result<()> {
 
 /// Prints the Markdown report and writes it with the JSON one under `bench/results/`; returns
 /// the directory.
+/// The control plane benchmark lives with its crate (it drives the API server in-process);
+/// this runs it and keeps its results beside the others.
+fn controlplane(quick: bool) -> Result<()> {
+    let out = crate::workspace_root().join("bench/results");
+    let out = out.to_string_lossy();
+    let mut args = vec![
+        "bench",
+        "-p",
+        "controlplane",
+        "--bench",
+        "controlplane",
+        "--",
+        "--out",
+        &out,
+    ];
+    if quick {
+        args.push("--quick");
+    }
+    crate::sh("cargo", &args)
+}
+
 pub fn write_results(name: &str, report: &impl Serialize, md: &str) -> Result<std::path::PathBuf> {
     println!("\n{md}");
     let dir = crate::workspace_root().join("bench/results");

@@ -275,6 +275,16 @@ fn scale_of(info: &ResourceInfo, obj: &Value) -> Value {
         "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector}})
 }
 
+/// The object as stored at revision `rv` (what a read would return).
+fn with_rv(mut obj: Value, rv: i64) -> Value {
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    if let Some(m) = obj["metadata"].as_object_mut() {
+        m.remove("managedFields");
+        m.remove("selfLink");
+    }
+    obj
+}
+
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..5)
@@ -650,7 +660,7 @@ impl Api {
         {
             Ok((kv, _)) => {
                 debug!(key, rev = kv.mod_revision, "created");
-                Ok(decode(&kv))
+                Ok(with_rv(obj, kv.mod_revision))
             }
             Err(e) => {
                 for c in claims {
@@ -943,7 +953,7 @@ impl Api {
                 if is_service && sub.is_none() {
                     self.release_service(cur, Some(&obj)).await;
                 }
-                Ok(decode(&kv))
+                Ok(with_rv(obj, kv.mod_revision))
             }
             Err(e) => {
                 for c in claims {

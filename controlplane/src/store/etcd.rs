@@ -42,6 +42,55 @@ impl EtcdStore {
         Ok(Arc::new(store))
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: Revision,
+    ) -> StoreResult<ListResult> {
+        let start = match start_after {
+            Some(s) if s >= prefix => {
+                let mut k = s.as_bytes().to_vec();
+                k.push(0);
+                k
+            }
+            _ => prefix.as_bytes().to_vec(),
+        };
+        let mut o = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_limit(limit as i64);
+        if revision > 0 {
+            o = o.with_revision(revision);
+        }
+        let resp = self
+            .client
+            .kv_client()
+            .get(start, Some(o))
+            .await
+            .map_err(|e| match self.map_err(e) {
+                StoreError::Compacted { compacted, .. } => StoreError::Compacted {
+                    requested: revision,
+                    compacted,
+                },
+                StoreError::FutureRevision { .. } => StoreError::FutureRevision {
+                    requested: revision,
+                    current: 0,
+                },
+                e => e,
+            })?;
+        let kvs = resp.kvs().iter().map(kv_of).collect::<StoreResult<_>>()?;
+        Ok(ListResult {
+            kvs,
+            more: resp.more(),
+            revision: if revision > 0 {
+                revision
+            } else {
+                resp.header().map_or(0, |h| h.revision())
+            },
+        })
+    }
+
     fn map_err(&self, e: etcd_client::Error) -> StoreError {
         let msg = e.to_string();
         if msg.contains("required revision has been compacted") {
@@ -129,47 +178,32 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, opts: ListOptions<'_>) -> StoreResult<ListResult> {
-        let start = match opts.start_after {
-            Some(s) if s >= opts.prefix => {
-                let mut k = s.as_bytes().to_vec();
-                k.push(0);
-                k
-            }
-            _ => opts.prefix.as_bytes().to_vec(),
+        // Large ranges are read in pages at one revision (as Kubernetes reads etcd), so no
+        // response outgrows the gRPC message limit.
+        const PAGE: usize = 500;
+        let mut out = ListResult {
+            revision: opts.revision,
+            ..Default::default()
         };
-        let mut o = GetOptions::new().with_range(prefix_end(opts.prefix));
-        if opts.limit > 0 {
-            o = o.with_limit(opts.limit as i64);
-        }
-        if opts.revision > 0 {
-            o = o.with_revision(opts.revision);
-        }
-        let resp = self
-            .client
-            .kv_client()
-            .get(start, Some(o))
-            .await
-            .map_err(|e| match self.map_err(e) {
-                StoreError::Compacted { compacted, .. } => StoreError::Compacted {
-                    requested: opts.revision,
-                    compacted,
-                },
-                StoreError::FutureRevision { .. } => StoreError::FutureRevision {
-                    requested: opts.revision,
-                    current: 0,
-                },
-                e => e,
-            })?;
-        let kvs = resp.kvs().iter().map(kv_of).collect::<StoreResult<_>>()?;
-        Ok(ListResult {
-            kvs,
-            more: resp.more(),
-            revision: if opts.revision > 0 {
-                opts.revision
+        let mut after: Option<String> = opts.start_after.map(String::from);
+        loop {
+            let want = if opts.limit > 0 {
+                (opts.limit - out.kvs.len()).min(PAGE)
             } else {
-                resp.header().map_or(0, |h| h.revision())
-            },
-        })
+                PAGE
+            };
+            let page = self
+                .list_page(opts.prefix, after.as_deref(), want, out.revision)
+                .await?;
+            out.revision = page.revision;
+            out.more = page.more;
+            after = page.kvs.last().map(|kv| kv.key.clone());
+            out.kvs.extend(page.kvs);
+            let full = opts.limit > 0 && out.kvs.len() >= opts.limit;
+            if !page.more || full || after.is_none() {
+                return Ok(out);
+            }
+        }
     }
 
     async fn put(

@@ -1,0 +1,501 @@
+//! `cargo xtask bench controlplane`: the API server over HTTPS on the embedded store and on
+//! etcd, in the same run, each row measured the same way on both:
+//! - creates/s and updates/s of pods (durable: each is acknowledged after its commit),
+//!   64 requests in flight over one HTTP/2 connection;
+//! - a list of 10,000 pods (JSON, and the Table `kubectl get` asks for), median of 5;
+//! - watch delivery latency to 1,000 concurrent watchers (each its own connection): a writer
+//!   updates a ConfigMap every 10 ms; latency is from sending the update to each watcher
+//!   reading the event.
+//!
+//! Arguments: `--quick` (fewer watchers and events), `--out DIR` (JSON and Markdown results).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use controlplane::api::{Api, Config};
+use controlplane::store::{embedded::EmbeddedStore, etcd::EtcdStore, etcd::LocalEtcd, Store};
+use controlplane::{pki, server};
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+#[derive(Clone)]
+struct Client {
+    http: HyperClient<Https, Full<Bytes>>,
+    base: String,
+}
+
+impl Client {
+    fn new(dir: &std::path::Path, base: &str, http2: bool) -> Result<Client> {
+        let ca = std::fs::read(dir.join("pki/ca.crt"))?;
+        let kc: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(dir.join("admin.kubeconfig"))?)?;
+        use base64::Engine as _;
+        let b = |k: &str| -> Result<Vec<u8>> {
+            Ok(base64::engine::general_purpose::STANDARD
+                .decode(kc["users"][0]["user"][k].as_str().context("kubeconfig")?)?)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut ca.as_slice()) {
+            roots.add(c?)?;
+        }
+        let certs = rustls_pemfile::certs(&mut b("client-certificate-data")?.as_slice())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = rustls_pemfile::private_key(&mut b("client-key-data")?.as_slice())?
+            .context("client key")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)?;
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only();
+        let conn = if http2 {
+            builder.enable_http2().wrap_connector(tcp)
+        } else {
+            builder.enable_http1().wrap_connector(tcp)
+        };
+        let mut hb = HyperClient::builder(TokioExecutor::new());
+        if http2 {
+            hb.http2_only(true);
+        } else {
+            hb.pool_max_idle_per_host(0);
+        }
+        Ok(Client {
+            http: hb.build(conn),
+            base: base.to_string(),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        ct: &str,
+        body: Vec<u8>,
+        accept: Option<&str>,
+    ) -> Result<(u16, Bytes)> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", ct);
+        if let Some(a) = accept {
+            req = req.header("accept", a);
+        }
+        let resp = self
+            .http
+            .request(req.body(Full::new(Bytes::from(body)))?)
+            .await?;
+        let code = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((code, body))
+    }
+}
+
+fn pod(ns: &str, i: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("web-{i:05}"), "namespace": ns,
+            "labels": {"app": "web", "pod-template-hash": "5d8f7c9b4", "shard": (i % 10).to_string()},
+            "annotations": {"example.com/owner": "team-bench"}},
+        "spec": {"nodeName": format!("node-{}", i % 100), "containers": [
+            {"name": "web", "image": "ferry/echo:1", "ports": [{"containerPort": 8080, "name": "http"}],
+             "env": [{"name": "MODE", "value": "serve"}, {"name": "LOG", "value": "info"}],
+             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}},
+             "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 5}},
+            {"name": "log", "image": "busybox:1", "args": ["tail", "-f", "/var/log/app.log"]}]}})
+}
+
+async fn rate(
+    n: usize,
+    conc: usize,
+    f: impl Fn(usize) -> futures::future::BoxFuture<'static, Result<u16>>,
+) -> Result<f64> {
+    let start = Instant::now();
+    let mut errors = 0;
+    let codes: Vec<Result<u16>> = futures::stream::iter(0..n)
+        .map(f)
+        .buffer_unordered(conc)
+        .collect()
+        .await;
+    for c in codes {
+        match c {
+            Ok(c) if c < 300 => {}
+            Ok(c) => {
+                errors += 1;
+                if errors < 3 {
+                    eprintln!("  request failed with {c}");
+                }
+            }
+            Err(e) => bail!("request failed: {e:#}"),
+        }
+    }
+    if errors > 0 {
+        bail!("{errors} of {n} requests failed");
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[derive(serde::Serialize, Default, Clone)]
+struct Row {
+    creates_per_s: f64,
+    updates_per_s: f64,
+    list_json_ms: f64,
+    list_table_ms: f64,
+    list_bytes: usize,
+    watch_p50_ms: f64,
+    watch_p99_ms: f64,
+    watch_events: usize,
+}
+
+async fn measure(
+    name: &str,
+    store: Arc<dyn Store>,
+    dir: &std::path::Path,
+    pods: usize,
+    watchers: usize,
+    events: usize,
+) -> Result<Row> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    let pki = pki::ensure(dir, &url, &["127.0.0.1".into(), "localhost".into()], &[])?;
+    let cfg = Config {
+        service_cidr: "10.96.0.0/12".parse()?,
+        node_ports: (30000, 32767),
+        tokens: HashMap::new(),
+        advertise: format!("127.0.0.1:{}", addr.port()),
+    };
+    let api = Api::new(store, cfg).await?;
+    let server = tokio::spawn(async move { server::serve(api, listener, &pki).await });
+    let c = Client::new(dir, &url, true)?;
+    let ns = |n: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
+    for n in ["bench", "watch"] {
+        let (code, body) = c
+            .send(
+                Method::POST,
+                "/api/v1/namespaces",
+                "application/json",
+                serde_json::to_vec(&ns(n))?,
+                None,
+            )
+            .await?;
+        if code != 201 {
+            bail!(
+                "creating namespace {n}: {code} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+    let mut row = Row::default();
+
+    eprintln!("[{name}] creating {pods} pods (64 in flight)");
+    let cc = c.clone();
+    row.creates_per_s = rate(pods, 64, move |i| {
+        let c = cc.clone();
+        Box::pin(async move {
+            Ok(c.send(
+                Method::POST,
+                "/api/v1/namespaces/bench/pods",
+                "application/json",
+                serde_json::to_vec(&pod("bench", i))?,
+                None,
+            )
+            .await?
+            .0)
+        })
+    })
+    .await?;
+    eprintln!("[{name}] updating {pods} pods");
+    let cc = c.clone();
+    row.updates_per_s = rate(pods, 64, move |i| {
+        let c = cc.clone();
+        Box::pin(async move {
+            let patch = json!({"metadata": {"labels": {"bench-round": "2"}}});
+            Ok(c.send(
+                Method::PATCH,
+                &format!("/api/v1/namespaces/bench/pods/web-{i:05}"),
+                "application/merge-patch+json",
+                serde_json::to_vec(&patch)?,
+                None,
+            )
+            .await?
+            .0)
+        })
+    })
+    .await?;
+
+    eprintln!("[{name}] listing {pods} pods");
+    let table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
+    for (accept, slot) in [(None, 0), (Some(table), 1)] {
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let (code, body) = c
+                .send(
+                    Method::GET,
+                    "/api/v1/namespaces/bench/pods",
+                    "application/json",
+                    vec![],
+                    accept,
+                )
+                .await?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            let v: Value = serde_json::from_slice(&body)?;
+            let n = v["items"]
+                .as_array()
+                .or(v["rows"].as_array())
+                .map_or(0, |a| a.len());
+            if code != 200 || n != pods {
+                bail!("list returned {code} with {n} of {pods} pods");
+            }
+            if slot == 0 {
+                row.list_bytes = body.len();
+            }
+        }
+        let m = pct(&mut times, 0.5);
+        if slot == 0 {
+            row.list_json_ms = m;
+        } else {
+            row.list_table_ms = m;
+        }
+    }
+
+    eprintln!("[{name}] {watchers} watchers, {events} events");
+    let (code, body) = c
+        .send(Method::POST, "/api/v1/namespaces/watch/configmaps", "application/json",
+              serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tick"}, "data": {"n": "0"}}))?, None)
+        .await?;
+    if code != 201 {
+        bail!("creating the watched ConfigMap: {code}");
+    }
+    let rv = serde_json::from_slice::<Value>(&body)?["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("0")
+        .to_string();
+    let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+    let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<f64>();
+    let ready = Arc::new(tokio::sync::Barrier::new(watchers + 1));
+    let wc = Client::new(dir, &url, false)?;
+    let mut tasks = Vec::new();
+    for _ in 0..watchers {
+        let wc = wc.clone();
+        let sent = sent.clone();
+        let lat_tx = lat_tx.clone();
+        let ready = ready.clone();
+        let rv = rv.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .uri(format!("{}/api/v1/namespaces/watch/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=120", wc.base))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = wc.http.request(req).await;
+            ready.wait().await;
+            let Ok(resp) = resp else { return 0usize };
+            let mut body = resp.into_body();
+            let mut buf = Vec::new();
+            let mut got = 0;
+            while got < events {
+                let Some(Ok(frame)) = body.frame().await else { break };
+                let Ok(data) = frame.into_data() else { continue };
+                let now = Instant::now();
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if let Ok(ev) = serde_json::from_slice::<Value>(&line) {
+                        if let Some(n) = ev["object"]["data"]["n"].as_str() {
+                            if let Some(t0) = sent.lock().unwrap().get(n) {
+                                let _ = lat_tx.send(now.duration_since(*t0).as_secs_f64() * 1e3);
+                                got += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            got
+        }));
+    }
+    drop(lat_tx);
+    ready.wait().await;
+    // Every watch is open (its response headers arrived); give the last ones a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 1..=events {
+        let n = i.to_string();
+        sent.lock().unwrap().insert(n.clone(), Instant::now());
+        let patch = json!({"data": {"n": n}});
+        let (code, _) = c
+            .send(
+                Method::PATCH,
+                "/api/v1/namespaces/watch/configmaps/tick",
+                "application/merge-patch+json",
+                serde_json::to_vec(&patch)?,
+                None,
+            )
+            .await?;
+        if code != 200 {
+            bail!("update {i} of the watched ConfigMap: {code}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut lats = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Some(l)) = tokio::time::timeout_at(deadline, lat_rx.recv()).await {
+        lats.push(l);
+        if lats.len() == watchers * events {
+            break;
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    if lats.len() < watchers * events {
+        eprintln!(
+            "[{name}] warning: {} of {} events delivered within 30 s",
+            lats.len(),
+            watchers * events
+        );
+    }
+    row.watch_events = lats.len();
+    row.watch_p50_ms = pct(&mut lats, 0.5);
+    row.watch_p99_ms = pct(&mut lats, 0.99);
+    server.abort();
+    Ok(row)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let (pods, watchers, events) = if quick {
+        (10_000, 100, 20)
+    } else {
+        (10_000, 1_000, 100)
+    };
+    let base = std::env::temp_dir().join(format!("ferry-cp-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+
+    let embedded = {
+        let dir = base.join("embedded");
+        let store = EmbeddedStore::open(&dir.join("store"))?;
+        measure("embedded", store, &dir, pods, watchers, events).await?
+    };
+    let etcd_row = {
+        let dir = base.join("etcd");
+        let etcd = LocalEtcd::start(&dir.join("etcd"), 23850)?;
+        let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint)).await?;
+        let r = measure("etcd", store, &dir, pods, watchers, events).await;
+        drop(etcd);
+        r?
+    };
+    let _ = std::fs::remove_dir_all(&base);
+
+    let mut md = String::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let _ = writeln!(
+        md,
+        "Control plane, {} run on {} cores, kernel {}: {pods} pods, {watchers} watchers x {events} events; HTTPS with client certificates; embedded and etcd 3.4 in the same run.\n",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    );
+    let _ = writeln!(md, "| row | embedded | etcd | embedded vs etcd | target |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---|");
+    let rows: [(&str, f64, f64, bool, &str); 6] = [
+        (
+            "pod creates/s (durable, 64 in flight)",
+            embedded.creates_per_s,
+            etcd_row.creates_per_s,
+            true,
+            ">= 5,000/s embedded",
+        ),
+        (
+            "pod updates/s (merge patch)",
+            embedded.updates_per_s,
+            etcd_row.updates_per_s,
+            true,
+            "",
+        ),
+        (
+            "list 10,000 pods, JSON (ms)",
+            embedded.list_json_ms,
+            etcd_row.list_json_ms,
+            false,
+            "< 200 ms",
+        ),
+        (
+            "list 10,000 pods, Table (ms)",
+            embedded.list_table_ms,
+            etcd_row.list_table_ms,
+            false,
+            "",
+        ),
+        (
+            "watch delivery p50 (ms)",
+            embedded.watch_p50_ms,
+            etcd_row.watch_p50_ms,
+            false,
+            "",
+        ),
+        (
+            "watch delivery p99 (ms)",
+            embedded.watch_p99_ms,
+            etcd_row.watch_p99_ms,
+            false,
+            "< 10 ms",
+        ),
+    ];
+    for (label, e, d, higher_better, target) in rows {
+        // The ratio reads "how many times better embedded is".
+        let ratio = if higher_better { e / d } else { d / e };
+        let _ = writeln!(md, "| {label} | {e:.1} | {d:.1} | {ratio:.2}x | {target} |");
+    }
+    let _ = writeln!(
+        md,
+        "\nList body: {:.1} MB. Watch events delivered: {} embedded, {} etcd (of {}).",
+        embedded.list_bytes as f64 / 1e6,
+        embedded.watch_events,
+        etcd_row.watch_events,
+        watchers * events
+    );
+    println!("\n{md}");
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("controlplane.md"), &md)?;
+        std::fs::write(
+            dir.join("controlplane.json"),
+            serde_json::to_string_pretty(
+                &json!({"quick": quick, "pods": pods, "watchers": watchers, "events": events,
+                "embedded": embedded, "etcd": etcd_row}),
+            )?,
+        )?;
+        eprintln!("[bench] wrote {}/controlplane.{{json,md}}", dir.display());
+    }
+    Ok(())
+}
