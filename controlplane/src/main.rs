@@ -14,6 +14,11 @@ use controlplane::{pki, server};
 use ipnetwork::Ipv4Network;
 use tracing::{info, warn};
 
+/// glibc's allocator showed in profiles of watch fan-out and creates; mimalloc is faster
+/// for the many small, short-lived buffers of JSON and TLS.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ferry-controlplane",

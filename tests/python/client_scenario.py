@@ -61,6 +61,28 @@ while True:
     if not token:
         break
 check(names == [f"page-{i}" for i in range(7)], f"paged list: {names}")
+# deletecollection with a label selector.
+for i in range(3):
+    core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"tmp-{i}", labels={"tmp": "yes"})))
+core.delete_collection_namespaced_config_map(NS, label_selector="tmp=yes")
+left = [i.metadata.name for i in core.list_namespaced_config_map(NS).items]
+check(not any(n.startswith("tmp-") for n in left) and "page-0" in left, f"deletecollection: {left}")
+# Concurrent NodePort Services never share a cluster IP or a node port.
+from concurrent.futures import ThreadPoolExecutor
+
+
+def make_svc(i):
+    svc = client.V1Service(metadata=client.V1ObjectMeta(name=f"np-{i}"), spec=client.V1ServiceSpec(
+        type="NodePort", selector={"app": "x"}, ports=[client.V1ServicePort(port=80, target_port=8080)]))
+    return core.create_namespaced_service(NS, svc)
+
+
+with ThreadPoolExecutor(max_workers=16) as pool:
+    svcs = list(pool.map(make_svc, range(40)))
+ips = {s.spec.cluster_ip for s in svcs}
+ports = {s.spec.ports[0].node_port for s in svcs}
+check(len(ips) == 40 and len(ports) == 40, f"allocations collided: {len(ips)} IPs, {len(ports)} ports")
+check(all(30000 <= p <= 32767 for p in ports), "node ports in range")
 print("crud ok")
 
 # list + watch, resumed from a resourceVersion.

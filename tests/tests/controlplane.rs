@@ -800,3 +800,52 @@ fn every_acknowledged_write_survives_kill_9() {
         last_rev = list_rv;
     }
 }
+
+#[test]
+fn snapshot_save_and_restore_through_the_cli() {
+    let mut cp = ControlPlane::start(&[]).unwrap();
+    cp.ok(&["create", "configmap", "keep", "--from-literal=a=1"])
+        .unwrap();
+    let bin = ferry_testbed::bin_path("ferry-controlplane").unwrap();
+    let snap = cp.dir.join("backup.snap");
+    // Saved while the server runs.
+    let out = Command::new(&bin)
+        .args(["snapshot", "save"])
+        .arg(&snap)
+        .arg("--data-dir")
+        .arg(&cp.dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    cp.ok(&["create", "configmap", "after-backup"]).unwrap();
+    cp.kill9();
+    // Restoring over a store that has data needs --force.
+    let refused = Command::new(&bin)
+        .args(["snapshot", "restore"])
+        .arg(&snap)
+        .arg("--data-dir")
+        .arg(&cp.dir)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    let out = Command::new(&bin)
+        .args(["snapshot", "restore", "--force"])
+        .arg(&snap)
+        .arg("--data-dir")
+        .arg(&cp.dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    cp.restart().unwrap();
+    assert_eq!(
+        cp.ok(&["get", "cm", "keep", "-o", "jsonpath={.data.a}"])
+            .unwrap(),
+        "1"
+    );
+    let gone = cp.kubectl(&["get", "cm", "after-backup"]);
+    assert!(
+        stderr(&gone).contains("not found"),
+        "the restore brought back the old state"
+    );
+}

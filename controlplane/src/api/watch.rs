@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
 
 use super::handlers::Listed;
 use super::resources::ResourceInfo;
@@ -81,7 +81,6 @@ pub async fn watch(
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800 + rand::random::<u64>() % 1800));
     let rv_param = q.get("resourceVersion").map(String::from);
-    let (tx, rx) = mpsc::channel::<Bytes>(256);
 
     // The starting point: from a given revision, or from now with the current objects.
     let mut initial: Vec<Value> = Vec::new();
@@ -104,94 +103,118 @@ pub async fn watch(
     };
     let prefix = info.list_prefix(ns.as_deref());
     let stream = api.store.watch(&prefix, start).await;
-    let encode_obj = move |obj: &Value| -> Vec<u8> {
-        if as_table {
-            serde_json::to_vec(&table::table(info, std::slice::from_ref(obj), json!({})))
-                .unwrap_or_default()
-        } else {
-            serde_json::to_vec(obj).unwrap_or_default()
+    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    let mut stream = match stream {
+        Ok(s) => Some(s),
+        Err(e) => {
+            pending.push_back(error_line(&e, start));
+            None
         }
     };
-    let bookmark = move |rv: i64| -> Bytes {
-        let obj = json!({"kind": info.kind, "apiVersion": info.api_version(), "metadata": {"resourceVersion": rv.to_string()}});
-        line("BOOKMARK", &serde_json::to_vec(&obj).unwrap_or_default())
-    };
-    let bookmark_end = move |rv: i64| -> Bytes {
-        let obj = json!({"kind": info.kind, "apiVersion": info.api_version(), "metadata": {"resourceVersion": rv.to_string(),
-            "annotations": {"k8s.io/initial-events-end": "true"}}});
-        line("BOOKMARK", &serde_json::to_vec(&obj).unwrap_or_default())
-    };
-
-    tokio::spawn(async move {
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(error_line(&e, start)).await;
-                return;
-            }
-        };
+    if stream.is_some() {
         for obj in &initial {
-            if tx.send(line("ADDED", &encode_obj(obj))).await.is_err() {
-                return;
-            }
+            pending.push_back(line("ADDED", &encode_obj(info, as_table, obj)));
         }
         if initial_events && bookmarks {
-            let _ = tx.send(bookmark_end(start)).await;
+            pending.push_back(bookmark(info, start, true));
         }
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut last = start;
-        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
-        tick.tick().await;
-        let plain = filter.is_empty() && !as_table;
+    }
+    let tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + BOOKMARK_EVERY, BOOKMARK_EVERY);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let plain = filter.is_empty() && !as_table;
+    // The response body pulls events itself: no task or channel between the store and the
+    // connection. A client that goes away drops the body, and with it the store watch.
+    let state = WatchState {
+        pending,
+        stream: stream.take(),
+        tick,
+        deadline,
+        last: start,
+        plain,
+        bookmarks,
+        filter,
+        info,
+        as_table,
+    };
+    let body = futures::stream::unfold(state, |mut st| async move {
         loop {
+            if let Some(b) = st.pending.pop_front() {
+                return Some((Ok::<_, std::io::Error>(b), st));
+            }
+            let stream = st.stream.as_mut()?;
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return,
-                _ = tick.tick(), if bookmarks => {
-                    if tx.send(bookmark(last)).await.is_err() { return; }
-                }
-                _ = tx.closed() => return,
-                batch = stream.next() => {
-                    let evs = match batch {
-                        None => return,
-                        Some(Err(e)) => {
-                            let _ = tx.send(error_line(&e, last)).await;
-                            return;
-                        }
-                        Some(Ok(evs)) => evs,
-                    };
-                    for ev in evs {
-                        last = ev.kv.mod_revision;
-                        let out = if plain {
-                            // No parsing: the stored bytes with the revision spliced in.
-                            let kind = match (&ev.kind, &ev.prev) {
-                                (EventKind::Delete, _) => "DELETED",
-                                (EventKind::Put, None) => "ADDED",
-                                (EventKind::Put, Some(_)) => "MODIFIED",
+                _ = tokio::time::sleep_until(st.deadline) => return None,
+                _ = st.tick.tick(), if st.bookmarks => st.pending.push_back(bookmark(st.info, st.last, false)),
+                batch = stream.next() => match batch {
+                    None => return None,
+                    Some(Err(e)) => {
+                        st.pending.push_back(error_line(&e, st.last));
+                        st.stream = None;
+                    }
+                    Some(Ok(evs)) => {
+                        for ev in evs {
+                            st.last = ev.kv.mod_revision;
+                            let out = if st.plain {
+                                // No parsing: the stored bytes with the revision spliced in.
+                                let kind = match (&ev.kind, &ev.prev) {
+                                    (EventKind::Delete, _) => "DELETED",
+                                    (EventKind::Put, None) => "ADDED",
+                                    (EventKind::Put, Some(_)) => "MODIFIED",
+                                };
+                                Some(line(kind, &splice_rv(&ev.kv.value, ev.kv.mod_revision)))
+                            } else {
+                                classify(&st.filter, &ev.kind, &ev.kv, ev.prev.as_ref())
+                                    .map(|(k, o)| line(k, &encode_obj(st.info, st.as_table, &o)))
                             };
-                            Some(line(kind, &splice_rv(&ev.kv.value, ev.kv.mod_revision)))
-                        } else {
-                            classify(&filter, &ev.kind, &ev.kv, ev.prev.as_ref()).map(|(k, o)| line(k, &encode_obj(&o)))
-                        };
-                        if let Some(l) = out {
-                            if tx.send(l).await.is_err() { return; }
+                            st.pending.extend(out);
                         }
                     }
-                }
+                },
             }
         }
     });
-    let body = Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>),
-    );
     Ok((
         StatusCode::OK,
         [
             (axum::http::header::CONTENT_TYPE, "application/json"),
             (axum::http::header::CACHE_CONTROL, "no-cache, private"),
         ],
-        body,
+        Body::from_stream(body),
     )
         .into_response())
+}
+
+struct WatchState {
+    pending: VecDeque<Bytes>,
+    stream: Option<crate::store::WatchStream>,
+    tick: tokio::time::Interval,
+    deadline: tokio::time::Instant,
+    last: i64,
+    plain: bool,
+    bookmarks: bool,
+    filter: Filter,
+    info: &'static ResourceInfo,
+    as_table: bool,
+}
+
+fn encode_obj(info: &'static ResourceInfo, as_table: bool, obj: &Value) -> Vec<u8> {
+    if as_table {
+        serde_json::to_vec(&table::table(info, std::slice::from_ref(obj), json!({})))
+            .unwrap_or_default()
+    } else {
+        serde_json::to_vec(obj).unwrap_or_default()
+    }
+}
+
+/// A BOOKMARK event at `rv`; `initial_end` marks the end of `sendInitialEvents`.
+fn bookmark(info: &'static ResourceInfo, rv: i64, initial_end: bool) -> Bytes {
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if initial_end {
+        meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    let obj = json!({"kind": info.kind, "apiVersion": info.api_version(), "metadata": meta});
+    line("BOOKMARK", &serde_json::to_vec(&obj).unwrap_or_default())
 }
 
 /// The event a filtered watcher sees for a change, if any.
