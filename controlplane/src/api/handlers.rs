@@ -609,13 +609,10 @@ impl Api {
             m.remove("deletionGracePeriodSeconds");
             m.remove("resourceVersion");
         }
+        // Status is the system's: a create starts without one (defaults add pods' phase).
         if info.has_status() || info.plural == "namespaces" {
             if let Some(m) = obj.as_object_mut() {
-                if info.plural != "pods"
-                    || m.get("status").is_some_and(|s| s.get("phase").is_none())
-                {
-                    m.remove("status");
-                }
+                m.remove("status");
             }
         }
         if info.plural != "namespaces" && info.plural != "nodes" && obj.get("spec").is_some()
@@ -653,9 +650,14 @@ impl Api {
         } else {
             Vec::new()
         };
+        let lease = if info.kind == "Event" {
+            self.event_lease().await?
+        } else {
+            0
+        };
         match self
             .store
-            .put(&key, encode(&obj), Precondition::Absent, 0)
+            .put(&key, encode(&obj), Precondition::Absent, lease)
             .await
         {
             Ok((kv, _)) => {
@@ -826,7 +828,7 @@ impl Api {
                 name,
                 obj,
                 &cur,
-                kv.mod_revision,
+                &kv,
                 sub,
                 q.get("dryRun") == Some("All"),
             )
@@ -844,10 +846,11 @@ impl Api {
         name: &str,
         new: Value,
         cur: &Value,
-        cur_rev: i64,
+        cur_kv: &KeyValue,
         sub: Option<&str>,
         dry: bool,
     ) -> ApiResult<Value> {
+        let cur_rev = cur_kv.mod_revision;
         let mut obj = match sub {
             Some("status") => {
                 let mut o = cur.clone();
@@ -946,7 +949,12 @@ impl Api {
         };
         match self
             .store
-            .put(&key, encode(&obj), Precondition::ModRevision(cur_rev), 0)
+            .put(
+                &key,
+                encode(&obj),
+                Precondition::ModRevision(cur_rev),
+                cur_kv.lease,
+            )
             .await
         {
             Ok((kv, _)) => {
@@ -1016,7 +1024,7 @@ impl Api {
                     name,
                     obj,
                     &cur,
-                    kv.mod_revision,
+                    &kv,
                     sub,
                     q.get("dryRun") == Some("All"),
                 )
@@ -1071,7 +1079,7 @@ impl Api {
         let mut obj = cur.clone();
         obj["spec"]["replicas"] = json!(replicas);
         let out = self
-            .update_object(info, ns, name, obj, &cur, kv.mod_revision, None, false)
+            .update_object(info, ns, name, obj, &cur, &kv, None, false)
             .await?;
         Ok(scale_of(info, &out))
     }

@@ -53,7 +53,12 @@ pub struct Api {
     pub store: Arc<dyn Store>,
     pub cfg: Config,
     rbac: RwLock<Rbac>,
+    /// The lease events are attached to, and when it was granted (shared for a minute).
+    event_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
 }
+
+/// Events expire this long after they are written, as with Kubernetes' default --event-ttl.
+const EVENT_TTL: Duration = Duration::from_secs(3600);
 
 /// A verified client certificate's user, attached to each request of its connection.
 #[derive(Clone, Default)]
@@ -65,6 +70,7 @@ impl Api {
             store,
             cfg,
             rbac: RwLock::new(Rbac::default()),
+            event_lease: Default::default(),
         });
         api.bootstrap().await?;
         api.load_rbac().await?;
@@ -122,6 +128,22 @@ impl Api {
         }
         *self.rbac.write().unwrap() = rbac;
         Ok(rev)
+    }
+
+    /// The store lease for new events: one per minute of writes, living an hour past it.
+    pub async fn event_lease(&self) -> ApiResult<i64> {
+        let mut cur = self.event_lease.lock().await;
+        if let Some((id, at)) = *cur {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Ok(id);
+            }
+        }
+        let id = self
+            .store
+            .grant_lease(EVENT_TTL.as_secs() as i64 + 60)
+            .await?;
+        *cur = Some((id, std::time::Instant::now()));
+        Ok(id)
     }
 
     fn authorize(&self, user: &User, a: &Attributes) -> ApiResult<()> {
