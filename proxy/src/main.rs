@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Parser;
 use proxy::daemon::{self, Config};
 use proxy::links::Globs;
-use proxy::source::FileSource;
+use proxy::source::{ApiSource, FileSource};
 
 /// Ferry's node daemon: programs the in-kernel Service load balancer from Kubernetes Services
 /// and EndpointSlices.
@@ -14,8 +14,12 @@ use proxy::source::FileSource;
 #[command(name = "ferry-proxy", version)]
 struct Args {
     /// Multi-document YAML of v1 Services and discovery.k8s.io/v1 EndpointSlices; reloaded on change.
-    #[arg(long, required_unless_present = "cleanup")]
+    #[arg(long, required_unless_present_any = ["cleanup", "kubeconfig"], conflicts_with = "kubeconfig")]
     services: Option<PathBuf>,
+    /// Watch Services and EndpointSlices of the API server this kubeconfig names (Ferry's
+    /// control plane or any Kubernetes cluster) instead of reading a file.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Glob of interfaces to attach to (host side of pod veths, NodePort-facing links); repeatable.
     #[arg(long = "interfaces", default_value = "veth*")]
     interfaces: Vec<String>,
@@ -79,10 +83,16 @@ fn main() -> Result<()> {
         healthz_addr: args.healthz_bind_address,
         ct_gc_interval: Duration::from_secs_f64(args.conntrack_gc_interval.max(0.01)),
     };
-    let source = FileSource::new(args.services.expect("required by clap"));
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?
-        .block_on(daemon::run(cfg, source))
+        .build()?;
+    match (args.kubeconfig, args.services) {
+        (Some(kc), _) => rt.block_on(async move {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            daemon::run(cfg, ApiSource::connect(&kc).await?).await
+        }),
+        (None, Some(file)) => rt.block_on(daemon::run(cfg, FileSource::new(file))),
+        (None, None) => unreachable!("clap requires --services or --kubeconfig"),
+    }
 }

@@ -1,5 +1,5 @@
 //! Where Services and EndpointSlices come from. The daemon sees them only through
-//! `ServiceSource`; today a YAML file, later the Kubernetes API.
+//! `ServiceSource`: a YAML file (`FileSource`) or the Kubernetes API (`ApiSource`).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -124,6 +124,127 @@ impl ServiceSource for FileSource {
 
     fn strictness(&self) -> Strictness {
         Strictness::File
+    }
+}
+
+/// Services and EndpointSlices listed and watched from a Kubernetes API server (Ferry's own or
+/// any conformant cluster), through kube-rs' watcher: it resumes a dropped watch from the last
+/// resourceVersion and relists when the server answers 410 Gone. Each change wakes `next`,
+/// which hands out the current view once both initial lists are in.
+pub struct ApiSource {
+    services: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Service>,
+    slices: kube::runtime::reflector::Store<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    changed: tokio::sync::watch::Receiver<u64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ApiSource {
+    pub async fn connect(kubeconfig: &std::path::Path) -> Result<Self> {
+        use futures::StreamExt;
+        use kube::runtime::{reflector, watcher, WatchStreamExt};
+        let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+            .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| {
+                    format!("the kubeconfig {} is not usable", kubeconfig.display())
+                })?;
+        let server = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config).context("building the API client")?;
+        let (tx, changed) = tokio::sync::watch::channel(0u64);
+        let tx = Arc::new(tx);
+        let (services, svc_writer) = reflector::store();
+        let (slices, slice_writer) = reflector::store();
+        let mut tasks = Vec::new();
+        {
+            let tx = tx.clone();
+            let api = kube::Api::<k8s_openapi::api::core::v1::Service>::all(client.clone());
+            tasks.push(tokio::spawn(
+                watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .reflect(svc_writer)
+                    .for_each(move |ev| {
+                        report("services", &ev, &tx);
+                        std::future::ready(())
+                    }),
+            ));
+        }
+        {
+            let tx = tx.clone();
+            let api =
+                kube::Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client.clone());
+            tasks.push(tokio::spawn(
+                watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .reflect(slice_writer)
+                    .for_each(move |ev| {
+                        report("endpointslices", &ev, &tx);
+                        std::future::ready(())
+                    }),
+            ));
+        }
+        tracing::info!(%server, "watching Services and EndpointSlices");
+        Ok(Self {
+            services,
+            slices,
+            changed,
+            tasks,
+        })
+    }
+}
+
+fn report<K>(
+    what: &str,
+    ev: &Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>,
+    tx: &tokio::sync::watch::Sender<u64>,
+) {
+    match ev {
+        Ok(_) => {
+            tx.send_modify(|n| *n += 1);
+        }
+        // The watcher retries with back-off; a 410 makes it relist.
+        Err(e) => tracing::warn!("watching {what}: {e}; retrying"),
+    }
+}
+
+impl Drop for ApiSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl ServiceSource for ApiSource {
+    async fn next(&mut self) -> Result<Snapshot> {
+        // Both waits are cancel-safe: readiness is a state, and the change counter is only
+        // marked seen once `changed` returns.
+        self.services
+            .wait_until_ready()
+            .await
+            .context("the Service watcher stopped")?;
+        self.slices
+            .wait_until_ready()
+            .await
+            .context("the EndpointSlice watcher stopped")?;
+        self.changed
+            .changed()
+            .await
+            .context("the API watchers stopped")?;
+        Ok(Snapshot {
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
+            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+        })
+    }
+
+    fn strictness(&self) -> Strictness {
+        Strictness::Live
     }
 }
 

@@ -12,6 +12,8 @@ use crate::bin_path;
 
 pub struct ControlPlane {
     child: Option<Child>,
+    /// The network namespace it runs in (None: the test's own).
+    netns: Option<String>,
     pub dir: PathBuf,
     pub port: u16,
     pub url: String,
@@ -33,10 +35,17 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 impl ControlPlane {
     /// Starts a control plane with `extra` flags (e.g. `--etcd-servers`, `--token-auth-file`).
     pub fn start(extra: &[&str]) -> Result<Self> {
+        Self::start_in(None, extra)
+    }
+
+    /// Starts a control plane inside network namespace `netns` (its loopback), so daemons
+    /// started in that namespace reach it; kubectl runs there too.
+    pub fn start_in(netns: Option<&str>, extra: &[&str]) -> Result<Self> {
         let dir = temp_dir("cp");
         std::fs::create_dir_all(&dir)?;
         let mut cp = ControlPlane {
             child: None,
+            netns: netns.map(String::from),
             dir,
             port: 0,
             url: String::new(),
@@ -53,7 +62,7 @@ impl ControlPlane {
             .create(true)
             .append(true)
             .open(self.dir.join("controlplane.log"))?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = self.command(&bin.to_string_lossy());
         cmd.arg("--data-dir")
             .arg(&self.dir)
             .args(["--bind-address", &bind])
@@ -121,8 +130,20 @@ impl ControlPlane {
         self.kubectl_as(&self.kubeconfig("admin"), args, None)
     }
 
+    /// `program`, run in the control plane's network namespace.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new("kubectl");
+        let mut cmd = self.command("kubectl");
         cmd.arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--cache-dir")

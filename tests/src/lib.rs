@@ -342,28 +342,36 @@ impl Topology {
     pub fn start_proxy(&mut self, yaml: &str) -> Result<Proxy> {
         let file = std::env::temp_dir().join(format!("{}-services.yaml", self.prefix));
         std::fs::write(&file, yaml)?;
+        self.start_proxy_from(&["--services", file.to_str().unwrap()], file.clone())
+    }
+
+    /// Starts `ferry-proxy` fed from the API server of `kubeconfig` (reachable from the node
+    /// namespace) and waits for its first sync.
+    pub fn start_proxy_api(&mut self, kubeconfig: &std::path::Path) -> Result<Proxy> {
+        self.start_proxy_from(
+            &["--kubeconfig", kubeconfig.to_str().unwrap()],
+            PathBuf::new(),
+        )
+    }
+
+    fn start_proxy_from(&mut self, source: &[&str], file: PathBuf) -> Result<Proxy> {
         let mut cmd = Command::new(bin_path("ferry-proxy")?);
-        cmd.args([
-            "--services",
-            file.to_str().unwrap(),
-            "--interfaces",
-            "veth*",
-            "--interfaces",
-            "ext0",
-        ])
-        .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
-        .args([
-            "--bpf-dir",
-            self.bpf_dir.to_str().unwrap(),
-            "--conntrack-gc-interval",
-            &self.conntrack_gc_interval.to_string(),
-            "--bpf-host-routing",
-            &self.host_routing.to_string(),
-        ])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
-        );
+        cmd.args(source)
+            .args(["--interfaces", "veth*", "--interfaces", "ext0"])
+            .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
+            .args([
+                "--bpf-dir",
+                self.bpf_dir.to_str().unwrap(),
+                "--conntrack-gc-interval",
+                &self.conntrack_gc_interval.to_string(),
+                "--bpf-host-routing",
+                &self.host_routing.to_string(),
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+            );
         // The daemon's log goes to a file, shown when the test fails (see `Drop`).
         let log = self.proxy_log();
         let f = std::fs::OpenOptions::new()
