@@ -3,9 +3,11 @@
 //! - [`store`]: the `Store` trait, the embedded default and the etcd backend;
 //! - [`api`]: authentication, RBAC, admission, the REST verbs, watch, discovery, tables;
 //! - [`pki`]: the cluster CA, serving and client certificates, kubeconfigs;
-//! - [`server`]: HTTPS with client certificates.
+//! - [`server`]: HTTPS with client certificates;
+//! - [`controllers`]: the controller manager's control loops (a client of the API).
 
 pub mod api;
+pub mod controllers;
 pub mod pki;
 pub mod server;
 pub mod store;

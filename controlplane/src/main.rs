@@ -34,6 +34,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The controller manager: Endpoints and EndpointSlices from Services and pods.
+    ControllerManager {
+        /// Kubeconfig of the API server (the control plane writes controller-manager.kubeconfig).
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
     /// Backup and restore of the embedded store.
     Snapshot {
         #[command(subcommand)]
@@ -158,6 +164,13 @@ async fn main() -> Result<()> {
             let rev = embedded::snapshot_restore(&file, &data_dir.join("store"), force)?;
             println!("store in {} restored to revision {rev}", data_dir.display());
             Ok(())
+        }
+        Some(Cmd::ControllerManager { kubeconfig }) => {
+            let client = controlplane::controllers::endpoints::client(&kubeconfig).await?;
+            tokio::select! {
+                r = controlplane::controllers::endpoints::run(client) => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
         }
         None => serve(cli.serve).await,
     }

@@ -103,6 +103,27 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Another process of the control plane's binary (e.g. `controller-manager`), in the same
+    /// network namespace, killed when the returned guard drops.
+    pub fn spawn_component(&self, args: &[&str]) -> Result<Component> {
+        let bin = bin_path("ferry-controlplane")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", args[0])))?;
+        let mut cmd = self.command(&bin.to_string_lossy());
+        cmd.args(args).stdout(log.try_clone()?).stderr(log);
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        Ok(Component(
+            cmd.spawn().context("starting a control plane component")?,
+        ))
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("controlplane.log")
     }
@@ -180,6 +201,16 @@ impl ControlPlane {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// A process started by `spawn_component`, killed on drop.
+pub struct Component(Child);
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -99,3 +99,94 @@ fn proxy_follows_services_and_endpointslices_from_the_api() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The pods the test plays the kubelet for: backends 0..3 on node-a, labelled app=shop.
+fn pod(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: shop-{i}, namespace: default, labels: {{app: shop}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: echo\n    image: ferry/echo:1\n    ports: [{{name: http, containerPort: 8080}}]\n"
+    )
+}
+
+/// The status a kubelet would report: the pod's IP and whether it is ready.
+fn set_status(cp: &ControlPlane, i: usize, ready: bool) {
+    let status = format!(
+        r#"{{"status":{{"phase":"Running","podIP":"{}","podIPs":[{{"ip":"{}"}}],"conditions":[{{"type":"Ready","status":"{}"}}]}}}}"#,
+        pod_ip(i),
+        pod_ip(i),
+        if ready { "True" } else { "False" }
+    );
+    let out = cp.kubectl(&[
+        "patch",
+        "pod",
+        &format!("shop-{i}"),
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn endpoints_controller_turns_ready_pods_into_backends() {
+    let mut t = Topology::new(4).expect("topology");
+    t.start_echo_servers().expect("echo servers");
+    let cp = ControlPlane::start_in(Some(&t.node.name), &[]).expect("control plane");
+    let cm = cp
+        .spawn_component(&[
+            "controller-manager",
+            "--kubeconfig",
+            cp.kubeconfig("controller-manager").to_str().unwrap(),
+        ])
+        .expect("controller manager");
+    apply(
+        &cp,
+        &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: shop, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  selector: {{app: shop}}\n  ports: [{{name: web, port: 80, targetPort: http}}]\n"),
+    );
+    for i in 0..3 {
+        apply(&cp, &pod(i));
+        set_status(&cp, i, true);
+    }
+    let _proxy = t
+        .start_proxy_api(&cp.kubeconfig("kube-proxy"))
+        .expect("ferry-proxy");
+    wait_for(&t, &[0, 1, 2], "three ready pods");
+    let slices = cp
+        .ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=shop",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[0]}",
+        ])
+        .unwrap();
+    assert_eq!(slices.split_whitespace().count(), 3, "{slices}");
+    let ep = cp
+        .ok(&[
+            "get",
+            "endpoints",
+            "shop",
+            "-o",
+            "jsonpath={.subsets[0].ports[0].port}",
+        ])
+        .unwrap();
+    assert_eq!(
+        ep, "8080",
+        "the named targetPort resolved to the container port"
+    );
+
+    // An unready pod leaves the datapath; a deleted one too.
+    set_status(&cp, 1, false);
+    wait_for(&t, &[0, 2], "pod 1 unready");
+    cp.ok(&["delete", "pod", "shop-2", "--grace-period=0", "--force"])
+        .unwrap();
+    wait_for(&t, &[0], "pod 2 deleted");
+    set_status(&cp, 1, true);
+    wait_for(&t, &[0, 1], "pod 1 ready again");
+    drop(cm);
+}

@@ -1,0 +1,5 @@
+//! The controller manager: control loops that watch the API and act on it, as a client of the
+//! API server like any other (`ferry-controlplane controller-manager --kubeconfig ...`).
+//! So far: the Endpoints and EndpointSlice controller.
+
+pub mod endpoints;
