@@ -61,6 +61,13 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The command's error output says `want`.
+#[track_caller]
+fn expect_err(o: &std::process::Output, want: &str) {
+    let err = stderr(o);
+    assert!(err.contains(want), "expected {want:?} in: {err}");
+}
+
 /// The scenario a kubectl user goes through; `cp` is fresh.
 fn kubectl_scenario(cp: &ControlPlane, tokens: bool) {
     let dir = &cp.dir;
@@ -318,19 +325,11 @@ fn kubectl_scenario(cp: &ControlPlane, tokens: bool) {
     let bad = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(
         "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop}\nspec:\n  ports: [{port: 80, protocol: SCTPX}]\n"));
     assert!(!bad.status.success());
-    assert!(
-        stderr(&bad).contains("spec.ports[0].protocol: Unsupported value: \"SCTPX\""),
-        "{}",
-        stderr(&bad)
-    );
+    expect_err(&bad, "spec.ports[0].protocol: Unsupported value: \"SCTPX\"");
     let bad = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: shop}\ndatta: {a: b}\n"));
     assert!(!bad.status.success());
-    assert!(
-        stderr(&bad).contains("unknown field \"datta\""),
-        "{}",
-        stderr(&bad)
-    );
+    expect_err(&bad, "unknown field \"datta\"");
 
     // Delete with cascade; the namespace goes with its contents.
     let out = cp
@@ -372,18 +371,10 @@ fn kubectl_scenario(cp: &ControlPlane, tokens: bool) {
     ])
     .unwrap();
     let gone = cp.kubectl(&["-n", "shop", "get", "deploy", "web"]);
-    assert!(
-        stderr(&gone).contains("deployments.apps \"web\" not found"),
-        "{}",
-        stderr(&gone)
-    );
+    expect_err(&gone, "deployments.apps \"web\" not found");
     cp.ok(&["delete", "ns", "shop", "--timeout=60s"]).unwrap();
     let gone = cp.kubectl(&["get", "ns", "shop"]);
-    assert!(
-        stderr(&gone).contains("namespaces \"shop\" not found"),
-        "{}",
-        stderr(&gone)
-    );
+    expect_err(&gone, "namespaces \"shop\" not found");
     let svc = cp
         .ok(&[
             "get",
@@ -423,17 +414,13 @@ fn kubectl_scenario(cp: &ControlPlane, tokens: bool) {
             ],
             None,
         );
-        assert!(
-            stderr(&no).contains("Error from server (Forbidden): services \"kubernetes\" is forbidden: User \"viewer\" cannot delete resource \"services\" in API group \"\" in the namespace \"default\""),
-            "{}",
-            stderr(&no)
-        );
+        expect_err(&no, "Error from server (Forbidden): services \"kubernetes\" is forbidden: User \"viewer\" cannot delete resource \"services\" in API group \"\" in the namespace \"default\"");
         let anon = cp.kubectl_as(
             &cp.kubeconfig("admin"),
             &["--token", "no-such-token", "get", "pods"],
             None,
         );
-        assert!(stderr(&anon).contains("Unauthorized"), "{}", stderr(&anon));
+        expect_err(&anon, "Unauthorized");
         let proxy = cp.kubectl_as(
             &cp.kubeconfig("kube-proxy"),
             &["get", "endpointslices", "-A"],
@@ -531,10 +518,9 @@ fn bad_requests_get_status_bodies_that_name_the_problem() {
         &["create", "--validate=false", "-f", "-"],
         Some("apiVersion: apps/v2\nkind: Deployment\nmetadata: {name: x}\n"),
     );
-    assert!(
-        stderr(&out).contains("no matches for kind \"Deployment\" in version \"apps/v2\""),
-        "{}",
-        stderr(&out)
+    expect_err(
+        &out,
+        "no matches for kind \"Deployment\" in version \"apps/v2\"",
     );
     // Nothing half-written: none of the refused objects exists.
     let all = cp
@@ -577,15 +563,18 @@ fn bad_requests_get_status_bodies_that_name_the_problem() {
         )
     };
     let url = format!("{}/api/v1/namespaces/default/configmaps", cp.url);
-    let (code, st) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        r#"{"apiVersion":"apps/v2","kind":"ConfigMap","metadata":{"name":"v"}}"#,
-        &url,
-    ]);
+    let post = |body: &str| {
+        curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            &url,
+        ])
+    };
+    let (code, st) = post(r#"{"apiVersion":"apps/v2","kind":"ConfigMap","metadata":{"name":"v"}}"#);
     assert_eq!(code, 400);
     assert!(
         st["message"].as_str().unwrap().contains(
@@ -593,15 +582,7 @@ fn bad_requests_get_status_bodies_that_name_the_problem() {
         ),
         "{st}"
     );
-    let (code, st) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"v"}}"#,
-        &url,
-    ]);
+    let (code, st) = post(r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"v"}}"#);
     assert_eq!(code, 400);
     assert!(
         st["message"]
@@ -610,15 +591,7 @@ fn bad_requests_get_status_bodies_that_name_the_problem() {
             .contains("the kind in the data (Secret)"),
         "{st}"
     );
-    let (code, st) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        "{not json",
-        &url,
-    ]);
+    let (code, st) = post("{not json");
     assert_eq!(code, 400);
     assert_eq!(st["kind"], "Status");
     assert_eq!(st["reason"], "BadRequest");
@@ -642,26 +615,10 @@ fn bad_requests_get_status_bodies_that_name_the_problem() {
         st["message"].as_str().unwrap().contains("too large"),
         "{st}"
     );
-    let (code, st) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a_b"}}"#,
-        &url,
-    ]);
+    let (code, st) = post(r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a_b"}}"#);
     assert_eq!(code, 422);
     assert_eq!(st["details"]["causes"][0]["field"], "metadata.name", "{st}");
-    let (code, _) = curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ok1"}}"#,
-        &url,
-    ]);
+    let (code, _) = post(r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ok1"}}"#);
     assert_eq!(code, 201);
     let (code, st) = curl(&[
         "-X",
@@ -828,7 +785,7 @@ fn snapshot_save_and_restore_through_the_cli() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    expect_err(&refused, "--force");
     let out = Command::new(&bin)
         .args(["snapshot", "restore", "--force"])
         .arg(&snap)

@@ -1124,16 +1124,7 @@ impl Api {
                 .collect();
             conds.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": now_rfc3339()}));
             obj["status"]["conditions"] = json!(conds);
-            match self
-                .store
-                .put(
-                    &kv.key,
-                    encode(&obj),
-                    Precondition::ModRevision(kv.mod_revision),
-                    0,
-                )
-                .await
-            {
+            match self.replace_stored(&kv, &obj).await {
                 Ok(_) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -1263,16 +1254,7 @@ impl Api {
             if is_ns {
                 obj["status"]["phase"] = json!("Terminating");
             }
-            match self
-                .store
-                .put(
-                    &kv.key,
-                    encode(&obj),
-                    Precondition::ModRevision(kv.mod_revision),
-                    0,
-                )
-                .await
-            {
+            match self.replace_stored(&kv, &obj).await {
                 Ok((kv, _)) => {
                     let out = decode(&kv);
                     if is_ns {
@@ -1285,6 +1267,22 @@ impl Api {
             }
         }
         Err(ApiError::conflict(info.plural, info.group, name))
+    }
+
+    /// Writes `obj` over the stored `kv` if nobody changed it since (keeping its lease).
+    async fn replace_stored(
+        &self,
+        kv: &KeyValue,
+        obj: &Value,
+    ) -> Result<(KeyValue, Option<KeyValue>), StoreError> {
+        self.store
+            .put(
+                &kv.key,
+                encode(obj),
+                Precondition::ModRevision(kv.mod_revision),
+                kv.lease,
+            )
+            .await
     }
 
     async fn after_delete(&self, info: &ResourceInfo, obj: &Value) {

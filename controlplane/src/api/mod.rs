@@ -510,6 +510,16 @@ fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResul
 // so two concurrent creates can never get the same one.
 
 const IP_PREFIX: &str = "/registry/ranges/serviceips/";
+
+/// 422 for a Service whose requested cluster IP or node port cannot be had.
+fn alloc_error(owner: &str, field: &str, value: impl std::fmt::Display, why: &str) -> ApiError {
+    ApiError::invalid(
+        "Service",
+        "",
+        owner,
+        vec![status::FieldError::invalid(field, value, why)],
+    )
+}
 const PORT_PREFIX: &str = "/registry/ranges/servicenodeports/";
 
 impl Api {
@@ -543,29 +553,21 @@ impl Api {
         let net = self.cfg.service_cidr;
         if let Some(ip) = want {
             if !net.contains(ip) || ip == net.network() || ip == net.broadcast() {
-                return Err(ApiError::invalid(
-                    "Service",
-                    "",
+                return Err(alloc_error(
                     owner,
-                    vec![status::FieldError::invalid(
-                        "spec.clusterIPs",
-                        format!("[]string{{\"{ip}\"}}"),
-                        &format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {net}"),
-                    )],
+                    "spec.clusterIPs",
+                    format!("[]string{{\"{ip}\"}}"),
+                    &format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {net}"),
                 ));
             }
             if self.claim(format!("{IP_PREFIX}{ip}"), owner).await? {
                 return Ok(ip);
             }
-            return Err(ApiError::invalid(
-                "Service",
-                "",
+            return Err(alloc_error(
                 owner,
-                vec![status::FieldError::invalid(
-                    "spec.clusterIPs",
-                    format!("[]string{{\"{ip}\"}}"),
-                    &format!("failed to allocate IP {ip}: provided IP is already allocated"),
-                )],
+                "spec.clusterIPs",
+                format!("[]string{{\"{ip}\"}}"),
+                &format!("failed to allocate IP {ip}: provided IP is already allocated"),
             ));
         }
         let size = net.size() as u64;
@@ -596,21 +598,21 @@ impl Api {
         let (lo, hi) = self.cfg.node_ports;
         if let Some(p) = want {
             if p < lo || p > hi {
-                return Err(ApiError::invalid("Service", "", owner, vec![status::FieldError::invalid(
-                    field, p, &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"))]));
+                return Err(alloc_error(
+                    owner,
+                    field,
+                    p,
+                    &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"),
+                ));
             }
             if self.claim(format!("{PORT_PREFIX}{p}"), owner).await? {
                 return Ok(p);
             }
-            return Err(ApiError::invalid(
-                "Service",
-                "",
+            return Err(alloc_error(
                 owner,
-                vec![status::FieldError::invalid(
-                    field,
-                    p,
-                    "provided port is already allocated",
-                )],
+                field,
+                p,
+                "provided port is already allocated",
             ));
         }
         let n = (hi - lo + 1) as u32;

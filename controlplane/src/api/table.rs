@@ -58,6 +58,15 @@ fn i(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
+/// `5m10s`, or `5m` when the smaller unit is zero.
+fn pair(big: i64, big_unit: &str, small: i64, small_unit: &str) -> String {
+    if small == 0 {
+        format!("{big}{big_unit}")
+    } else {
+        format!("{big}{big_unit}{small}{small_unit}")
+    }
+}
+
 /// Kubernetes' short human durations: 45s, 5m10s, 3h20m, 4d5h, 2y.
 pub fn human_duration(secs: i64) -> String {
     let secs = secs.max(0);
@@ -67,11 +76,7 @@ pub fn human_duration(secs: i64) -> String {
     let m = secs / 60;
     if m < 10 {
         let s = secs % 60;
-        return if s == 0 {
-            format!("{m}m")
-        } else {
-            format!("{m}m{s}s")
-        };
+        return pair(m, "m", s, "s");
     }
     if m < 180 {
         return format!("{m}m");
@@ -79,11 +84,7 @@ pub fn human_duration(secs: i64) -> String {
     let h = m / 60;
     if h < 8 {
         let mm = m % 60;
-        return if mm == 0 {
-            format!("{h}h")
-        } else {
-            format!("{h}h{mm}m")
-        };
+        return pair(h, "h", mm, "m");
     }
     if h < 48 {
         return format!("{h}h");
@@ -91,11 +92,7 @@ pub fn human_duration(secs: i64) -> String {
     let d = h / 24;
     if d < 8 {
         let hh = h % 24;
-        return if hh == 0 {
-            format!("{d}d")
-        } else {
-            format!("{d}d{hh}h")
-        };
+        return pair(d, "d", hh, "h");
     }
     if d < 365 * 2 {
         return format!("{d}d");
