@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The controller manager: Endpoints and EndpointSlices from Services and pods.
+    /// The controller manager: Endpoints and EndpointSlices from Services and pods, ReplicaSets.
     ControllerManager {
         /// Kubeconfig of the API server (the control plane writes controller-manager.kubeconfig).
         #[arg(long)]
@@ -166,9 +166,11 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Some(Cmd::ControllerManager { kubeconfig }) => {
-            let client = controlplane::controllers::endpoints::client(&kubeconfig).await?;
+            use controlplane::controllers::{endpoints, replicaset};
+            let client = endpoints::client(&kubeconfig).await?;
             tokio::select! {
-                r = controlplane::controllers::endpoints::run(client) => r,
+                r = endpoints::run(client.clone()) => r,
+                r = replicaset::run(client) => r,
                 _ = tokio::signal::ctrl_c() => Ok(()),
             }
         }

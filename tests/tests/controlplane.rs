@@ -806,3 +806,74 @@ fn snapshot_save_and_restore_through_the_cli() {
         "the restore brought back the old state"
     );
 }
+
+fn pod_names(cp: &ControlPlane, selector: &str) -> Vec<String> {
+    let out = cp
+        .ok(&["get", "pods", "-l", selector, "-o", "name"])
+        .unwrap();
+    out.lines().map(String::from).collect()
+}
+
+/// Polls until `f` holds (20 s at most).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn replicaset_controller_keeps_exactly_the_desired_count() {
+    let cp = ControlPlane::start(&[]).unwrap();
+    let kc = cp.kubeconfig("controller-manager");
+    let _cm = cp
+        .spawn_component(&["controller-manager", "--kubeconfig", kc.to_str().unwrap()])
+        .unwrap();
+    let rs = "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: cache, namespace: default}\nspec:\n  replicas: 3\n  selector: {matchLabels: {app: cache}}\n  template:\n    metadata: {labels: {app: cache}}\n    spec: {containers: [{name: c, image: ferry/echo:1}]}\n";
+    let out = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(rs));
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually("three pods", || pod_names(&cp, "app=cache").len() == 3);
+    // Never more than asked for, even while the controller's cache catches up.
+    for _ in 0..10 {
+        assert_eq!(pod_names(&cp, "app=cache").len(), 3);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let owner = cp
+        .ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=cache",
+            "-o",
+            "jsonpath={.items[0].metadata.ownerReferences[0].kind}",
+        ])
+        .unwrap();
+    assert_eq!(owner, "ReplicaSet");
+    eventually("status.replicas 3", || {
+        cp.ok(&["get", "rs", "cache", "-o", "jsonpath={.status.replicas}"])
+            .unwrap()
+            == "3"
+    });
+
+    cp.ok(&["scale", "rs", "cache", "--replicas=2"]).unwrap();
+    eventually("two pods after scaling down", || {
+        pod_names(&cp, "app=cache").len() == 2
+    });
+    let before = pod_names(&cp, "app=cache");
+    cp.ok(&["delete", &before[0]]).unwrap();
+    eventually("a replacement pod", || {
+        let now = pod_names(&cp, "app=cache");
+        now.len() == 2 && !now.contains(&before[0])
+    });
+    // An orphan with matching labels is adopted instead of adding to the count.
+    let orphan = "apiVersion: v1\nkind: Pod\nmetadata: {name: stray, namespace: default, labels: {app: cache}}\nspec: {containers: [{name: c, image: x:1}]}\n";
+    let out = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(orphan));
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually("the set back at two with the orphan adopted", || {
+        pod_names(&cp, "app=cache").len() == 2
+    });
+}

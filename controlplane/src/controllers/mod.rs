@@ -1,5 +1,6 @@
 //! The controller manager: control loops that watch the API and act on it, as a client of the
 //! API server like any other (`ferry-controlplane controller-manager --kubeconfig ...`).
-//! So far: the Endpoints and EndpointSlice controller.
+//! So far: the Endpoints and EndpointSlice controller and the ReplicaSet controller.
 
 pub mod endpoints;
+pub mod replicaset;
