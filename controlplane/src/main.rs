@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The controller manager: Endpoints and EndpointSlices from Services and pods, ReplicaSets.
+    /// The controller manager: Endpoints and EndpointSlices, ReplicaSets, garbage collection.
     ControllerManager {
         /// Kubeconfig of the API server (the control plane writes controller-manager.kubeconfig).
         #[arg(long)]
@@ -166,11 +166,12 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Some(Cmd::ControllerManager { kubeconfig }) => {
-            use controlplane::controllers::{endpoints, replicaset};
+            use controlplane::controllers::{endpoints, gc, replicaset};
             let client = endpoints::client(&kubeconfig).await?;
             tokio::select! {
                 r = endpoints::run(client.clone()) => r,
-                r = replicaset::run(client) => r,
+                r = replicaset::run(client.clone()) => r,
+                r = gc::run(client) => r,
                 _ = tokio::signal::ctrl_c() => Ok(()),
             }
         }
@@ -252,10 +253,18 @@ async fn serve(a: ServeArgs) -> Result<()> {
         "ferry-controlplane serving {server_url}; admin kubeconfig: {}",
         a.data_dir.join("admin.kubeconfig").display()
     );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = server::serve(api, listener, &pki) => r,
+        r = server::serve(api, listener, &pki) => {
+            tracing::error!(result = ?r, "the API server stopped serving");
+            r
+        }
         _ = tokio::signal::ctrl_c() => {
             info!("interrupted; stopping");
+            Ok(())
+        }
+        _ = term.recv() => {
+            info!("terminated; stopping");
             Ok(())
         }
     }

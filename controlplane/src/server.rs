@@ -45,7 +45,16 @@ pub async fn serve(api: Arc<Api>, listener: TcpListener, pki: &Pki) -> Result<()
     let acceptor = TlsAcceptor::from(Arc::new(tls_config(pki)?));
     info!(addr = %listener.local_addr()?, "API server listening (HTTPS)");
     loop {
-        let (tcp, remote) = listener.accept().await?;
+        // A failed accept (a client that reset before it was accepted, out of file
+        // descriptors) must not end the server: log it, breathe, go on.
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let api = api.clone();

@@ -20,6 +20,21 @@ pub struct ControlPlane {
     args: Vec<String>,
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up): a server that is
+/// restarted on the same port must not find it taken by a client's outgoing connection (or a
+/// client retrying against it connected to itself).
+fn free_port() -> Result<u16> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    for _ in 0..200 {
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20000 + ((std::process::id().wrapping_mul(7919) + n * 131) % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port found in 20000-31999")
+}
+
 /// A fresh directory under the system's temporary directory.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -47,7 +62,7 @@ impl ControlPlane {
             child: None,
             netns: netns.map(String::from),
             dir,
-            port: 0,
+            port: free_port()?,
             url: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
         };

@@ -87,8 +87,9 @@ fn proxy_follows_services_and_endpointslices_from_the_api() {
     let out = cp.kubectl(&["delete", "svc", "web"]);
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{} (server log: {})",
+        String::from_utf8_lossy(&out.stderr),
+        cp.log_path().display()
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !servers(&t, 4).is_empty() {

@@ -877,3 +877,66 @@ fn replicaset_controller_keeps_exactly_the_desired_count() {
         pod_names(&cp, "app=cache").len() == 2
     });
 }
+
+#[test]
+fn garbage_collector_follows_owner_references() {
+    let cp = ControlPlane::start(&[]).unwrap();
+    let kc = cp.kubeconfig("controller-manager");
+    let _cm = cp
+        .spawn_component(&["controller-manager", "--kubeconfig", kc.to_str().unwrap()])
+        .unwrap();
+    let rs = |name: &str| {
+        format!("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{set: {name}}}}}\n  template:\n    metadata: {{labels: {{set: {name}}}}}\n    spec: {{containers: [{{name: c, image: ferry/echo:1}}]}}\n")
+    };
+    for name in ["bg", "fg", "keep"] {
+        let out = cp.kubectl_as(
+            &cp.kubeconfig("admin"),
+            &["apply", "-f", "-"],
+            Some(&rs(name)),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        eventually("two pods", || {
+            pod_names(&cp, &format!("set={name}")).len() == 2
+        });
+    }
+    // Background: the set goes at once, its pods after it.
+    cp.ok(&["delete", "rs", "bg", "--cascade=background"])
+        .unwrap();
+    eventually("pods of a deleted set collected", || {
+        pod_names(&cp, "set=bg").is_empty()
+    });
+    // Foreground: the set waits for its pods, then goes (kubectl waits for it).
+    cp.ok(&[
+        "delete",
+        "rs",
+        "fg",
+        "--cascade=foreground",
+        "--timeout=30s",
+    ])
+    .unwrap();
+    assert!(
+        pod_names(&cp, "set=fg").is_empty(),
+        "foreground deletion removes the pods first"
+    );
+    expect_err(&cp.kubectl(&["get", "rs", "fg"]), "not found");
+    // Orphan: the pods stay, without their owner reference.
+    cp.ok(&["delete", "rs", "keep", "--cascade=orphan", "--timeout=30s"])
+        .unwrap();
+    expect_err(&cp.kubectl(&["get", "rs", "keep"]), "not found");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pod_names(&cp, "set=keep").len(), 2, "orphaned pods stay");
+    let refs = cp
+        .ok(&[
+            "get",
+            "pods",
+            "-l",
+            "set=keep",
+            "-o",
+            "jsonpath={.items[*].metadata.ownerReferences}",
+        ])
+        .unwrap();
+    assert!(
+        refs.trim().is_empty(),
+        "orphans lost their owner reference: {refs}"
+    );
+}

@@ -913,7 +913,6 @@ impl Api {
         if !errs.is_empty() {
             return Err(ApiError::invalid(info.kind, info.group, name, errs));
         }
-        // A terminating object whose last finalizer went is deleted now.
         let finalizers_empty = obj["metadata"]["finalizers"]
             .as_array()
             .is_none_or(|f| f.is_empty());
@@ -921,9 +920,15 @@ impl Api {
         if dry {
             return Ok(obj);
         }
+        // A terminating object whose last finalizer went is deleted now; a pod only when it
+        // has no grace period left (a kubelet is stopping the others).
+        let no_grace = cur["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or(0)
+            == 0;
         if cur["metadata"]["deletionTimestamp"].is_string()
             && finalizers_empty
-            && info.plural != "pods"
+            && (info.plural != "pods" || no_grace)
         {
             return match self
                 .store
