@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The controller manager: Endpoints and EndpointSlices, ReplicaSets, garbage collection.
+    /// The controller manager: Endpoints and EndpointSlices, ReplicaSets, Deployments, garbage collection.
     ControllerManager {
         /// Kubeconfig of the API server (the control plane writes controller-manager.kubeconfig).
         #[arg(long)]
@@ -166,12 +166,13 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Some(Cmd::ControllerManager { kubeconfig }) => {
-            use controlplane::controllers::{endpoints, gc, replicaset};
+            use controlplane::controllers::{deployment, endpoints, gc, replicaset};
             let client = endpoints::client(&kubeconfig).await?;
             tokio::select! {
                 r = endpoints::run(client.clone()) => r,
                 r = replicaset::run(client.clone()) => r,
-                r = gc::run(client) => r,
+                r = gc::run(client.clone()) => r,
+                r = deployment::run(client) => r,
                 _ = tokio::signal::ctrl_c() => Ok(()),
             }
         }
