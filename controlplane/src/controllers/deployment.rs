@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -321,26 +321,21 @@ fn error_policy(d: Arc<Deployment>, e: &kube::Error, _: Arc<Ctx>) -> Action {
 }
 
 pub async fn run(client: Client) -> anyhow::Result<()> {
+    // One ReplicaSet watch feeds the cache and then the triggers, so a reconcile woken by a
+    // set's change always sees that change in the cache.
+    let (sets, writer) = kube::runtime::reflector::store::<ReplicaSet>();
+    let set_events = watcher(
+        Api::<ReplicaSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .touched_objects();
     let controller = Controller::new(
         Api::<Deployment>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns(
-        Api::<ReplicaSet>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    // The sets, for reconciles: a second watch, as with the other controllers' caches.
-    let (sets, writer) = kube::runtime::reflector::store::<ReplicaSet>();
-    tokio::spawn(
-        kube::runtime::WatchStreamExt::reflect(
-            kube::runtime::WatchStreamExt::default_backoff(watcher(
-                Api::<ReplicaSet>::all(client.clone()),
-                watcher::Config::default(),
-            )),
-            writer,
-        )
-        .for_each(|_| std::future::ready(())),
-    );
+    .owns_stream(set_events);
     info!("Deployment controller started");
     controller
         .run(reconcile, error_policy, Arc::new(Ctx { client, sets }))

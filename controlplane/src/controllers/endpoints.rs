@@ -340,14 +340,13 @@ fn error_policy(svc: Arc<Service>, e: &kube::Error, _: Arc<Ctx>) -> Action {
 
 /// Runs until the process stops.
 pub async fn run(client: Client) -> anyhow::Result<()> {
+    // One pod watch feeds the cache and then the triggers, so a reconcile woken by a pod
+    // change always sees that change in the cache.
     let (pods, writer) = reflector::store::<Pod>();
-    let pod_api: Api<Pod> = Api::all(client.clone());
-    tokio::spawn(
-        watcher(pod_api.clone(), watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .for_each(|_| std::future::ready(())),
-    );
+    let pod_events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
     let controller = Controller::new(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -356,7 +355,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     info!("endpoints and EndpointSlice controller started");
     controller
         // A pod change can touch any Service of its namespace (labels may have changed).
-        .watches(pod_api, watcher::Config::default(), move |pod: Pod| {
+        .watches_stream(pod_events, move |pod: Pod| {
             let ns = pod.namespace();
             services
                 .state()

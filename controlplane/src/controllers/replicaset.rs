@@ -251,14 +251,13 @@ fn error_policy(rs: Arc<ReplicaSet>, e: &kube::Error, _: Arc<Ctx>) -> Action {
 }
 
 pub async fn run(client: Client) -> anyhow::Result<()> {
+    // One pod watch feeds the cache and then the triggers, so a reconcile woken by a pod
+    // change always sees that change in the cache.
     let (pods, writer) = reflector::store::<Pod>();
-    let pod_api: Api<Pod> = Api::all(client.clone());
-    tokio::spawn(
-        watcher(pod_api.clone(), watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .for_each(|_| std::future::ready(())),
-    );
+    let pod_events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
     let controller = Controller::new(
         Api::<ReplicaSet>::all(client.clone()),
         watcher::Config::default(),
@@ -267,7 +266,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     info!("ReplicaSet controller started");
     controller
         // A pod change wakes its owner, or every set of its namespace (it may be adoptable).
-        .watches(pod_api, watcher::Config::default(), move |pod: Pod| {
+        .watches_stream(pod_events, move |pod: Pod| {
             let ns = pod.namespace();
             let owner = pod
                 .owner_references()
