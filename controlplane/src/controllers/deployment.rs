@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, ReplicaSetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -337,15 +336,11 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     )
     .owns_stream(set_events);
     info!("Deployment controller started");
-    controller
-        .run(reconcile, error_policy, Arc::new(Ctx { client, sets }))
-        .for_each(|r| {
-            if let Err(e) = r {
-                debug!("deployment controller: {e}");
-            }
-            std::future::ready(())
-        })
-        .await;
+    super::drain(
+        "deployment",
+        controller.run(reconcile, error_policy, Arc::new(Ctx { client, sets })),
+    )
+    .await;
     Ok(())
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Pod, Service,
 };
@@ -20,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -340,38 +339,29 @@ fn error_policy(svc: Arc<Service>, e: &kube::Error, _: Arc<Ctx>) -> Action {
 
 /// Runs until the process stops.
 pub async fn run(client: Client) -> anyhow::Result<()> {
-    // One pod watch feeds the cache and then the triggers, so a reconcile woken by a pod
-    // change always sees that change in the cache.
-    let (pods, writer) = reflector::store::<Pod>();
-    let pod_events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .touched_objects();
+    let (pods, pod_events) = super::cached::<Pod>(&client);
     let controller = Controller::new(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
     );
     let services = controller.store();
     info!("endpoints and EndpointSlice controller started");
-    controller
-        // A pod change can touch any Service of its namespace (labels may have changed).
-        .watches_stream(pod_events, move |pod: Pod| {
-            let ns = pod.namespace();
-            services
-                .state()
-                .into_iter()
-                .filter(move |s| s.namespace() == ns)
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
-        })
-        .run(reconcile, error_policy, Arc::new(Ctx { client, pods }))
-        .for_each(|r| {
-            if let Err(e) = r {
-                debug!("endpoints controller: {e}");
-            }
-            std::future::ready(())
-        })
-        .await;
+    super::drain(
+        "endpoints",
+        controller
+            // A pod change can touch any Service of its namespace (labels may have changed).
+            .watches_stream(pod_events, move |pod: Pod| {
+                let ns = pod.namespace();
+                services
+                    .state()
+                    .into_iter()
+                    .filter(move |s| s.namespace() == ns)
+                    .map(|s| ObjectRef::from_obj(&*s))
+                    .collect::<Vec<_>>()
+            })
+            .run(reconcile, error_policy, Arc::new(Ctx { client, pods })),
+    )
+    .await;
     Ok(())
 }
 

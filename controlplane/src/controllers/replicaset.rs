@@ -11,14 +11,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -251,52 +250,43 @@ fn error_policy(rs: Arc<ReplicaSet>, e: &kube::Error, _: Arc<Ctx>) -> Action {
 }
 
 pub async fn run(client: Client) -> anyhow::Result<()> {
-    // One pod watch feeds the cache and then the triggers, so a reconcile woken by a pod
-    // change always sees that change in the cache.
-    let (pods, writer) = reflector::store::<Pod>();
-    let pod_events = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .touched_objects();
+    let (pods, pod_events) = super::cached::<Pod>(&client);
     let controller = Controller::new(
         Api::<ReplicaSet>::all(client.clone()),
         watcher::Config::default(),
     );
     let sets = controller.store();
     info!("ReplicaSet controller started");
-    controller
-        // A pod change wakes its owner, or every set of its namespace (it may be adoptable).
-        .watches_stream(pod_events, move |pod: Pod| {
-            let ns = pod.namespace();
-            let owner = pod
-                .owner_references()
-                .iter()
-                .find(|o| o.controller == Some(true) && o.kind == "ReplicaSet")
-                .map(|o| o.name.clone());
-            sets.state()
-                .into_iter()
-                .filter(move |s| {
-                    s.namespace() == ns && owner.as_ref().is_none_or(|o| *o == s.name_any())
-                })
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
-        })
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Ctx {
-                client,
-                pods,
-                expect: Mutex::new(HashMap::new()),
-            }),
-        )
-        .for_each(|r| {
-            if let Err(e) = r {
-                debug!("replicaset controller: {e}");
-            }
-            std::future::ready(())
-        })
-        .await;
+    super::drain(
+        "replicaset",
+        controller
+            // A pod change wakes its owner, or every set of its namespace (it may be adoptable).
+            .watches_stream(pod_events, move |pod: Pod| {
+                let ns = pod.namespace();
+                let owner = pod
+                    .owner_references()
+                    .iter()
+                    .find(|o| o.controller == Some(true) && o.kind == "ReplicaSet")
+                    .map(|o| o.name.clone());
+                sets.state()
+                    .into_iter()
+                    .filter(move |s| {
+                        s.namespace() == ns && owner.as_ref().is_none_or(|o| *o == s.name_any())
+                    })
+                    .map(|s| ObjectRef::from_obj(&*s))
+                    .collect::<Vec<_>>()
+            })
+            .run(
+                reconcile,
+                error_policy,
+                Arc::new(Ctx {
+                    client,
+                    pods,
+                    expect: Mutex::new(HashMap::new()),
+                }),
+            ),
+    )
+    .await;
     Ok(())
 }
 
