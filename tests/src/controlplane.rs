@@ -35,6 +35,16 @@ fn free_port() -> Result<u16> {
     bail!("no free port found in 20000-31999")
 }
 
+/// The started process is killed when the test that started it goes, even on a panic.
+fn die_with_test(cmd: &mut Command) {
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 /// A fresh directory under the system's temporary directory.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -84,12 +94,7 @@ impl ControlPlane {
             .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(log);
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_test(&mut cmd);
         let mut child = cmd.spawn().context("starting ferry-controlplane")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -128,12 +133,7 @@ impl ControlPlane {
             .open(self.dir.join(format!("{}.log", args[0])))?;
         let mut cmd = self.command(&bin.to_string_lossy());
         cmd.args(args).stdout(log.try_clone()?).stderr(log);
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_test(&mut cmd);
         Ok(Component(
             cmd.spawn().context("starting a control plane component")?,
         ))

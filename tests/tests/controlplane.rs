@@ -61,6 +61,13 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// kubectl as the user of a bearer token.
+fn as_token(cp: &ControlPlane, token: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--token", token];
+    all.extend_from_slice(args);
+    cp.kubectl_as(&cp.kubeconfig("admin"), &all, None)
+}
+
 /// The command's error output says `want`.
 #[track_caller]
 fn expect_err(o: &std::process::Output, want: &str) {
@@ -391,35 +398,19 @@ fn kubectl_scenario(cp: &ControlPlane, tokens: bool) {
 
     // A user without rights is refused, with kubectl's usual message.
     if tokens {
-        let tok = cp.kubectl_as(
-            &cp.kubeconfig("admin"),
-            &["--token", "viewer-token", "-n", "default", "get", "pods"],
-            None,
-        );
+        let tok = as_token(cp, "viewer-token", &["-n", "default", "get", "pods"]);
         assert!(
             tok.status.success(),
             "viewer may list pods: {}",
             stderr(&tok)
         );
-        let no = cp.kubectl_as(
-            &cp.kubeconfig("admin"),
-            &[
-                "--token",
-                "viewer-token",
-                "-n",
-                "default",
-                "delete",
-                "svc",
-                "kubernetes",
-            ],
-            None,
+        let no = as_token(
+            cp,
+            "viewer-token",
+            &["-n", "default", "delete", "svc", "kubernetes"],
         );
         expect_err(&no, "Error from server (Forbidden): services \"kubernetes\" is forbidden: User \"viewer\" cannot delete resource \"services\" in API group \"\" in the namespace \"default\"");
-        let anon = cp.kubectl_as(
-            &cp.kubeconfig("admin"),
-            &["--token", "no-such-token", "get", "pods"],
-            None,
-        );
+        let anon = as_token(cp, "no-such-token", &["get", "pods"]);
         expect_err(&anon, "Unauthorized");
         let proxy = cp.kubectl_as(
             &cp.kubeconfig("kube-proxy"),
@@ -460,12 +451,7 @@ fn grant_viewer(cp: &ControlPlane) {
     .unwrap();
     // RBAC changes apply within moments (the server watches them).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !cp
-        .kubectl_as(
-            &cp.kubeconfig("admin"),
-            &["--token", "viewer-token", "-n", "default", "get", "pods"],
-            None,
-        )
+    while !as_token(cp, "viewer-token", &["-n", "default", "get", "pods"])
         .status
         .success()
     {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::resources::{groups, ResourceInfo, RESOURCES};
+use super::resources::{groups, in_group_version};
 
 pub const KUBE_VERSION: &str = "v1.32.0";
 
@@ -52,10 +52,7 @@ fn verbs() -> Value {
 }
 
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let rs: Vec<&ResourceInfo> = RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-        .collect();
+    let rs = in_group_version(group, version);
     if rs.is_empty() {
         return None;
     }
@@ -130,10 +127,7 @@ pub fn openapi_gv(path: &str) -> Option<Value> {
         ["apis", g, v] => (g, v),
         _ => return None,
     };
-    let rs: Vec<&ResourceInfo> = RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-        .collect();
+    let rs = in_group_version(group, version);
     if rs.is_empty() {
         return None;
     }

@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use super::admission;
-use super::auth::User;
 use super::patch::{self, PatchType};
 use super::resources::{self, ResourceInfo};
 use super::selectors::{labels_of, FieldSelector, LabelSelector};
@@ -26,7 +25,6 @@ use crate::store::{KeyValue, ListOptions, Precondition, StoreError};
 
 pub async fn dispatch(
     api: &Arc<Api>,
-    _user: &User,
     verb: &str,
     t: Target,
     q: Query,
@@ -565,7 +563,7 @@ impl Api {
         q: &Query,
     ) -> ApiResult<(Value, Vec<String>)> {
         let (obj, warnings) = self.normalize(info, obj, q)?;
-        let dry = q.get("dryRun") == Some("All");
+        let dry = q.dry_run();
         Ok((self.create_object(info, ns, obj, dry).await?, warnings))
     }
 
@@ -822,17 +820,8 @@ impl Api {
             }
         }
         Ok((
-            self.update_object(
-                info,
-                ns,
-                name,
-                obj,
-                &cur,
-                &kv,
-                sub,
-                q.get("dryRun") == Some("All"),
-            )
-            .await?,
+            self.update_object(info, ns, name, obj, &cur, &kv, sub, q.dry_run())
+                .await?,
             warnings,
         ))
     }
@@ -1023,16 +1012,7 @@ impl Api {
             }
             let (obj, _) = self.normalize(info, patched, q)?;
             match self
-                .update_object(
-                    info,
-                    ns,
-                    name,
-                    obj,
-                    &cur,
-                    &kv,
-                    sub,
-                    q.get("dryRun") == Some("All"),
-                )
+                .update_object(info, ns, name, obj, &cur, &kv, sub, q.dry_run())
                 .await
             {
                 Err(e)
@@ -1169,8 +1149,7 @@ impl Api {
         let grace = opts["gracePeriodSeconds"]
             .as_i64()
             .or(q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
-        let dry = q.get("dryRun") == Some("All")
-            || opts["dryRun"].as_array().is_some_and(|d| !d.is_empty());
+        let dry = q.dry_run() || opts["dryRun"].as_array().is_some_and(|d| !d.is_empty());
         for _ in 0..8 {
             let (cur, kv) = self.get_object(info, ns, name).await?;
             if let Some(uid) = opts["preconditions"]["uid"].as_str() {

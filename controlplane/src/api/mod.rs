@@ -267,6 +267,10 @@ impl Query {
     pub fn get(&self, k: &str) -> Option<&str> {
         self.0.get(k).map(String::as_str).filter(|s| !s.is_empty())
     }
+    /// `dryRun=All`: admit and validate, write nothing.
+    pub fn dry_run(&self) -> bool {
+        self.get("dryRun") == Some("All")
+    }
     pub fn flag(&self, k: &str) -> bool {
         matches!(self.get(k), Some("true") | Some("1"))
     }
@@ -460,7 +464,7 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
     } else {
         Bytes::new()
     };
-    handlers::dispatch(api, &user, verb, t, q, &parts.headers, body).await
+    handlers::dispatch(api, verb, t, q, &parts.headers, body).await
 }
 
 fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResult<Response> {

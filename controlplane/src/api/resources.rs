@@ -446,6 +446,14 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
+/// The resources served in one group version.
+pub fn in_group_version(group: &str, version: &str) -> Vec<&'static ResourceInfo> {
+    RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect()
+}
+
 pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceInfo> {
     RESOURCES
         .iter()

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -320,16 +320,7 @@ fn error_policy(d: Arc<Deployment>, e: &kube::Error, _: Arc<Ctx>) -> Action {
 }
 
 pub async fn run(client: Client) -> anyhow::Result<()> {
-    // One ReplicaSet watch feeds the cache and then the triggers, so a reconcile woken by a
-    // set's change always sees that change in the cache.
-    let (sets, writer) = kube::runtime::reflector::store::<ReplicaSet>();
-    let set_events = watcher(
-        Api::<ReplicaSet>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .touched_objects();
+    let (sets, set_events) = super::cached::<ReplicaSet>(&client);
     let controller = Controller::new(
         Api::<Deployment>::all(client.clone()),
         watcher::Config::default(),
