@@ -193,6 +193,39 @@ pub fn default(info: &ResourceInfo, obj: &mut Value) {
     }
 }
 
+/// How long a pod stays bound to a node that stopped answering (or reports not ready) before
+/// it is evicted, unless it says otherwise: Kubernetes' DefaultTolerationSeconds admission.
+pub const DEFAULT_TOLERATION_SECONDS: i64 = 300;
+
+/// Admission that applies to creates only (defaults apply to updates too).
+pub fn on_create(info: &ResourceInfo, obj: &mut Value) {
+    if (info.group, info.kind) == ("", "Pod") {
+        // Every pod tolerates a node being not ready or unreachable for a while, so a short
+        // loss of heartbeat does not evict it at once (DefaultTolerationSeconds).
+        let spec = obj_mut(obj, "spec");
+        if !spec["tolerations"].is_array() {
+            spec["tolerations"] = json!([]);
+        }
+        let list = spec["tolerations"].as_array_mut().expect("set above");
+        for key in [
+            "node.kubernetes.io/not-ready",
+            "node.kubernetes.io/unreachable",
+        ] {
+            let covered = list.iter().any(|t| {
+                let effect = t["effect"].as_str().unwrap_or_default();
+                (effect.is_empty() || effect == "NoExecute")
+                    && (t["key"] == key || (t["key"].is_null() && t["operator"] == "Exists"))
+            });
+            if !covered {
+                list.push(
+                    json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                                 "tolerationSeconds": DEFAULT_TOLERATION_SECONDS}),
+                );
+            }
+        }
+    }
+}
+
 fn default_template(spec: &mut Value) {
     if let Some(t) = spec.get_mut("template") {
         default_pod_spec(obj_mut(t, "spec"));

@@ -619,6 +619,7 @@ impl Api {
             obj["metadata"]["generation"] = json!(1);
         }
         admission::default(info, &mut obj);
+        admission::on_create(info, &mut obj);
         let mut errs = admission::validate_name(info, &name);
         if let Some(g) = obj["metadata"]["generateName"].as_str() {
             if !name.is_empty() && !admission::is_dns1123_subdomain(&name) && errs.is_empty() {
