@@ -28,6 +28,9 @@ pub enum Which {
     Compare(Opts),
     /// The API server on the embedded store against etcd: creates, updates, lists, watches.
     Controlplane(Opts),
+    /// The scheduler: pods/s bound for 1,000 pods over 100 nodes, against a binder that
+    /// decides nothing.
+    Scheduler(Opts),
 }
 
 #[derive(Args, Clone)]
@@ -346,7 +349,8 @@ pub fn run(which: Which) -> Result<()> {
     let opts = match which {
         Which::Datapath(o) => o,
         Which::Compare(o) => return crate::compare::run(o.quick),
-        Which::Controlplane(o) => return controlplane(o.quick),
+        Which::Controlplane(o) => return crate_bench("controlplane", o.quick),
+        Which::Scheduler(o) => return crate_bench("scheduler", o.quick),
     };
     let plan = if opts.quick {
         Plan {
@@ -490,9 +494,9 @@ pub fn run(which: Which) -> Result<()> {
 
 /// Prints the Markdown report and writes it with the JSON one under `bench/results/`; returns
 /// the directory.
-/// The control plane benchmark lives with its crate (it drives the API server in-process);
-/// this runs it and keeps its results beside the others.
-fn controlplane(quick: bool) -> Result<()> {
+/// The control plane's benchmarks live with their crate (they drive the API server
+/// in-process); this runs one and keeps its results beside the others.
+fn crate_bench(bench: &str, quick: bool) -> Result<()> {
     let out = crate::workspace_root().join("bench/results");
     let out = out.to_string_lossy();
     let mut args = vec![
@@ -500,7 +504,7 @@ fn controlplane(quick: bool) -> Result<()> {
         "-p",
         "controlplane",
         "--bench",
-        "controlplane",
+        bench,
         "--",
         "--out",
         &out,

@@ -4,7 +4,8 @@
 //! - `test`: formatting, lints, unit tests and the end-to-end tests in network namespaces;
 //! - `up`: a demo cluster in network namespaces with ferry-proxy in front of three backends;
 //! - `bench datapath`: connection and request rates through Ferry against the direct path;
-//! - `bench compare`: Ferry against kube-proxy's layouts; `bench controlplane`: the API server.
+//! - `bench compare`: Ferry against kube-proxy's layouts; `bench controlplane`: the API server;
+//!   `bench scheduler`: pods bound per second.
 
 mod bench;
 mod charts;
