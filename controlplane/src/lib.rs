@@ -4,10 +4,16 @@
 //! - [`api`]: authentication, RBAC, admission, the REST verbs, watch, discovery, tables;
 //! - [`pki`]: the cluster CA, serving and client certificates, kubeconfigs;
 //! - [`server`]: HTTPS with client certificates;
-//! - [`controllers`]: the controller manager's control loops (a client of the API).
+//! - [`controllers`]: the controller manager's control loops (a client of the API);
+//! - [`scheduler`]: assigns pods to nodes;
+//! - [`leader`]: leader election on a Lease, so only one controller manager or scheduler acts;
+//! - [`events`]: Events as components report them.
 
 pub mod api;
 pub mod controllers;
+pub mod events;
+pub mod leader;
 pub mod pki;
+pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -34,11 +34,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The controller manager: Endpoints and EndpointSlices, ReplicaSets, Deployments, garbage collection.
+    /// The controller manager: Endpoints and EndpointSlices, ReplicaSets, Deployments, garbage
+    /// collection, node lifecycle.
     ControllerManager {
         /// Kubeconfig of the API server (the control plane writes controller-manager.kubeconfig).
         #[arg(long)]
         kubeconfig: PathBuf,
+        #[command(flatten)]
+        election: ElectionArgs,
+        /// A node silent (no Lease renewal, no status) this long is marked Unknown and tainted.
+        #[arg(long, default_value = "40s", value_parser = parse_duration)]
+        node_monitor_grace_period: Duration,
+        /// How often nodes' heartbeats are checked.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        node_monitor_period: Duration,
+    },
+    /// The scheduler: binds pending pods to nodes.
+    Scheduler {
+        /// Kubeconfig of the API server (the control plane writes scheduler.kubeconfig).
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[command(flatten)]
+        election: ElectionArgs,
     },
     /// Backup and restore of the embedded store.
     Snapshot {
@@ -64,6 +81,37 @@ enum SnapshotOp {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Args)]
+struct ElectionArgs {
+    /// Run only while holding the Lease kube-system/<component>, so that several copies can
+    /// run and one acts (`--leader-elect=false` to act at once).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// How long a leader's lease lasts without renewal before another copy takes over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_elect_lease_duration: Duration,
+}
+
+impl ElectionArgs {
+    /// Runs `work` as the leader of `lease` (or at once without election).
+    async fn run(
+        &self,
+        client: kube::Client,
+        lease: &str,
+        work: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        if !self.leader_elect {
+            return work.await;
+        }
+        if self.leader_elect_lease_duration < Duration::from_secs(1) {
+            bail!("--leader-elect-lease-duration: give at least 1s");
+        }
+        let cfg = controlplane::leader::Config::new(lease)
+            .with_lease_duration(self.leader_elect_lease_duration);
+        controlplane::leader::run_as_leader(client, cfg, work).await
+    }
 }
 
 #[derive(Args)]
@@ -165,18 +213,56 @@ async fn main() -> Result<()> {
             println!("store in {} restored to revision {rev}", data_dir.display());
             Ok(())
         }
-        Some(Cmd::ControllerManager { kubeconfig }) => {
-            use controlplane::controllers::{deployment, endpoints, gc, replicaset};
+        Some(Cmd::ControllerManager {
+            kubeconfig,
+            election,
+            node_monitor_grace_period,
+            node_monitor_period,
+        }) => {
+            use controlplane::controllers::{deployment, endpoints, gc, nodelifecycle, replicaset};
             let client = endpoints::client(&kubeconfig).await?;
+            let nodes = nodelifecycle::Options {
+                grace_period: node_monitor_grace_period,
+                monitor_period: node_monitor_period,
+            };
+            let work = async {
+                tokio::select! {
+                    r = endpoints::run(client.clone()) => r,
+                    r = replicaset::run(client.clone()) => r,
+                    r = gc::run(client.clone()) => r,
+                    r = deployment::run(client.clone()) => r,
+                    r = nodelifecycle::run(client.clone(), nodes) => r,
+                }
+            };
             tokio::select! {
-                r = endpoints::run(client.clone()) => r,
-                r = replicaset::run(client.clone()) => r,
-                r = gc::run(client.clone()) => r,
-                r = deployment::run(client) => r,
-                _ = tokio::signal::ctrl_c() => Ok(()),
+                r = election.run(client.clone(), "kube-controller-manager", work) => r,
+                _ = terminated() => Ok(()),
+            }
+        }
+        Some(Cmd::Scheduler {
+            kubeconfig,
+            election,
+        }) => {
+            let client = controlplane::controllers::endpoints::client(&kubeconfig).await?;
+            let work = controlplane::scheduler::run(client.clone());
+            tokio::select! {
+                r = election.run(client.clone(), "kube-scheduler", work) => r,
+                _ = terminated() => Ok(()),
             }
         }
         None => serve(cli.serve).await,
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
+        _ = term.recv() => info!("terminated; stopping"),
     }
 }
 
@@ -254,19 +340,11 @@ async fn serve(a: ServeArgs) -> Result<()> {
         "ferry-controlplane serving {server_url}; admin kubeconfig: {}",
         a.data_dir.join("admin.kubeconfig").display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = server::serve(api, listener, &pki) => {
             tracing::error!(result = ?r, "the API server stopped serving");
             r
         }
-        _ = tokio::signal::ctrl_c() => {
-            info!("interrupted; stopping");
-            Ok(())
-        }
-        _ = term.recv() => {
-            info!("terminated; stopping");
-            Ok(())
-        }
+        _ = terminated() => Ok(()),
     }
 }

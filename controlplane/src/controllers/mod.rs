@@ -1,11 +1,12 @@
 //! The controller manager: control loops that watch the API and act on it, as a client of the
 //! API server like any other (`ferry-controlplane controller-manager --kubeconfig ...`).
 //! So far: the Endpoints and EndpointSlice controller, the ReplicaSet and Deployment
-//! controllers and the garbage collector.
+//! controllers, the garbage collector and the node lifecycle controller.
 
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
+pub mod nodelifecycle;
 pub mod replicaset;
 
 use futures::{Stream, StreamExt};
