@@ -17,9 +17,10 @@ use crate::conntrack;
 use crate::datapath::Datapath;
 use crate::links::{self, Globs, LinkEvent};
 use crate::metrics::{FrontendLabels, Metrics, ScrapeRequest};
-use crate::model::{desired_state, NodeInfo, Snapshot};
-use crate::reconcile::Reconciler;
-use crate::source::ServiceSource;
+use crate::model::{desired_state, NodeInfo, Strictness};
+use crate::reconcile::{Reconciler, SyncStats};
+use crate::source::{ServiceSource, Update};
+use crate::view::LiveView;
 
 pub struct Config {
     pub interfaces: Globs,
@@ -43,36 +44,106 @@ struct Daemon {
     metrics: Arc<Metrics>,
     node: NodeInfo,
     attached: BTreeSet<String>,
+    /// Services and slices from a live source, recomputed per Service.
+    view: LiveView,
 }
 
 impl Daemon {
-    fn sync(&mut self, snapshot: &Snapshot, source: &impl ServiceSource) -> Result<()> {
+    fn sync(&mut self, update: Update, source: &impl ServiceSource) -> Result<()> {
         let start = Instant::now();
-        let desired = desired_state(snapshot, &self.node, source.strictness())?;
-        let stats = self.reconciler.apply(&mut self.datapath.maps, &desired)?;
+        let (stats, services, slices, recomputed) = match (source.strictness(), update) {
+            // A file is one document: all of it is valid, or none of it is applied.
+            (Strictness::File, Update::Snapshot(snapshot)) => {
+                let desired = desired_state(&snapshot, &self.node, Strictness::File)?;
+                let stats = self.reconciler.apply(&mut self.datapath.maps, &desired)?;
+                let n = snapshot.services.len();
+                (stats, n, snapshot.slices.len(), n)
+            }
+            // From the API: only the Services that changed are recomputed and written.
+            (_, update) => {
+                match update {
+                    Update::Snapshot(s) => self.view.replace_all(s),
+                    Update::Changes(changes) => {
+                        for c in changes {
+                            self.view.change(c);
+                        }
+                    }
+                }
+                let (stats, recomputed) = self.sync_view()?;
+                (stats, self.view.services(), self.view.slices(), recomputed)
+            }
+        };
         let took = start.elapsed();
         let m = &self.metrics;
         m.sync_duration.observe(took.as_secs_f64());
         m.syncs.inc();
         m.map_writes.inc_by(stats.writes);
         m.last_sync_writes.set(stats.writes as i64);
-        m.services.set(snapshot.services.len() as i64);
+        m.services.set(services as i64);
         m.frontends.set(self.reconciler.frontend_count() as i64);
         m.backends.set(self.reconciler.backend_count() as i64);
         m.last_sync
             .store(crate::metrics::unix_now(), Ordering::Relaxed);
-        info!(
-            services = snapshot.services.len(),
-            slices = snapshot.slices.len(),
-            frontends = desired.len(),
-            changed = stats.frontends_changed,
-            removed = stats.frontends_removed,
-            map_writes = stats.writes,
-            conntrack_flushed = stats.conntrack_flushed,
-            took_ms = took.as_secs_f64() * 1000.0,
-            "datapath in sync"
-        );
+        let level_info = recomputed == services || stats.frontends_removed > 0;
+        macro_rules! report {
+            ($lvl:ident) => {
+                $lvl!(
+                    services,
+                    slices,
+                    recomputed,
+                    frontends = self.reconciler.frontend_count(),
+                    changed = stats.frontends_changed,
+                    removed = stats.frontends_removed,
+                    map_writes = stats.writes,
+                    conntrack_flushed = stats.conntrack_flushed,
+                    took_ms = took.as_secs_f64() * 1000.0,
+                    "datapath in sync"
+                )
+            };
+        }
+        if level_info {
+            report!(info);
+        } else {
+            report!(debug);
+        }
         Ok(())
+    }
+
+    /// Writes what the live view's changed Services need; a Service with invalid objects is
+    /// reported and keeps what it had, without holding up the others.
+    fn sync_view(&mut self) -> Result<(SyncStats, usize)> {
+        let mut total = SyncStats::default();
+        let mut recomputed = 0;
+        // A delta can free a frontend another Service waits for: at most a few rounds.
+        for _ in 0..4 {
+            let d = self.view.delta(&self.node);
+            recomputed += d.recomputed;
+            for ((ns, name), e) in &d.errors {
+                self.metrics.sync_errors.inc();
+                error!("Service {ns}/{name} not applied, it keeps its last good state: {e}");
+            }
+            let stats =
+                match self
+                    .reconciler
+                    .apply_delta(&mut self.datapath.maps, &d.removed, &d.upserts)
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // The maps may hold part of the delta: bring them to the whole view.
+                        warn!("incremental update failed ({e:#}); writing the whole view");
+                        self.reconciler
+                            .apply(&mut self.datapath.maps, &self.view.installed())?
+                    }
+                };
+            total.writes += stats.writes;
+            total.frontends_changed += stats.frontends_changed;
+            total.frontends_removed += stats.frontends_removed;
+            total.conntrack_flushed += stats.conntrack_flushed;
+            if !self.view.has_changes() {
+                break;
+            }
+        }
+        Ok((total, recomputed))
     }
 
     fn link_event(&mut self, ev: LinkEvent, globs: &Globs) {
@@ -157,6 +228,7 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
             addresses: node_ips,
         },
         attached: BTreeSet::new(),
+        view: LiveView::default(),
     };
 
     // Attach to the links present now before the first sync, so "healthy" means "in the path".
@@ -177,7 +249,7 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            snap = source.next() => match snap.and_then(|s| d.sync(&s, &source)) {
+            update = source.next() => match update.and_then(|u| d.sync(u, &source)) {
                 Ok(()) => {}
                 Err(e) => {
                     d.metrics.sync_errors.inc();

@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod source;
+pub mod view;

@@ -299,272 +299,325 @@ pub fn desired_state(
             }
             continue;
         }
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" | "FQDN" => continue,
-            other => {
-                errs.push(
-                    &obj,
-                    "addressType",
-                    format!("unsupported value \"{other}\": supported values are \"IPv4\", \"IPv6\", \"FQDN\""),
-                );
-                continue;
-            }
-        }
-        let mut ports = Vec::new();
-        for (i, p) in slice.ports.iter().flatten().enumerate() {
-            let proto = parse_proto(
-                &mut errs,
-                &obj,
-                format!("ports[{i}].protocol"),
-                p.protocol.as_ref(),
-            );
-            let port = match p.port {
-                Some(v) => parse_port(&mut errs, &obj, format!("ports[{i}].port"), v),
-                None => {
-                    errs.push(
-                        &obj,
-                        format!("ports[{i}].port"),
-                        "Required value: port is required",
-                    );
-                    None
-                }
-            };
-            if let (Some(proto), Some(port)) = (proto, port) {
-                ports.push((p.name.clone().unwrap_or_default(), proto, port));
-            }
-        }
         let per_service = endpoints.entry((ns.clone(), svc_name)).or_default();
-        for (i, ep) in slice.endpoints.iter().enumerate() {
-            let cond = ep.conditions.as_ref();
-            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            if ep.addresses.is_empty() {
-                errs.push(
-                    &obj,
-                    format!("endpoints[{i}].addresses"),
-                    "Required value: at least one address",
-                );
-            }
-            // Kubernetes consumers use the first address of an endpoint.
-            let Some(first) = ep.addresses.first() else {
-                continue;
-            };
-            let Some(addr) = parse_ipv4(
-                &mut errs,
-                &obj,
-                format!("endpoints[{i}].addresses[0]"),
-                first,
-            ) else {
-                continue;
-            };
-            for (name, proto, port) in &ports {
-                per_service
-                    .entry((name.clone(), *proto))
-                    .or_default()
-                    .push(Endpoint {
-                        addr,
-                        port: *port,
-                        ready,
-                        serving,
-                        terminating,
-                        node: ep.node_name.clone(),
-                    });
-            }
-        }
+        add_slice_endpoints(slice, &obj, per_service, &mut errs);
     }
 
     let mut desired = DesiredState::new();
     let empty = PortEndpoints::new();
     for ((ns, name), svc) in &services {
-        let obj = format!("Service {ns}/{name}");
-        let Some(spec) = svc.spec.as_ref() else {
-            continue;
-        };
-        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        if svc_type == "ExternalName" {
-            continue;
-        }
-        if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
-            errs.push(
-                &obj,
-                "spec.type",
-                format!("unsupported value \"{svc_type}\": supported values are \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
-            );
-            continue;
-        }
-        // Cluster-internal addresses.
-        let mut cluster_ips = Vec::new();
-        let ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
-            (Some(list), _) if !list.is_empty() => list.iter().collect(),
-            (_, Some(ip)) => vec![ip],
-            _ => vec![],
-        };
-        for (i, ip) in ips.into_iter().enumerate() {
-            if ip == "None" || ip.is_empty() {
-                continue; // headless
-            }
-            let field = if spec.cluster_ips.is_some() {
-                format!("spec.clusterIPs[{i}]")
-            } else {
-                "spec.clusterIP".into()
-            };
-            if let Some(a) = parse_ipv4(&mut errs, &obj, field, ip) {
-                cluster_ips.push(a);
-            }
-        }
-        // Addresses reached from outside: external IPs and load-balancer ingress IPs.
-        let mut external_ips = Vec::new();
-        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-            if let Some(a) = parse_ipv4(&mut errs, &obj, format!("spec.externalIPs[{i}]"), ip) {
-                external_ips.push(a);
-            }
-        }
-        if svc_type == "LoadBalancer" {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|l| l.ingress.as_ref());
-            for (i, ing) in ingress.into_iter().flatten().enumerate() {
-                if let Some(ip) = &ing.ip {
-                    if let Some(a) = parse_ipv4(
-                        &mut errs,
-                        &obj,
-                        format!("status.loadBalancer.ingress[{i}].ip"),
-                        ip,
-                    ) {
-                        external_ips.push(a);
-                    }
-                }
-            }
-        }
-        let affinity_timeout = match spec.session_affinity.as_deref().unwrap_or("None") {
-            "None" => None,
-            "ClientIP" => {
-                let t = spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
-                if !(1..=86_400).contains(&t) {
-                    errs.push(
-                        &obj,
-                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        format!("invalid value {t}: must be greater than 0 and less than 86400"),
-                    );
-                    continue;
-                }
-                Some(t as u32)
-            }
-            other => {
-                errs.push(
-                    &obj,
-                    "spec.sessionAffinity",
-                    format!("unsupported value \"{other}\": supported values are \"ClientIP\", \"None\""),
-                );
-                continue;
-            }
-        };
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         let eps = endpoints.get(&(ns.clone(), name.clone())).unwrap_or(&empty);
-        let Some(ports) = spec.ports.as_ref() else {
-            continue;
-        };
-        if ports.is_empty() && !cluster_ips.is_empty() {
+        add_service_frontends(ns, name, svc, eps, node, &mut errs, &mut desired);
+    }
+
+    if errs.0.is_empty() {
+        Ok(desired)
+    } else {
+        Err(ValidationError(errs.0))
+    }
+}
+
+/// Adds the endpoints of one slice to its Service's, by (port name, protocol).
+fn add_slice_endpoints(
+    slice: &EndpointSlice,
+    obj: &str,
+    into: &mut PortEndpoints,
+    errs: &mut Errors,
+) {
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => return,
+        other => {
             errs.push(
-                &obj,
-                "spec.ports",
-                "Required value: a Service with a clusterIP needs at least one port",
+                obj,
+                "addressType",
+                format!("unsupported value \"{other}\": supported values are \"IPv4\", \"IPv6\", \"FQDN\""),
+            );
+            return;
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let proto = parse_proto(
+            errs,
+            obj,
+            format!("ports[{i}].protocol"),
+            p.protocol.as_ref(),
+        );
+        let port = match p.port {
+            Some(v) => parse_port(errs, obj, format!("ports[{i}].port"), v),
+            None => {
+                errs.push(
+                    obj,
+                    format!("ports[{i}].port"),
+                    "Required value: port is required",
+                );
+                None
+            }
+        };
+        if let (Some(proto), Some(port)) = (proto, port) {
+            ports.push((p.name.clone().unwrap_or_default(), proto, port));
+        }
+    }
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        if ep.addresses.is_empty() {
+            errs.push(
+                obj,
+                format!("endpoints[{i}].addresses"),
+                "Required value: at least one address",
             );
         }
-        for (i, p) in ports.iter().enumerate() {
-            let proto = parse_proto(
-                &mut errs,
-                &obj,
-                format!("spec.ports[{i}].protocol"),
-                p.protocol.as_ref(),
-            );
-            let port = parse_port(&mut errs, &obj, format!("spec.ports[{i}].port"), p.port);
-            let node_port = match p.node_port {
-                Some(np) if svc_type != "ClusterIP" => {
-                    parse_port(&mut errs, &obj, format!("spec.ports[{i}].nodePort"), np)
-                }
-                Some(_) => None,
-                None => None,
-            };
-            let (Some(proto), Some(port)) = (proto, port) else {
-                continue;
-            };
-            let port_name = p.name.clone().unwrap_or_default();
-            if ports.len() > 1 && port_name.is_empty() {
-                errs.push(
+        // Kubernetes consumers use the first address of an endpoint.
+        let Some(first) = ep.addresses.first() else {
+            continue;
+        };
+        let Some(addr) = parse_ipv4(errs, obj, format!("endpoints[{i}].addresses[0]"), first)
+        else {
+            continue;
+        };
+        for (name, proto, port) in &ports {
+            into.entry((name.clone(), *proto))
+                .or_default()
+                .push(Endpoint {
+                    addr,
+                    port: *port,
+                    ready,
+                    serving,
+                    terminating,
+                    node: ep.node_name.clone(),
+                });
+        }
+    }
+}
+
+/// Adds the frontends of one Service, with the backends its endpoints give them.
+fn add_service_frontends(
+    ns: &str,
+    name: &str,
+    svc: &Service,
+    eps: &PortEndpoints,
+    node: &NodeInfo,
+    errs: &mut Errors,
+    desired: &mut DesiredState,
+) {
+    let obj = format!("Service {ns}/{name}");
+    let Some(spec) = svc.spec.as_ref() else {
+        return;
+    };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return;
+    }
+    if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        errs.push(
+            &obj,
+            "spec.type",
+            format!("unsupported value \"{svc_type}\": supported values are \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""),
+        );
+        return;
+    }
+    // Cluster-internal addresses.
+    let mut cluster_ips = Vec::new();
+    let ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(list), _) if !list.is_empty() => list.iter().collect(),
+        (_, Some(ip)) => vec![ip],
+        _ => vec![],
+    };
+    for (i, ip) in ips.into_iter().enumerate() {
+        if ip == "None" || ip.is_empty() {
+            continue; // headless
+        }
+        let field = if spec.cluster_ips.is_some() {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".into()
+        };
+        if let Some(a) = parse_ipv4(errs, &obj, field, ip) {
+            cluster_ips.push(a);
+        }
+    }
+    // Addresses reached from outside: external IPs and load-balancer ingress IPs.
+    let mut external_ips = Vec::new();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        if let Some(a) = parse_ipv4(errs, &obj, format!("spec.externalIPs[{i}]"), ip) {
+            external_ips.push(a);
+        }
+    }
+    if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            if let Some(ip) = &ing.ip {
+                if let Some(a) = parse_ipv4(
+                    errs,
                     &obj,
-                    format!("spec.ports[{i}].name"),
-                    "Required value: ports must be named when a Service has more than one",
-                );
-            }
-            let label = if port_name.is_empty() {
-                format!("{ns}/{name}")
-            } else {
-                format!("{ns}/{name}:{port_name}")
-            };
-            let all = eps
-                .get(&(port_name, proto))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            let internal =
-                select_endpoints(all, internal_local.then_some(node.name.as_str()), proto);
-            let external =
-                select_endpoints(all, external_local.then_some(node.name.as_str()), proto);
-            let spec_for = |backends: &Vec<BackendAddr>, nodeport: bool| FrontendSpec {
-                service: label.clone(),
-                nodeport,
-                affinity_timeout,
-                backends: backends.clone(),
-            };
-            for addr in &cluster_ips {
-                desired.insert(
-                    Frontend {
-                        addr: *addr,
-                        port,
-                        proto,
-                    },
-                    spec_for(&internal, false),
-                );
-            }
-            for addr in &external_ips {
-                desired.insert(
-                    Frontend {
-                        addr: *addr,
-                        port,
-                        proto,
-                    },
-                    spec_for(&external, false),
-                );
-            }
-            if let Some(np) = node_port {
-                for addr in &node.addresses {
-                    let fe = Frontend {
-                        addr: *addr,
-                        port: np,
-                        proto,
-                    };
-                    if desired.insert(fe, spec_for(&external, true)).is_some() {
-                        errs.push(
-                            &obj,
-                            format!("spec.ports[{i}].nodePort"),
-                            format!("Duplicate value: {np}/{proto} is used by another Service"),
-                        );
-                    }
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    ip,
+                ) {
+                    external_ips.push(a);
                 }
             }
         }
     }
+    let affinity_timeout = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => None,
+        "ClientIP" => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
+            if !(1..=86_400).contains(&t) {
+                errs.push(
+                    &obj,
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!("invalid value {t}: must be greater than 0 and less than 86400"),
+                );
+                return;
+            }
+            Some(t as u32)
+        }
+        other => {
+            errs.push(
+                &obj,
+                "spec.sessionAffinity",
+                format!(
+                    "unsupported value \"{other}\": supported values are \"ClientIP\", \"None\""
+                ),
+            );
+            return;
+        }
+    };
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let Some(ports) = spec.ports.as_ref() else {
+        return;
+    };
+    if ports.is_empty() && !cluster_ips.is_empty() {
+        errs.push(
+            &obj,
+            "spec.ports",
+            "Required value: a Service with a clusterIP needs at least one port",
+        );
+    }
+    for (i, p) in ports.iter().enumerate() {
+        let proto = parse_proto(
+            errs,
+            &obj,
+            format!("spec.ports[{i}].protocol"),
+            p.protocol.as_ref(),
+        );
+        let port = parse_port(errs, &obj, format!("spec.ports[{i}].port"), p.port);
+        let node_port = match p.node_port {
+            Some(np) if svc_type != "ClusterIP" => {
+                parse_port(errs, &obj, format!("spec.ports[{i}].nodePort"), np)
+            }
+            Some(_) => None,
+            None => None,
+        };
+        let (Some(proto), Some(port)) = (proto, port) else {
+            continue;
+        };
+        let port_name = p.name.clone().unwrap_or_default();
+        if ports.len() > 1 && port_name.is_empty() {
+            errs.push(
+                &obj,
+                format!("spec.ports[{i}].name"),
+                "Required value: ports must be named when a Service has more than one",
+            );
+        }
+        let label = if port_name.is_empty() {
+            format!("{ns}/{name}")
+        } else {
+            format!("{ns}/{name}:{port_name}")
+        };
+        let all = eps
+            .get(&(port_name, proto))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let internal = select_endpoints(all, internal_local.then_some(node.name.as_str()), proto);
+        let external = select_endpoints(all, external_local.then_some(node.name.as_str()), proto);
+        let spec_for = |backends: &Vec<BackendAddr>, nodeport: bool| FrontendSpec {
+            service: label.clone(),
+            nodeport,
+            affinity_timeout,
+            backends: backends.clone(),
+        };
+        for addr in &cluster_ips {
+            desired.insert(
+                Frontend {
+                    addr: *addr,
+                    port,
+                    proto,
+                },
+                spec_for(&internal, false),
+            );
+        }
+        for addr in &external_ips {
+            desired.insert(
+                Frontend {
+                    addr: *addr,
+                    port,
+                    proto,
+                },
+                spec_for(&external, false),
+            );
+        }
+        if let Some(np) = node_port {
+            for addr in &node.addresses {
+                let fe = Frontend {
+                    addr: *addr,
+                    port: np,
+                    proto,
+                };
+                if desired.insert(fe, spec_for(&external, true)).is_some() {
+                    errs.push(
+                        &obj,
+                        format!("spec.ports[{i}].nodePort"),
+                        format!("Duplicate value: {np}/{proto} is used by another Service"),
+                    );
+                }
+            }
+        }
+    }
+}
 
+/// The frontends of one Service from its own slices (slices of other Services are ignored):
+/// what a live source recomputes when that Service or one of its slices changes.
+pub fn service_desired<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeInfo,
+) -> Result<DesiredState, ValidationError> {
+    let mut errs = Errors(Vec::new());
+    let ns = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let Some(name) = svc.metadata.name.clone() else {
+        errs.push(
+            &object_name("Service", Some(&ns), None),
+            "metadata.name",
+            "Required value: name is required",
+        );
+        return Err(ValidationError(errs.0));
+    };
+    let mut eps = PortEndpoints::new();
+    for slice in slices {
+        let obj = object_name("EndpointSlice", Some(&ns), slice.metadata.name.as_ref());
+        add_slice_endpoints(slice, &obj, &mut eps, &mut errs);
+    }
+    let mut desired = DesiredState::new();
+    add_service_frontends(&ns, &name, svc, &eps, node, &mut errs, &mut desired);
     if errs.0.is_empty() {
         Ok(desired)
     } else {

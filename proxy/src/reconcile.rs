@@ -330,18 +330,24 @@ impl Reconciler {
         })
     }
 
-    /// Refuses a desired state that would not fit the maps, before anything is written.
-    fn check_capacity(&self, desired: &DesiredState) -> Result<()> {
-        if desired.len() >= limits::REV_NAT as usize {
+    /// Refuses a change that would not fit the maps, before anything is written: `frontends`
+    /// are written (new or changed), and `frontends_after` will be installed afterwards.
+    /// Old and new entries of a changing frontend coexist for a moment: room is kept for both.
+    fn check_capacity<'a>(
+        &self,
+        frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendSpec)>,
+        frontends_after: usize,
+        full: bool,
+    ) -> Result<()> {
+        if frontends_after >= limits::REV_NAT as usize {
             bail!(
-                "{} frontends requested; the datapath holds at most {}: remove Services or ports",
-                desired.len(),
+                "{frontends_after} frontends requested; the datapath holds at most {}: remove Services or ports",
                 limits::REV_NAT - 1
             );
         }
         let mut slots = 0usize;
         let mut distinct = BTreeSet::new();
-        for (fe, spec) in desired {
+        for (fe, spec) in frontends {
             if spec.backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
                 bail!(
                     "{} ({fe}): {} endpoints; the datapath holds at most {} per Service port",
@@ -353,18 +359,30 @@ impl Reconciler {
             slots += spec.backends.len() + 1;
             distinct.extend(spec.backends.iter().copied());
         }
-        // Old and new entries coexist while a frontend changes: keep room for both.
         let installed_slots: usize = self.frontends.values().map(|f| f.slots.len() + 1).sum();
-        if slots + installed_slots.min(slots) > limits::SERVICES as usize {
+        // A full sync replaces everything (the installed entries it keeps are counted in
+        // `slots`); a delta adds to what stays installed.
+        let extra_slots = if full {
+            installed_slots.min(slots)
+        } else {
+            installed_slots
+        };
+        if slots + extra_slots > limits::SERVICES as usize {
             bail!(
-                "{slots} service-map entries requested; the datapath holds at most {}",
+                "{} service-map entries requested; the datapath holds at most {}",
+                slots + extra_slots,
                 limits::SERVICES
             );
         }
-        if distinct.len() + self.backends.len().min(distinct.len()) > limits::BACKENDS as usize {
+        let extra_backends = if full {
+            self.backends.len().min(distinct.len())
+        } else {
+            self.backends.len()
+        };
+        if distinct.len() + extra_backends > limits::BACKENDS as usize {
             bail!(
                 "{} distinct endpoints requested; the datapath holds at most {}",
-                distinct.len(),
+                distinct.len() + extra_backends,
                 limits::BACKENDS
             );
         }
@@ -377,20 +395,49 @@ impl Reconciler {
         maps: &mut dyn DatapathMaps,
         desired: &DesiredState,
     ) -> Result<SyncStats> {
-        self.check_capacity(desired)?;
-        let mut stats = SyncStats::default();
-        // Removed frontends first: frees ids and map room for the new ones.
+        self.check_capacity(desired.iter(), desired.len(), true)?;
         let gone: Vec<Frontend> = self
             .frontends
             .keys()
             .filter(|fe| !desired.contains_key(fe))
             .copied()
             .collect();
-        for fe in gone {
-            self.remove_frontend(maps, &fe, &mut stats)
+        self.write(maps, &gone, desired)
+    }
+
+    /// Applies a change of some frontends only: `removed` go, `upserts` are written (unchanged
+    /// ones cost nothing). What is not named stays as it is.
+    pub fn apply_delta(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        removed: &[Frontend],
+        upserts: &DesiredState,
+    ) -> Result<SyncStats> {
+        let gone = removed
+            .iter()
+            .filter(|fe| self.frontends.contains_key(fe))
+            .count();
+        let added = upserts
+            .keys()
+            .filter(|fe| !self.frontends.contains_key(fe))
+            .count();
+        self.check_capacity(upserts.iter(), self.frontends.len() - gone + added, false)?;
+        self.write(maps, removed, upserts)
+    }
+
+    fn write(
+        &mut self,
+        maps: &mut dyn DatapathMaps,
+        removed: &[Frontend],
+        upserts: &DesiredState,
+    ) -> Result<SyncStats> {
+        let mut stats = SyncStats::default();
+        // Removed frontends first: frees ids and map room for the new ones.
+        for fe in removed {
+            self.remove_frontend(maps, fe, &mut stats)
                 .with_context(|| format!("removing frontend {fe}"))?;
         }
-        for (fe, spec) in desired {
+        for (fe, spec) in upserts {
             self.apply_frontend(maps, fe, spec, &mut stats)
                 .with_context(|| format!("programming {} ({fe})", spec.service))?;
         }

@@ -9,11 +9,20 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 
 use crate::model::{parse_yaml_incremental, Snapshot, Strictness};
+use crate::view::Change;
+
+/// What a source hands the daemon.
+pub enum Update {
+    /// A complete view: a file was read, or the API was (re)listed.
+    Snapshot(Snapshot),
+    /// Objects that changed since the last update (from a watch).
+    Changes(Vec<Change>),
+}
 
 pub trait ServiceSource: Send {
-    /// Waits for the next complete view. An `Err` is bad input: the daemon reports it and keeps
+    /// Waits for the next update. An `Err` is bad input: the daemon reports it and keeps
     /// its last good state. Must be cancel-safe (it is polled in a `select!`).
-    fn next(&mut self) -> impl Future<Output = Result<Snapshot>> + Send;
+    fn next(&mut self) -> impl Future<Output = Result<Update>> + Send;
     /// How strictly the view is checked (see `Strictness`).
     fn strictness(&self) -> Strictness;
 }
@@ -98,7 +107,7 @@ impl FileSource {
 }
 
 impl ServiceSource for FileSource {
-    async fn next(&mut self) -> Result<Snapshot> {
+    async fn next(&mut self) -> Result<Update> {
         loop {
             let stamp = self.stamp().await;
             if self.last.is_none() || stamp != self.stamp || stamp.is_none() {
@@ -114,6 +123,7 @@ impl ServiceSource for FileSource {
                     let text = String::from_utf8(content)
                         .with_context(|| format!("{}: not UTF-8", self.path.display()))?;
                     return parse_yaml_incremental(&text, &mut self.parsed)
+                        .map(Update::Snapshot)
                         .with_context(|| format!("{}", self.path.display()));
                 }
             }
@@ -129,19 +139,36 @@ impl ServiceSource for FileSource {
 
 /// Services and EndpointSlices listed and watched from a Kubernetes API server (Ferry's own or
 /// any conformant cluster), through kube-rs' watcher: it resumes a dropped watch from the last
-/// resourceVersion and relists when the server answers 410 Gone. Each change wakes `next`,
-/// which hands out the current view once both initial lists are in.
+/// resourceVersion and relists when the server answers 410 Gone. The first update is the
+/// complete view once both lists are in; after that each update names the objects that
+/// changed (every change waiting is taken at once), and a relist hands out the complete view
+/// again.
 pub struct ApiSource {
     services: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Service>,
     slices: kube::runtime::reflector::Store<k8s_openapi::api::discovery::v1::EndpointSlice>,
-    changed: tokio::sync::watch::Receiver<u64>,
+    changed: tokio::sync::mpsc::UnboundedReceiver<Dirty>,
+    listed: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What a watch event says changed.
+enum Dirty {
+    Service(crate::view::Key),
+    Slice(crate::view::Key),
+    /// A (re)list finished: the store holds a complete new view.
+    Listed,
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> crate::view::Key {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 impl ApiSource {
     pub async fn connect(kubeconfig: &std::path::Path) -> Result<Self> {
-        use futures::StreamExt;
-        use kube::runtime::{reflector, watcher, WatchStreamExt};
+        use kube::runtime::reflector;
         let kc = kube::config::Kubeconfig::read_from(kubeconfig)
             .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
         let config =
@@ -152,60 +179,85 @@ impl ApiSource {
                 })?;
         let server = config.cluster_url.to_string();
         let client = kube::Client::try_from(config).context("building the API client")?;
-        let (tx, changed) = tokio::sync::watch::channel(0u64);
-        let tx = Arc::new(tx);
+        let (tx, changed) = tokio::sync::mpsc::unbounded_channel();
         let (services, svc_writer) = reflector::store();
         let (slices, slice_writer) = reflector::store();
-        let mut tasks = Vec::new();
-        {
-            let tx = tx.clone();
-            let api = kube::Api::<k8s_openapi::api::core::v1::Service>::all(client.clone());
-            tasks.push(tokio::spawn(
-                watcher(api, watcher::Config::default())
-                    .default_backoff()
-                    .reflect(svc_writer)
-                    .for_each(move |ev| {
-                        report("services", &ev, &tx);
-                        std::future::ready(())
-                    }),
-            ));
-        }
-        {
-            let tx = tx.clone();
-            let api =
-                kube::Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client.clone());
-            tasks.push(tokio::spawn(
-                watcher(api, watcher::Config::default())
-                    .default_backoff()
-                    .reflect(slice_writer)
-                    .for_each(move |ev| {
-                        report("endpointslices", &ev, &tx);
-                        std::future::ready(())
-                    }),
-            ));
-        }
+        let tasks = vec![
+            tokio::spawn(follow(
+                "services",
+                kube::Api::<k8s_openapi::api::core::v1::Service>::all(client.clone()),
+                svc_writer,
+                tx.clone(),
+                |m| Dirty::Service(key_of(m)),
+            )),
+            tokio::spawn(follow(
+                "endpointslices",
+                kube::Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::all(client),
+                slice_writer,
+                tx,
+                |m| Dirty::Slice(key_of(m)),
+            )),
+        ];
         tracing::info!(%server, "watching Services and EndpointSlices");
         Ok(Self {
             services,
             slices,
             changed,
+            listed: false,
             tasks,
         })
     }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
+            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+        }
+    }
 }
 
-fn report<K>(
-    what: &str,
-    ev: &Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>,
-    tx: &tokio::sync::watch::Sender<u64>,
-) {
-    match ev {
-        Ok(_) => {
-            tx.send_modify(|n| *n += 1);
-        }
-        // The watcher retries with back-off; a 410 makes it relist.
-        Err(e) => tracing::warn!("watching {what}: {e}; retrying"),
-    }
+/// Feeds a store from a watch and reports each change's object (after the store has it).
+async fn follow<K>(
+    what: &'static str,
+    api: kube::Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    tx: tokio::sync::mpsc::UnboundedSender<Dirty>,
+    key: fn(&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Dirty,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use futures::StreamExt;
+    use kube::runtime::watcher::{watcher, Config, Event};
+    use kube::runtime::WatchStreamExt;
+    watcher(api, Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(move |ev| {
+            match ev {
+                Ok(Event::Apply(o)) | Ok(Event::Delete(o)) => {
+                    let _ = tx.send(key(o.meta()));
+                }
+                Ok(Event::InitDone) => {
+                    let _ = tx.send(Dirty::Listed);
+                }
+                Ok(Event::Init) | Ok(Event::InitApply(_)) => {}
+                // The watcher retries with back-off; a 410 makes it relist.
+                Err(e) => tracing::warn!("watching {what}: {e}; retrying"),
+            }
+            std::future::ready(())
+        })
+        .await;
 }
 
 impl Drop for ApiSource {
@@ -217,9 +269,9 @@ impl Drop for ApiSource {
 }
 
 impl ServiceSource for ApiSource {
-    async fn next(&mut self) -> Result<Snapshot> {
-        // Both waits are cancel-safe: readiness is a state, and the change counter is only
-        // marked seen once `changed` returns.
+    async fn next(&mut self) -> Result<Update> {
+        // Every wait is cancel-safe: readiness is a state, and a received message is
+        // handled before the next await.
         self.services
             .wait_until_ready()
             .await
@@ -228,19 +280,46 @@ impl ServiceSource for ApiSource {
             .wait_until_ready()
             .await
             .context("the EndpointSlice watcher stopped")?;
-        self.changed
-            .changed()
+        if !self.listed {
+            self.listed = true;
+            // The messages so far are all part of this first view.
+            while self.changed.try_recv().is_ok() {}
+            return Ok(Update::Snapshot(self.snapshot()));
+        }
+        let first = self
+            .changed
+            .recv()
             .await
             .context("the API watchers stopped")?;
-        Ok(Snapshot {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
-        })
+        let mut dirty = vec![first];
+        while let Ok(d) = self.changed.try_recv() {
+            dirty.push(d);
+        }
+        if dirty.iter().any(|d| matches!(d, Dirty::Listed)) {
+            return Ok(Update::Snapshot(self.snapshot()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut changes = Vec::new();
+        for d in dirty {
+            match d {
+                Dirty::Service(k) if seen.insert((0, k.clone())) => {
+                    let r = kube::runtime::reflector::ObjectRef::new(&k.1).within(&k.0);
+                    changes.push(Change::Service(
+                        k,
+                        self.services.get(&r).map(|s| Box::new((*s).clone())),
+                    ));
+                }
+                Dirty::Slice(k) if seen.insert((1, k.clone())) => {
+                    let r = kube::runtime::reflector::ObjectRef::new(&k.1).within(&k.0);
+                    changes.push(Change::Slice(
+                        k,
+                        self.slices.get(&r).map(|s| Box::new((*s).clone())),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(Update::Changes(changes))
     }
 
     fn strictness(&self) -> Strictness {
@@ -263,13 +342,10 @@ mod tests {
         };
         std::fs::write(&path, svc("a")).unwrap();
         let mut src = FileSource::new(path.clone());
-        assert_eq!(
-            src.next().await.unwrap().services[0]
-                .metadata
-                .name
-                .as_deref(),
-            Some("a")
-        );
+        let Update::Snapshot(first) = src.next().await.unwrap() else {
+            panic!("a file gives snapshots")
+        };
+        assert_eq!(first.services[0].metadata.name.as_deref(), Some("a"));
         let tmp = dir.join("tmp");
         std::fs::write(&tmp, svc("b")).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
@@ -279,11 +355,12 @@ mod tests {
         }
         let snap = tokio::time::timeout(Duration::from_secs(1), src.next()).await;
         let names: Vec<_> = match snap {
-            Ok(Ok(s)) => s
+            Ok(Ok(Update::Snapshot(s))) => s
                 .services
                 .into_iter()
                 .filter_map(|s| s.metadata.name)
                 .collect(),
+            Ok(Ok(Update::Changes(_))) => panic!("a file gives snapshots"),
             Ok(Err(e)) => panic!("{e}"),
             Err(_) => Vec::new(),
         };
