@@ -31,6 +31,8 @@ pub enum Which {
     /// The scheduler: pods/s bound for 1,000 pods over 100 nodes, against a binder that
     /// decides nothing.
     Scheduler(Opts),
+    /// ferry-proxy fed from the API: EndpointSlice write to live map entry, 10,000 Services.
+    Endpoints(Opts),
 }
 
 #[derive(Args, Clone)]
@@ -349,8 +351,9 @@ pub fn run(which: Which) -> Result<()> {
     let opts = match which {
         Which::Datapath(o) => o,
         Which::Compare(o) => return crate::compare::run(o.quick),
-        Which::Controlplane(o) => return crate_bench("controlplane", o.quick),
-        Which::Scheduler(o) => return crate_bench("scheduler", o.quick),
+        Which::Controlplane(o) => return crate_bench("controlplane", "controlplane", o.quick),
+        Which::Scheduler(o) => return crate_bench("controlplane", "scheduler", o.quick),
+        Which::Endpoints(o) => return crate_bench("proxy", "endpoint_latency", o.quick),
     };
     let plan = if opts.quick {
         Plan {
@@ -494,21 +497,13 @@ pub fn run(which: Which) -> Result<()> {
 
 /// Prints the Markdown report and writes it with the JSON one under `bench/results/`; returns
 /// the directory.
-/// The control plane's benchmarks live with their crate (they drive the API server
-/// in-process); this runs one and keeps its results beside the others.
-fn crate_bench(bench: &str, quick: bool) -> Result<()> {
+/// Benchmarks that live with their crate (the control plane's drive the API server
+/// in-process; the proxy's reads its pinned maps); this runs one and keeps its results
+/// beside the others.
+fn crate_bench(krate: &str, bench: &str, quick: bool) -> Result<()> {
     let out = crate::workspace_root().join("bench/results");
     let out = out.to_string_lossy();
-    let mut args = vec![
-        "bench",
-        "-p",
-        "controlplane",
-        "--bench",
-        bench,
-        "--",
-        "--out",
-        &out,
-    ];
+    let mut args = vec!["bench", "-p", krate, "--bench", bench, "--", "--out", &out];
     if quick {
         args.push("--quick");
     }

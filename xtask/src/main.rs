@@ -5,7 +5,7 @@
 //! - `up`: a demo cluster in network namespaces with ferry-proxy in front of three backends;
 //! - `bench datapath`: connection and request rates through Ferry against the direct path;
 //! - `bench compare`: Ferry against kube-proxy's layouts; `bench controlplane`: the API server;
-//!   `bench scheduler`: pods bound per second.
+//!   `bench scheduler`: pods bound per second; `bench endpoints`: EndpointSlice to live map entry.
 
 mod bench;
 mod charts;
