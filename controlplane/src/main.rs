@@ -34,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The controller manager: Endpoints and EndpointSlices, ReplicaSets, Deployments, garbage
+    /// The controller manager: Endpoints and EndpointSlices, ReplicaSets and
+    /// ReplicationControllers, Deployments, DaemonSets, Jobs, CronJobs, StatefulSets, garbage
     /// collection, node lifecycle.
     ControllerManager {
         /// Kubeconfig of the API server (the control plane writes controller-manager.kubeconfig).
@@ -219,7 +220,10 @@ async fn main() -> Result<()> {
             node_monitor_grace_period,
             node_monitor_period,
         }) => {
-            use controlplane::controllers::{deployment, endpoints, gc, nodelifecycle, replicaset};
+            use controlplane::controllers::{
+                cronjob, daemonset, deployment, endpoints, gc, job, nodelifecycle, replicaset,
+                statefulset,
+            };
             let client = endpoints::client(&kubeconfig).await?;
             let nodes = nodelifecycle::Options {
                 grace_period: node_monitor_grace_period,
@@ -228,10 +232,15 @@ async fn main() -> Result<()> {
             let work = async {
                 tokio::select! {
                     r = endpoints::run(client.clone()) => r,
-                    r = replicaset::run(client.clone()) => r,
+                    r = replicaset::run::<k8s_openapi::api::apps::v1::ReplicaSet>(client.clone()) => r,
+                    r = replicaset::run::<k8s_openapi::api::core::v1::ReplicationController>(client.clone()) => r,
                     r = gc::run(client.clone()) => r,
                     r = deployment::run(client.clone()) => r,
                     r = nodelifecycle::run(client.clone(), nodes) => r,
+                    r = daemonset::run(client.clone()) => r,
+                    r = job::run(client.clone()) => r,
+                    r = cronjob::run(client.clone()) => r,
+                    r = statefulset::run(client.clone()) => r,
                 }
             };
             tokio::select! {

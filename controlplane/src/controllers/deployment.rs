@@ -32,16 +32,7 @@ struct Ctx {
 
 /// A stable hash of the pod template, as the new set's name suffix and label.
 fn template_hash(d: &Deployment) -> String {
-    let t = serde_json::to_string(&d.spec.as_ref().map(|s| &s.template)).unwrap_or_default();
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in t.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    (0..10)
-        .map(|i| ALPHABET[((h >> (i * 6)) % ALPHABET.len() as u64) as usize] as char)
-        .collect()
+    super::pods::hash(&d.spec.as_ref().map(|s| &s.template))
 }
 
 /// maxSurge / maxUnavailable: an int, or a percentage of `replicas` (surge rounds up,

@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -43,6 +43,9 @@ struct Ep {
     node: Option<String>,
     pod: String,
     uid: Option<String>,
+    /// The pod's stable DNS name under a headless Service (`<hostname>.<service>`): set when
+    /// the pod names the Service as its subdomain, as StatefulSet pods do.
+    hostname: Option<String>,
 }
 
 type PortSet = Vec<(Option<String>, String, i32)>;
@@ -123,6 +126,11 @@ fn desired(svc: &Service, pods: &[Arc<Pod>]) -> BTreeMap<String, (PortSet, Vec<E
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             pod: pod.name_any(),
             uid: pod.metadata.uid.clone(),
+            hostname: pod
+                .spec
+                .as_ref()
+                .filter(|s| s.subdomain.as_deref() == Some(svc.name_any().as_str()))
+                .and_then(|s| s.hostname.clone()),
         };
         groups
             .entry(key)
@@ -146,17 +154,6 @@ fn short_hash(s: &str) -> String {
     format!("{:08x}", h)[..5].to_string()
 }
 
-fn owner(svc: &Service) -> OwnerReference {
-    OwnerReference {
-        api_version: "v1".into(),
-        kind: "Service".into(),
-        name: svc.name_any(),
-        uid: svc.metadata.uid.clone().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
-}
-
 fn slices_for(svc: &Service, groups: &BTreeMap<String, (PortSet, Vec<Ep>)>) -> Vec<EndpointSlice> {
     let name = svc.name_any();
     let ns = svc.namespace().unwrap_or_default();
@@ -174,7 +171,7 @@ fn slices_for(svc: &Service, groups: &BTreeMap<String, (PortSet, Vec<Ep>)>) -> V
                             MANAGED_BY.to_string(),
                         ),
                     ])),
-                    owner_references: Some(vec![owner(svc)]),
+                    owner_references: Some(vec![super::pods::controller_ref(svc)]),
                     ..Default::default()
                 },
                 address_type: "IPv4".into(),
@@ -193,6 +190,7 @@ fn slices_for(svc: &Service, groups: &BTreeMap<String, (PortSet, Vec<Ep>)>) -> V
                     .iter()
                     .map(|e| Endpoint {
                         addresses: vec![e.ip.clone()],
+                        hostname: e.hostname.clone(),
                         conditions: Some(EndpointConditions {
                             ready: Some(e.ready),
                             serving: Some(e.serving),
@@ -221,6 +219,7 @@ fn endpoints_for(svc: &Service, groups: &BTreeMap<String, (PortSet, Vec<Ep>)>) -
         .map(|(ports, eps)| {
             let addr = |e: &Ep| EndpointAddress {
                 ip: e.ip.clone(),
+                hostname: e.hostname.clone(),
                 node_name: e.node.clone(),
                 target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
                     kind: Some("Pod".into()),
@@ -229,7 +228,6 @@ fn endpoints_for(svc: &Service, groups: &BTreeMap<String, (PortSet, Vec<Ep>)>) -
                     uid: e.uid.clone(),
                     ..Default::default()
                 }),
-                ..Default::default()
             };
             let ready: Vec<EndpointAddress> = eps.iter().filter(|e| e.ready).map(addr).collect();
             let not_ready: Vec<EndpointAddress> =

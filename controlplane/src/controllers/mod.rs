@@ -1,13 +1,18 @@
 //! The controller manager: control loops that watch the API and act on it, as a client of the
 //! API server like any other (`ferry-controlplane controller-manager --kubeconfig ...`).
-//! So far: the Endpoints and EndpointSlice controller, the ReplicaSet and Deployment
-//! controllers, the garbage collector and the node lifecycle controller.
+//! Endpoints and EndpointSlices; ReplicaSets and ReplicationControllers; Deployments;
+//! DaemonSets; Jobs and CronJobs; StatefulSets; the garbage collector; node lifecycle.
 
+pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
+pub mod job;
 pub mod nodelifecycle;
+pub mod pods;
 pub mod replicaset;
+pub mod statefulset;
 
 use futures::{Stream, StreamExt};
 use kube::runtime::reflector::{self, Store};

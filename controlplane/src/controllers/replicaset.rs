@@ -1,4 +1,6 @@
-//! The ReplicaSet controller: keeps exactly `spec.replicas` live pods per ReplicaSet.
+//! The ReplicaSet and ReplicationController controller: keeps exactly `spec.replicas` live
+//! pods per set (one generic loop serves both kinds; they differ only in how the selector
+//! is written).
 //!
 //! Pods are matched by the set's selector and owned through a controller ownerReference;
 //! matching orphans are adopted. New pods get names chosen here, so the controller knows which
@@ -7,64 +9,85 @@
 //! lagging cache would make it create a fourth pod where three were asked for. Scaling down
 //! removes pods that are not scheduled, then not ready, then the newest.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, ReplicationController};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::pods::{
+    controller_of, controller_ref, from_template, is_active, is_ready, owned_by, random_suffix,
+    Expectations,
+};
 use crate::api::selectors::LabelSelector;
 
-/// How long to wait for the cache to show our own writes before acting anyway.
-const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// A kind that keeps a number of pods from a template.
+pub trait Replicated:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn selector(&self) -> Result<LabelSelector, String>;
+    fn replicas(&self) -> i32;
+    fn template(&self) -> PodTemplateSpec;
+}
 
-#[derive(Default)]
-struct Expect {
-    create: HashSet<String>,
-    delete: HashSet<String>,
-    since: Option<Instant>,
+impl Replicated for ReplicaSet {
+    fn selector(&self) -> Result<LabelSelector, String> {
+        let sel = self.spec.as_ref().map(|s| &s.selector);
+        LabelSelector::from_object(&serde_json::to_value(sel).unwrap_or_default())
+    }
+    fn replicas(&self) -> i32 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+    }
+    fn template(&self) -> PodTemplateSpec {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.template.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Replicated for ReplicationController {
+    /// A map of labels; without one, the template's labels (as Kubernetes defaults it).
+    fn selector(&self) -> Result<LabelSelector, String> {
+        let labels = self
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .filter(|s| !s.is_empty())
+            .or_else(|| self.template().metadata.and_then(|m| m.labels))
+            .unwrap_or_default();
+        LabelSelector::from_object(&json!({ "matchLabels": labels }))
+    }
+    fn replicas(&self) -> i32 {
+        self.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+    }
+    fn template(&self) -> PodTemplateSpec {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.template.clone())
+            .unwrap_or_default()
+    }
 }
 
 struct Ctx {
     client: Client,
     pods: Store<Pod>,
-    expect: Mutex<HashMap<String, Expect>>,
-}
-
-fn owned_by(pod: &Pod, uid: &str) -> bool {
-    pod.owner_references()
-        .iter()
-        .any(|o| o.controller == Some(true) && o.uid == uid)
-}
-
-fn has_controller(pod: &Pod) -> bool {
-    pod.owner_references()
-        .iter()
-        .any(|o| o.controller == Some(true))
-}
-
-fn is_active(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && !matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded") | Some("Failed")
-        )
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    expect: Expectations,
 }
 
 /// Which pods go first when scaling down (Kubernetes' order, simplified): unscheduled, then
@@ -90,28 +113,19 @@ fn deletion_rank(pod: &Pod) -> (u8, u8, u8, std::cmp::Reverse<String>) {
     )
 }
 
-fn random_suffix() -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    (0..5)
-        .map(|_| ALPHABET[rand::random::<u32>() as usize % ALPHABET.len()] as char)
-        .collect()
-}
-
-async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
+async fn reconcile<K: Replicated>(rs: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
     ctx.pods.wait_until_ready().await.ok();
     let ns = rs.namespace().unwrap_or_default();
     let name = rs.name_any();
-    let uid = rs.metadata.uid.clone().unwrap_or_default();
-    if rs.metadata.deletion_timestamp.is_some() {
+    let kind = K::kind(&());
+    let uid = rs.meta().uid.clone().unwrap_or_default();
+    if rs.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let spec = rs.spec.clone().unwrap_or_default();
-    let selector = match LabelSelector::from_object(
-        &serde_json::to_value(&spec.selector).unwrap_or_default(),
-    ) {
+    let selector = match rs.selector() {
         Ok(s) if !s.is_empty() => s,
         _ => {
-            warn!(replicaset = %format!("{ns}/{name}"), "invalid or empty selector; nothing to do");
+            warn!(%kind, set = %format!("{ns}/{name}"), "invalid or empty selector; nothing to do");
             return Ok(Action::await_change());
         }
     };
@@ -123,30 +137,20 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, kube::E
         .collect();
     let names: HashSet<String> = pods.iter().map(|p| p.name_any()).collect();
     // Wait for the cache to catch up with our own creates and deletes.
-    {
-        let mut exp = ctx.expect.lock().unwrap();
-        if let Some(e) = exp.get_mut(&uid) {
-            e.create.retain(|n| !names.contains(n));
-            e.delete.retain(|n| names.contains(n));
-            let pending = !e.create.is_empty() || !e.delete.is_empty();
-            let fresh = e.since.is_some_and(|t| t.elapsed() < EXPECTATION_TIMEOUT);
-            if pending && fresh {
-                return Ok(Action::requeue(Duration::from_millis(200)));
-            }
-            exp.remove(&uid);
-        }
+    if !ctx.expect.satisfied(&uid, &names) {
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let mut mine: Vec<Arc<Pod>> = Vec::new();
     for p in &pods {
         let labels = p.labels().clone();
-        if owned_by(p, &uid) {
+        if owned_by(&**p, &uid) {
             if selector.matches(&labels) {
                 mine.push(p.clone());
             }
-        } else if !has_controller(p) && selector.matches(&labels) && is_active(p) {
+        } else if controller_of(&**p).is_none() && selector.matches(&labels) && is_active(p) {
             // Adopt a matching orphan.
-            let patch = json!({"metadata": {"ownerReferences": [owner(&rs)]}});
+            let patch = json!({"metadata": {"ownerReferences": [controller_ref(&*rs)]}});
             pod_api
                 .patch(
                     &p.name_any(),
@@ -158,131 +162,116 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, kube::E
         }
     }
     let active: Vec<Arc<Pod>> = mine.iter().filter(|p| is_active(p)).cloned().collect();
-    let want = spec.replicas.unwrap_or(1).max(0) as usize;
-    let mut exp = Expect {
-        since: Some(Instant::now()),
-        ..Default::default()
-    };
+    let want = rs.replicas().max(0) as usize;
     if active.len() < want {
-        let template = spec.template.clone().unwrap_or_default();
+        let mut created = 0;
+        let template = rs.template();
         for _ in active.len()..want {
             let pod_name = format!("{name}-{}", random_suffix());
-            let meta = template.metadata.clone().unwrap_or_default();
-            let pod = Pod {
-                metadata: ObjectMeta {
-                    name: Some(pod_name.clone()),
-                    namespace: Some(ns.clone()),
-                    labels: meta.labels,
-                    annotations: meta.annotations,
-                    owner_references: Some(vec![owner(&rs)]),
-                    ..Default::default()
-                },
-                spec: template.spec.clone(),
-                status: None,
-            };
+            let pod = from_template(
+                &template,
+                &ns,
+                pod_name.clone(),
+                controller_ref(&*rs),
+                BTreeMap::new(),
+            );
             match pod_api.create(&PostParams::default(), &pod).await {
                 Ok(_) => {
-                    exp.create.insert(pod_name);
+                    ctx.expect.created(&uid, pod_name);
+                    created += 1;
                 }
                 Err(e) => {
-                    warn!(replicaset = %format!("{ns}/{name}"), error = %e, "creating a pod");
+                    warn!(%kind, set = %format!("{ns}/{name}"), error = %e, "creating a pod");
                     break;
                 }
             }
         }
-        info!(replicaset = %format!("{ns}/{name}"), created = exp.create.len(), "scaled up");
+        info!(%kind, set = %format!("{ns}/{name}"), created, "scaled up");
     } else if active.len() > want {
         let mut victims = active.clone();
         victims.sort_by_key(|p| deletion_rank(p));
+        let mut deleted = 0;
         for p in victims.into_iter().take(active.len() - want) {
             match pod_api
                 .delete(&p.name_any(), &DeleteParams::default())
                 .await
             {
                 Ok(_) => {
-                    exp.delete.insert(p.name_any());
+                    ctx.expect.deleted(&uid, p.name_any());
+                    deleted += 1;
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e),
             }
         }
-        info!(replicaset = %format!("{ns}/{name}"), deleted = exp.delete.len(), "scaled down");
-    }
-    if !exp.create.is_empty() || !exp.delete.is_empty() {
-        ctx.expect.lock().unwrap().insert(uid.clone(), exp);
+        info!(%kind, set = %format!("{ns}/{name}"), deleted, "scaled down");
     }
     // Status from what the cache shows now; the next pass (our writes wake it) corrects it.
-    let status = ReplicaSetStatus {
-        replicas: active.len() as i32,
-        fully_labeled_replicas: Some(active.len() as i32),
-        ready_replicas: Some(active.iter().filter(|p| is_ready(p)).count() as i32),
-        available_replicas: Some(active.iter().filter(|p| is_ready(p)).count() as i32),
-        observed_generation: rs.metadata.generation,
-        conditions: None,
-    };
-    if rs.status.as_ref() != Some(&status) {
-        let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let ready = active.iter().filter(|p| is_ready(p)).count();
+    let status = json!({
+        "replicas": active.len(),
+        "fullyLabeledReplicas": active.len(),
+        "readyReplicas": ready,
+        "availableReplicas": ready,
+        "observedGeneration": rs.meta().generation,
+    });
+    let current = serde_json::to_value(&*rs).unwrap_or_default()["status"].clone();
+    let differs = status.as_object().expect("an object").iter().any(|(k, v)| {
+        current.get(k).unwrap_or(&serde_json::Value::Null) != v
+            && !(v == 0 && current.get(k).is_none())
+    });
+    if differs {
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(
             &name,
             &PatchParams::default(),
-            &Patch::Merge(&json!({"status": status})),
+            &Patch::Merge(&json!({ "status": status })),
         )
         .await?;
     }
-    debug!(replicaset = %format!("{ns}/{name}"), active = active.len(), want, "reconciled");
+    debug!(%kind, set = %format!("{ns}/{name}"), active = active.len(), want, "reconciled");
     Ok(Action::await_change())
 }
 
-fn owner(rs: &ReplicaSet) -> OwnerReference {
-    OwnerReference {
-        api_version: "apps/v1".into(),
-        kind: "ReplicaSet".into(),
-        name: rs.name_any(),
-        uid: rs.metadata.uid.clone().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
-}
-
-fn error_policy(rs: Arc<ReplicaSet>, e: &kube::Error, _: Arc<Ctx>) -> Action {
-    warn!(replicaset = %rs.name_any(), error = %e, "reconcile failed; retrying");
+fn error_policy<K: Replicated>(rs: Arc<K>, e: &kube::Error, _: Arc<Ctx>) -> Action {
+    warn!(kind = %K::kind(&()), set = %rs.name_any(), error = %e, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(1))
 }
 
-pub async fn run(client: Client) -> anyhow::Result<()> {
+/// Runs the controller for one kind (ReplicaSet or ReplicationController).
+pub async fn run<K: Replicated>(client: Client) -> anyhow::Result<()> {
+    let kind = K::kind(&()).into_owned();
     let (pods, pod_events) = super::cached::<Pod>(&client);
-    let controller = Controller::new(
-        Api::<ReplicaSet>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    let controller = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
     let sets = controller.store();
-    info!("ReplicaSet controller started");
+    info!(%kind, "replica controller started");
+    let owner_kind = kind.clone();
     super::drain(
-        "replicaset",
+        &kind,
         controller
             // A pod change wakes its owner, or every set of its namespace (it may be adoptable).
             .watches_stream(pod_events, move |pod: Pod| {
                 let ns = pod.namespace();
-                let owner = pod
-                    .owner_references()
-                    .iter()
-                    .find(|o| o.controller == Some(true) && o.kind == "ReplicaSet")
-                    .map(|o| o.name.clone());
+                let owner = controller_of(&pod).map(|o| (o.kind.clone(), o.name.clone()));
+                let owner_kind = owner_kind.clone();
                 sets.state()
                     .into_iter()
                     .filter(move |s| {
-                        s.namespace() == ns && owner.as_ref().is_none_or(|o| *o == s.name_any())
+                        s.namespace() == ns
+                            && owner
+                                .as_ref()
+                                .is_none_or(|(k, n)| *k == owner_kind && *n == s.name_any())
                     })
                     .map(|s| ObjectRef::from_obj(&*s))
                     .collect::<Vec<_>>()
             })
             .run(
-                reconcile,
-                error_policy,
+                reconcile::<K>,
+                error_policy::<K>,
                 Arc::new(Ctx {
                     client,
                     pods,
-                    expect: Mutex::new(HashMap::new()),
+                    expect: Expectations::default(),
                 }),
             ),
     )

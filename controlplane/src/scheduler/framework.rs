@@ -353,6 +353,13 @@ fn selector_and_affinity_match(pod: &Pod, node: &Node) -> bool {
 /// Why a node cannot take a pod, in kube-scheduler's words (the counts and these strings make
 /// the "0/N nodes are available: ..." message).
 pub fn filter(pod: &Pod, demand: &Demand, n: &NodeState) -> Result<(), Vec<String>> {
+    node_constraints(pod, n)?;
+    resources_and_ports(demand, n)
+}
+
+/// What the node says about the pod regardless of load: cordoned, taints, labels. (The
+/// DaemonSet controller decides with these where its pods belong.)
+pub fn node_constraints(pod: &Pod, n: &NodeState) -> Result<(), Vec<String>> {
     let tolerations = pod
         .spec
         .as_ref()
@@ -388,6 +395,10 @@ pub fn filter(pod: &Pod, demand: &Demand, n: &NodeState) -> Result<(), Vec<Strin
             "node(s) didn't match Pod's node affinity/selector".into()
         ]);
     }
+    Ok(())
+}
+
+fn resources_and_ports(demand: &Demand, n: &NodeState) -> Result<(), Vec<String>> {
     if demand
         .host_ports
         .iter()
