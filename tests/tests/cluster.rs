@@ -1,246 +1,26 @@
 //! The whole control loop in network namespaces: API server, controller manager, scheduler
 //! and `ferry-proxy`, with real TCP traffic to a ClusterIP through the kernel datapath.
 //!
-//! The test plays the kubelet of two nodes (`TestKubelet`): it registers them, renews their
-//! Leases, and for each pod bound to one of them starts an echo server named after the pod
-//! in a free pod namespace of that node and reports it Running and Ready with that
-//! namespace's IP. A deleted pod's server keeps answering for a second (a preStop delay, as
-//! zero-downtime rollouts configure) and is then stopped, so a request routed to a pod after
-//! that fails.
+//! The test plays the kubelet of two nodes (`common::TestKubelet`): each pod bound to one
+//! gets an echo server named after it in a free pod namespace of that node; a deleted pod's
+//! server keeps answering for a second (a preStop delay) and then stops, so a request routed
+//! to a pod after that fails.
 
-use std::collections::{BTreeSet, HashMap};
+mod common;
+
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{apply, eventually, Slot, TestKubelet, SHUTDOWN_DELAY};
 use ferry_testbed::controlplane::ControlPlane;
-use ferry_testbed::echo::{tcp_ask, wait_listening};
+use ferry_testbed::echo::tcp_ask;
 use ferry_testbed::netns::Netns;
-use ferry_testbed::{bin_path, in_netns, Topology, ECHO_PORT};
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::ResourceExt;
-use serde_json::json;
+use ferry_testbed::{in_netns, Topology, ECHO_PORT};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-/// How long a deleted pod keeps serving before its server stops (its preStop delay).
-const SHUTDOWN_DELAY: Duration = Duration::from_secs(1);
-
-struct Slot {
-    ns: Netns,
-    ip: Ipv4Addr,
-}
-
-struct Running {
-    node: String,
-    slot: usize,
-    server: Child,
-    terminating_since: Option<Instant>,
-}
-
-/// Plays the kubelet of several nodes; see the module docs.
-struct TestKubelet {
-    stop: Arc<AtomicBool>,
-    alive: HashMap<String, Arc<AtomicBool>>,
-    /// Which node each pod runs on, by pod name (for the test's assertions).
-    placement: Arc<Mutex<HashMap<String, String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TestKubelet {
-    /// `host` is where the API server is reachable (the node namespace it runs in).
-    fn start(
-        host: &Netns,
-        kubeconfig: std::path::PathBuf,
-        nodes: Vec<(String, Vec<Slot>)>,
-    ) -> TestKubelet {
-        let stop = Arc::new(AtomicBool::new(false));
-        let alive: HashMap<String, Arc<AtomicBool>> = nodes
-            .iter()
-            .map(|(n, _)| (n.clone(), Arc::new(AtomicBool::new(true))))
-            .collect();
-        let placement = Arc::new(Mutex::new(HashMap::new()));
-        let (stop2, alive2, placement2) = (stop.clone(), alive.clone(), placement.clone());
-        let (registered_tx, registered_rx) = std::sync::mpsc::channel();
-        let host = std::fs::File::open(host.path()).expect("node namespace");
-        let thread = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            assert_eq!(
-                unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "entering the node namespace"
-            );
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let client = controlplane::controllers::endpoints::client(&kubeconfig)
-                    .await
-                    .expect("kubelet client");
-                let node_api: Api<Node> = Api::all(client.clone());
-                let lease_api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-                for (name, _) in &nodes {
-                    let node: Node = serde_json::from_value(json!({"metadata": {"name": name,
-                        "labels": {"kubernetes.io/hostname": name}}}))
-                    .unwrap();
-                    node_api.create(&PostParams::default(), &node).await.expect("node");
-                    node_api
-                        .patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": {
-                            "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
-                            "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
-                            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                            "lastHeartbeatTime": k8s_openapi::chrono::Utc::now()}]}})))
-                        .await
-                        .expect("node status");
-                    let lease: Lease = serde_json::from_value(json!({"metadata": {"name": name},
-                        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
-                                 "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::chrono::Utc::now())}}))
-                    .unwrap();
-                    lease_api.create(&PostParams::default(), &lease).await.expect("lease");
-                }
-                let _ = registered_tx.send(());
-                let pod_api: Api<Pod> = Api::all(client.clone());
-                let mut running: HashMap<String, Running> = HashMap::new();
-                let echo = bin_path("ferry-echo").expect("ferry-echo");
-                while !stop2.load(Ordering::Relaxed) {
-                    for (name, _) in &nodes {
-                        if alive2[name].load(Ordering::Relaxed) {
-                            let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::chrono::Utc::now());
-                            let _ = lease_api
-                                .patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"renewTime": now}})))
-                                .await;
-                        }
-                    }
-                    let Ok(pods) = pod_api.list(&ListParams::default()).await else {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    };
-                    let mut present = BTreeSet::new();
-                    for pod in pods {
-                        let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-                        present.insert(key.clone());
-                        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
-                            continue;
-                        };
-                        let Some((_, slots)) = nodes.iter().find(|(n, _)| *n == node) else {
-                            continue;
-                        };
-                        if !alive2[&node].load(Ordering::Relaxed) {
-                            continue; // a dead kubelet does nothing
-                        }
-                        let ns_api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
-                        if pod.metadata.deletion_timestamp.is_some() {
-                            let done = match running.get_mut(&key) {
-                                Some(r) => {
-                                    let since = *r.terminating_since.get_or_insert_with(Instant::now);
-                                    since.elapsed() >= SHUTDOWN_DELAY
-                                }
-                                None => true,
-                            };
-                            if done {
-                                if let Some(mut r) = running.remove(&key) {
-                                    let _ = r.server.kill();
-                                    let _ = r.server.wait();
-                                }
-                                let _ = ns_api
-                                    .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
-                                    .await;
-                            }
-                            continue;
-                        }
-                        if running.contains_key(&key) {
-                            continue;
-                        }
-                        let used: BTreeSet<usize> =
-                            running.values().filter(|r| r.node == node).map(|r| r.slot).collect();
-                        let Some(slot) = (0..slots.len()).find(|i| !used.contains(i)) else {
-                            continue; // the node is full: the pod stays Pending
-                        };
-                        let s = &slots[slot];
-                        let mut cmd = Command::new(&echo);
-                        cmd.args(["--name", &pod.name_any(), "--port", &ECHO_PORT.to_string()])
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null());
-                        let server = s.ns.spawn(&mut cmd).expect("echo server");
-                        wait_listening(&s.ns, SocketAddrV4::new(s.ip, ECHO_PORT).into())
-                            .expect("echo server listening");
-                        running.insert(
-                            key.clone(),
-                            Running { node: node.clone(), slot, server, terminating_since: None },
-                        );
-                        placement2.lock().unwrap().insert(pod.name_any(), node.clone());
-                        let status = json!({"status": {"phase": "Running", "podIP": s.ip.to_string(),
-                            "podIPs": [{"ip": s.ip.to_string()}],
-                            "conditions": [{"type": "PodScheduled", "status": "True"},
-                                           {"type": "Ready", "status": "True"},
-                                           {"type": "ContainersReady", "status": "True"}]}});
-                        let _ = ns_api
-                            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&status))
-                            .await;
-                    }
-                    // Pods deleted outright (or evicted and force-deleted) stop running.
-                    let gone: Vec<String> = running
-                        .iter()
-                        .filter(|(k, r)| !present.contains(*k) && alive2[&r.node].load(Ordering::Relaxed))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for k in gone {
-                        if let Some(mut r) = running.remove(&k) {
-                            let _ = r.server.kill();
-                            let _ = r.server.wait();
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                for (_, mut r) in running {
-                    let _ = r.server.kill();
-                    let _ = r.server.wait();
-                }
-            });
-        });
-        registered_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the test kubelet registered its nodes");
-        TestKubelet {
-            stop,
-            alive,
-            placement,
-            thread: Some(thread),
-        }
-    }
-
-    /// The node's kubelet stops: no more Lease renewals, no more pod handling (its pods'
-    /// servers keep running, as on a node cut off from the control plane).
-    fn stop_heartbeat(&self, node: &str) {
-        self.alive[node].store(false, Ordering::Relaxed);
-    }
-
-    fn node_of(&self, pod: &str) -> Option<String> {
-        self.placement.lock().unwrap().get(pod).cloned()
-    }
-}
-
-impl Drop for TestKubelet {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn apply(cp: &ControlPlane, yaml: &str) {
-    let out = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(yaml));
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Which servers answer `n` requests to the Service (failed requests are left out).
 fn servers(client: &Netns, n: usize) -> BTreeSet<String> {
@@ -275,14 +55,6 @@ fn ready_pods(cp: &ControlPlane) -> BTreeSet<String> {
             }
         })
         .collect()
-}
-
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Waits until the Service is served by exactly the ready pods, `count` of them, and returns them.
@@ -403,7 +175,7 @@ fn deployments_are_scheduled_served_rolled_and_moved_off_a_dead_node() {
         .collect()
     };
     let kubelet = TestKubelet::start(
-        &t.node,
+        Some(&t.node),
         cp.kubeconfig("admin"),
         vec![
             ("node-a".into(), slots(0..4)),

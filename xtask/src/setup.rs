@@ -9,7 +9,8 @@ use crate::sh;
 
 /// Debian packages: iproute2/ping/curl for the test bed and demo, iptables/nftables/conntrack
 /// for the comparisons, bpftool to inspect maps, iperf3 for bulk throughput, a font for charts,
-/// protoc for the etcd client's generated code, etcd for the control plane's etcd backend.
+/// protoc for the etcd client's generated code, etcd for the control plane's etcd backend,
+/// tzdata for CronJobs' time zones.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -23,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "protobuf-compiler",
     "etcd-server",
+    "tzdata",
 ];
 
 /// The Python `kubernetes` client the control plane's client tests run (pinned).

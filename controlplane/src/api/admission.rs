@@ -423,12 +423,21 @@ pub fn validate(info: &ResourceInfo, obj: &Value, old: Option<&Value>) -> Vec<Fi
             let sched = obj["spec"]["schedule"].as_str().unwrap_or_default();
             if sched.is_empty() {
                 errs.push(FieldError::required("spec.schedule"));
-            } else if !sched.starts_with('@') && sched.split_whitespace().count() != 5 {
+            } else if let Err(e) = crate::controllers::cronjob::Schedule::parse(sched) {
                 errs.push(FieldError::invalid(
                     "spec.schedule",
                     format!("\"{sched}\""),
-                    "a valid cron schedule has five fields: minute hour day-of-month month day-of-week",
+                    &e,
                 ));
+            }
+            if let Some(tz) = obj["spec"]["timeZone"].as_str().filter(|z| !z.is_empty()) {
+                if jiff::tz::TimeZone::get(tz).is_err() {
+                    errs.push(FieldError::invalid(
+                        "spec.timeZone",
+                        format!("\"{tz}\""),
+                        "unknown time zone (use an IANA name such as Europe/Berlin)",
+                    ));
+                }
             }
         }
         _ => {}
