@@ -17,7 +17,7 @@ use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -361,24 +361,7 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, kube::Erro
             "apiVersion": "batch/v1", "kind": "Job", "name": j.name_any(),
             "namespace": ns, "uid": j.metadata.uid})).collect::<Vec<_>>(),
     });
-    let cur = serde_json::to_value(&cj.status).unwrap_or_default();
-    let differs = new_status
-        .as_object()
-        .expect("an object")
-        .iter()
-        .any(|(k, v)| {
-            let c = cur.get(k).unwrap_or(&serde_json::Value::Null);
-            c != v && !(c.is_null() && v.as_array().is_some_and(|a| a.is_empty()))
-        });
-    if differs {
-        Api::<CronJob>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": new_status })),
-            )
-            .await?;
-    }
+    super::pods::write_status(&ctx.client, &*cj, new_status).await?;
     // Wake at the next scheduled time (and at least every minute, to follow the clock).
     let wait = schedule
         .next_after(now, &tz)

@@ -16,7 +16,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec, Toleration};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -146,12 +146,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, kube::Er
             return Ok(Action::await_change());
         }
     };
-    let pods: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .collect();
+    let pods = super::pods::in_namespace(&ctx.pods, &ns);
     let names: HashSet<String> = pods.iter().map(|p| p.name_any()).collect();
     if !ctx.expect.satisfied(&uid, &names) {
         return Ok(Action::requeue(Duration::from_millis(200)));
@@ -303,21 +298,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, kube::Er
         "numberUnavailable": eligible.len() - ready,
         "observedGeneration": ds.metadata.generation,
     });
-    let cur = serde_json::to_value(&ds.status).unwrap_or_default();
-    if status
-        .as_object()
-        .expect("an object")
-        .iter()
-        .any(|(k, v)| cur.get(k).unwrap_or(&serde_json::Value::Null) != v)
-    {
-        Api::<DaemonSet>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": status })),
-            )
-            .await?;
-    }
+    super::pods::write_status(&ctx.client, &*ds, status).await?;
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 

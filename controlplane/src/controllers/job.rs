@@ -16,7 +16,7 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -96,18 +96,15 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
     if job.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let pods: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
+    let pods: Vec<Arc<Pod>> = super::pods::in_namespace(&ctx.pods, &ns)
         .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && owned_by(&**p, &uid))
+        .filter(|p| owned_by(&**p, &uid))
         .collect();
     let names: HashSet<String> = pods.iter().map(|p| p.name_any()).collect();
     if !ctx.expect.satisfied(&uid, &names) {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let job_api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let status = job.status.clone().unwrap_or_default();
     let count = |ph: &str| pods.iter().filter(|p| phase(p) == Some(ph)).count() as i64;
     let succeeded = count("Succeeded").max(status.succeeded.unwrap_or(0) as i64);
@@ -231,21 +228,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, kube::Error> 
         conditions.retain(|c| c.type_ != "Suspended");
     }
     patch["conditions"] = serde_json::to_value(&conditions).unwrap_or_default();
-    let cur = serde_json::to_value(&job.status).unwrap_or_default();
-    let differs = patch
-        .as_object()
-        .expect("an object")
-        .iter()
-        .any(|(k, v)| cur.get(k).unwrap_or(&serde_json::Value::Null) != v);
-    if differs {
-        job_api
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": patch })),
-            )
-            .await?;
-    }
+    super::pods::write_status(&ctx.client, &*job, patch).await?;
     Ok(requeue)
 }
 

@@ -150,3 +150,54 @@ impl Expectations {
         f(e);
     }
 }
+
+/// The pods of one namespace in a cache.
+pub fn in_namespace(
+    pods: &kube::runtime::reflector::Store<Pod>,
+    ns: &str,
+) -> Vec<std::sync::Arc<Pod>> {
+    pods.state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
+        .collect()
+}
+
+/// Writes `status` (some of an object's status fields) with a merge patch of the status
+/// subresource, unless the object already says the same. A field the object lacks counts as
+/// saying 0, null or an empty list, as the API leaves such fields out.
+pub async fn write_status<K>(
+    client: &kube::Client,
+    obj: &K,
+    status: serde_json::Value,
+) -> kube::Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let current = serde_json::to_value(obj).unwrap_or_default()["status"].clone();
+    let empty = |v: &serde_json::Value| {
+        v.is_null() || *v == 0 || v.as_array().is_some_and(|a| a.is_empty())
+    };
+    let differs = status
+        .as_object()
+        .into_iter()
+        .flatten()
+        .any(|(k, v)| match current.get(k) {
+            Some(c) => c != v,
+            None => !empty(v),
+        });
+    if differs {
+        let api: kube::Api<K> =
+            kube::Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+        api.patch_status(
+            &obj.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -129,12 +129,7 @@ async fn reconcile<K: Replicated>(rs: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, k
             return Ok(Action::await_change());
         }
     };
-    let pods: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .collect();
+    let pods = super::pods::in_namespace(&ctx.pods, &ns);
     let names: HashSet<String> = pods.iter().map(|p| p.name_any()).collect();
     // Wait for the cache to catch up with our own creates and deletes.
     if !ctx.expect.satisfied(&uid, &names) {
@@ -215,20 +210,7 @@ async fn reconcile<K: Replicated>(rs: Arc<K>, ctx: Arc<Ctx>) -> Result<Action, k
         "availableReplicas": ready,
         "observedGeneration": rs.meta().generation,
     });
-    let current = serde_json::to_value(&*rs).unwrap_or_default()["status"].clone();
-    let differs = status.as_object().expect("an object").iter().any(|(k, v)| {
-        current.get(k).unwrap_or(&serde_json::Value::Null) != v
-            && !(v == 0 && current.get(k).is_none())
-    });
-    if differs {
-        let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({ "status": status })),
-        )
-        .await?;
-    }
+    super::pods::write_status(&ctx.client, &*rs, status).await?;
     debug!(%kind, set = %format!("{ns}/{name}"), active = active.len(), want, "reconciled");
     Ok(Action::await_change())
 }

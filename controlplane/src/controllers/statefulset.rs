@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -140,11 +140,9 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, kube:
     }
     let spec = sts.spec.clone().unwrap_or_default();
     let revision = format!("{name}-{}", hash(&spec.template));
-    let pods: BTreeMap<usize, Arc<Pod>> = ctx
-        .pods
-        .state()
+    let pods: BTreeMap<usize, Arc<Pod>> = super::pods::in_namespace(&ctx.pods, &ns)
         .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && owned_by(&**p, &uid))
+        .filter(|p| owned_by(&**p, &uid))
         .filter_map(|p| ordinal(&name, &p.name_any()).map(|i| (i, p)))
         .collect();
     let strategy = spec.update_strategy.clone().unwrap_or_default();
@@ -242,18 +240,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, kube:
         "updateRevision": revision,
         "observedGeneration": sts.metadata.generation,
     });
-    let cur = serde_json::to_value(&sts.status).unwrap_or_default();
-    if status.as_object().expect("an object").iter().any(|(k, v)| {
-        cur.get(k).unwrap_or(&serde_json::Value::Null) != v && !(v == 0 && cur.get(k).is_none())
-    }) {
-        Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "status": status })),
-            )
-            .await?;
-    }
+    super::pods::write_status(&ctx.client, &*sts, status).await?;
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
