@@ -176,12 +176,8 @@ fn jobs_complete_or_fail_as_their_pods_do() {
         c.cp.ok(&["get", "job", "ok", "-o", "jsonpath={.status.succeeded}"])
             .unwrap();
     assert_eq!(succeeded, "3");
-    let started = c.kubelet.record.lock().unwrap().started.clone();
-    assert_eq!(
-        started.iter().filter(|p| p.starts_with("ok-")).count(),
-        3,
-        "exactly three pods ran: {started:?}"
-    );
+    let started = c.kubelet.started("ok-");
+    assert_eq!(started.len(), 3, "exactly three pods ran: {started:?}");
 
     apply(
         &c.cp,
@@ -276,17 +272,11 @@ fn statefulset_orders_pods_and_names_them_stably() {
         c.cp.ok(&["rollout", "status", "sts/db", "--timeout=60s"])
             .unwrap();
     assert!(st.contains("rolling update complete 3 pods"), "{st}");
-    let started: Vec<String> = c
-        .kubelet
-        .record
-        .lock()
-        .unwrap()
-        .started
-        .iter()
-        .filter(|p| p.starts_with("db-"))
-        .cloned()
-        .collect();
-    assert_eq!(started, ["db-0", "db-1", "db-2"], "created in order");
+    assert_eq!(
+        c.kubelet.started("db-"),
+        ["db-0", "db-1", "db-2"],
+        "created in order"
+    );
     let dns =
         c.cp.ok(&[
             "get",
@@ -318,31 +308,11 @@ fn statefulset_orders_pods_and_names_them_stably() {
     );
 
     c.cp.ok(&["scale", "sts/db", "--replicas=1"]).unwrap();
-    let removed_db = || -> usize {
-        c.kubelet
-            .record
-            .lock()
-            .unwrap()
-            .removed
-            .iter()
-            .filter(|p| p.starts_with("db-"))
-            .count()
-    };
     eventually("two pods removed", Duration::from_secs(30), || {
-        removed_db() == 2
+        c.kubelet.removed("db-").len() == 2
     });
-    let removed: Vec<String> = c
-        .kubelet
-        .record
-        .lock()
-        .unwrap()
-        .removed
-        .iter()
-        .filter(|p| p.starts_with("db-"))
-        .cloned()
-        .collect();
     assert_eq!(
-        removed,
+        c.kubelet.removed("db-"),
         ["db-2", "db-1"],
         "removed from the highest ordinal"
     );

@@ -60,19 +60,19 @@ impl Running {
 }
 
 #[derive(Default)]
-pub struct Record {
+struct Record {
     /// Which node each pod runs on, by pod name.
-    pub placement: HashMap<String, String>,
+    placement: HashMap<String, String>,
     /// Pod names in the order they started.
-    pub started: Vec<String>,
+    started: Vec<String>,
     /// Pod names in the order they were removed.
-    pub removed: Vec<String>,
+    removed: Vec<String>,
 }
 
 pub struct TestKubelet {
     stop: Arc<AtomicBool>,
     alive: HashMap<String, Arc<AtomicBool>>,
-    pub record: Arc<Mutex<Record>>,
+    record: Arc<Mutex<Record>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -149,6 +149,26 @@ impl TestKubelet {
 
     pub fn node_of(&self, pod: &str) -> Option<String> {
         self.record.lock().unwrap().placement.get(pod).cloned()
+    }
+
+    /// Pods whose name starts with `prefix`, in the order they started.
+    pub fn started(&self, prefix: &str) -> Vec<String> {
+        let r = self.record.lock().unwrap();
+        r.started
+            .iter()
+            .filter(|p| p.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Pods whose name starts with `prefix`, in the order they were removed.
+    pub fn removed(&self, prefix: &str) -> Vec<String> {
+        let r = self.record.lock().unwrap();
+        r.removed
+            .iter()
+            .filter(|p| p.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 }
 
