@@ -1,0 +1,134 @@
+//! The commands, as a runtime (containerd's libcni) calls them.
+
+use serde_json::{json, Value};
+
+use crate::ipam::Pool;
+use crate::link;
+use crate::spec::{
+    prev_address, Added, CniError, Code, Command, Env, NetConf, Result, LATEST, SUPPORTED_VERSIONS,
+};
+
+/// Runs one command; `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
+pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
+    if env.command == Command::Version {
+        return Ok(Some(
+            json!({"cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS}),
+        ));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let net = conf.network()?;
+    let v = |min: &str| {
+        if net.version.as_str() < min {
+            Err(CniError::new(
+                Code::IncompatibleVersion,
+                "incompatible CNI version",
+                format!(
+                    "{:?} needs cniVersion {min} or later; the configuration says {}",
+                    env.command, net.version
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let pool = || Pool::open(&net.data_dir, &net.name, net.cidr, net.gateway);
+    let host_name = link::host_ifname(&env.container_id, &env.ifname);
+    match env.command {
+        Command::Version => unreachable!("answered above"),
+        Command::Add => {
+            let netns = env.netns.as_deref().expect("checked by Env::read");
+            // The lock is held only while choosing the address, so ADDs run in parallel.
+            let ip = pool()?.allocate(&env.container_id, &env.ifname)?;
+            let setup = link::Setup {
+                netns,
+                ifname: &env.ifname,
+                host_name: &host_name,
+                address: ip,
+                gateway: net.gateway,
+                mtu: net.mtu,
+            };
+            match link::add(&setup).await {
+                Ok((host, pod)) => {
+                    let address = ipnetwork::Ipv4Network::new(ip, net.cidr.prefix())
+                        .expect("prefix of a valid CIDR");
+                    let added = Added {
+                        host,
+                        pod,
+                        address,
+                        gateway: net.gateway,
+                    };
+                    Ok(Some(added.to_json(&net.version)))
+                }
+                Err(e) => {
+                    let _ = pool()?.release(&env.container_id, &env.ifname);
+                    Err(e)
+                }
+            }
+        }
+        Command::Del => {
+            link::del(env.netns.as_deref(), &env.ifname, &host_name).await?;
+            pool()?.release(&env.container_id, &env.ifname)?;
+            Ok(None)
+        }
+        Command::Check => {
+            v("0.4.0")?;
+            let prev = conf.prev_result.as_ref().ok_or_else(|| {
+                CniError::new(
+                    Code::InvalidConfig,
+                    "invalid network configuration",
+                    "prevResult: CHECK needs the result of ADD",
+                )
+            })?;
+            let address = prev_address(prev, &env.ifname)?;
+            let held = pool()?.find(&env.container_id, &env.ifname)?;
+            if held != Some(address.ip()) {
+                return Err(CniError::new(
+                    Code::UnknownContainer,
+                    "attachment is not as ADD left it",
+                    format!(
+                        "{} is not allocated to container {} ({})",
+                        address.ip(),
+                        env.container_id,
+                        env.ifname
+                    ),
+                ));
+            }
+            link::check(
+                env.netns.as_deref().expect("checked"),
+                &env.ifname,
+                &host_name,
+                address,
+            )
+            .await?;
+            Ok(None)
+        }
+        Command::Status => {
+            v("1.1.0")?;
+            let p = pool()?;
+            let used = p.allocations()?.len();
+            if used >= p.capacity() {
+                return Err(CniError::new(
+                    Code::NotAvailable,
+                    "no free address",
+                    format!("the pod CIDR {} is exhausted ({used} in use)", net.cidr),
+                ));
+            }
+            Ok(None)
+        }
+        Command::Gc => {
+            v("1.1.0")?;
+            let valid = conf.valid_attachments.clone().unwrap_or_default();
+            pool()?.collect(&valid)?;
+            Ok(None)
+        }
+    }
+}
+
+/// The version an error is reported in: the configuration's when it could be read.
+pub fn error_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(String::from))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| LATEST.to_string())
+}

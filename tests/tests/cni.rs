@@ -1,0 +1,356 @@
+//! `ferry-cni` driven as a container runtime drives it: the CNI environment, the network
+//! configuration on stdin, JSON on stdout and the exit code. The plugin runs inside a node
+//! namespace the test creates; pods are namespaces too, and real TCP goes between them.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use ferry_testbed::echo::{tcp_ask, wait_listening};
+use ferry_testbed::{bin_path, in_netns, Netns, ECHO_PORT};
+use serde_json::{json, Value};
+
+/// Namespaces and a data directory, removed when the test ends however it ends.
+struct Bed {
+    prefix: String,
+    node: Netns,
+    pods: Vec<Netns>,
+    data: std::path::PathBuf,
+    children: Vec<std::process::Child>,
+}
+
+impl Bed {
+    fn new(pods: usize) -> Bed {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "fc{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let node = Netns::create(&format!("{prefix}-node")).expect("node namespace");
+        let mut bed = Bed {
+            data: std::env::temp_dir().join(format!("{prefix}-ipam")),
+            prefix,
+            node,
+            pods: Vec::new(),
+            children: Vec::new(),
+        };
+        for i in 0..pods {
+            bed.add_pod(i);
+        }
+        bed
+    }
+
+    fn add_pod(&mut self, i: usize) -> Netns {
+        let ns = Netns::create(&format!("{}-p{i}", self.prefix)).expect("pod namespace");
+        self.pods.push(ns.clone());
+        ns
+    }
+
+    fn conf(&self, version: &str, cidr: &str) -> Value {
+        json!({"cniVersion": version, "name": "ferry", "type": "ferry-cni",
+               "podCIDR": cidr, "mtu": 1400, "dataDir": self.data})
+    }
+
+    /// Runs the plugin in the node namespace: (exit success, stdout as JSON or Null).
+    fn cni(&self, env: &[(&str, &str)], stdin: &str) -> (bool, Value) {
+        let mut cmd = Command::new(bin_path("ferry-cni").expect("ferry-cni"));
+        cmd.env_clear()
+            .env("CNI_PATH", "/usr/lib/cni")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.node.spawn(&mut cmd).expect("running ferry-cni");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
+        };
+        (out.status.success(), v)
+    }
+
+    fn call(
+        &self,
+        command: &str,
+        container: &str,
+        pod: Option<&Netns>,
+        conf: &Value,
+    ) -> (bool, Value) {
+        let netns = pod.map(|p| p.path()).unwrap_or_default();
+        let mut env = vec![
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
+            ),
+        ];
+        if pod.is_some() {
+            env.push(("CNI_NETNS", &netns));
+        }
+        self.cni(&env, &conf.to_string())
+    }
+
+    fn allocations(&self) -> usize {
+        std::fs::read_dir(self.data.join("ferry"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn host_links(&self) -> Vec<String> {
+        let out = self.node.exec("ip", &["-o", "link", "show"]).unwrap();
+        out.lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("fy"))
+            .collect()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in &self.pods {
+            p.delete();
+        }
+        self.node.delete();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn code(v: &Value) -> u64 {
+    v["code"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no error code in {v}"))
+}
+
+fn address(result: &Value) -> Ipv4Addr {
+    let a = result["ips"][0]["address"].as_str().expect("an address");
+    a.split('/').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn add_check_del_as_a_runtime_does() {
+    let mut bed = Bed::new(2);
+    let conf = bed.conf("1.0.0", "10.244.7.0/24");
+
+    let (ok, v) = bed.cni(&[("CNI_COMMAND", "VERSION")], "");
+    assert!(ok);
+    assert_eq!(v["cniVersion"], "1.1.0");
+    let versions: Vec<&str> = v["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(
+        versions.contains(&"1.0.0") && versions.contains(&"1.1.0"),
+        "{v}"
+    );
+
+    let (p0, p1) = (bed.pods[0].clone(), bed.pods[1].clone());
+    let (ok, r0) = bed.call("ADD", "c0", Some(&p0), &conf);
+    assert!(ok, "{r0}");
+    let (ok, r1) = bed.call("ADD", "c1", Some(&p1), &conf);
+    assert!(ok, "{r1}");
+    // The result names the pod interface with its sandbox, so the runtime finds eth0's IP.
+    assert_eq!(r0["cniVersion"], "1.0.0");
+    assert_eq!(r0["interfaces"][1]["name"], "eth0");
+    assert_eq!(r0["interfaces"][1]["sandbox"], p0.path());
+    assert_eq!(r0["ips"][0]["interface"], 1);
+    assert_eq!(r0["ips"][0]["gateway"], "10.244.7.1");
+    let (a0, a1) = (address(&r0), address(&r1));
+    assert_ne!(a0, a1);
+    let mtu = p0.exec("cat", &["/sys/class/net/eth0/mtu"]).unwrap();
+    assert_eq!(mtu.trim(), "1400");
+
+    // Real TCP from one pod to the other, through the node.
+    let mut echo = Command::new(bin_path("ferry-echo").unwrap());
+    echo.args(["--name", "pod1", "--port", &ECHO_PORT.to_string()])
+        .stdout(Stdio::null());
+    bed.children.push(p1.spawn(&mut echo).unwrap());
+    let to: SocketAddr = SocketAddrV4::new(a1, ECHO_PORT).into();
+    wait_listening(&p1, to).unwrap();
+    let answer = in_netns(&p0, move || tcp_ask(to, Duration::from_secs(2)))
+        .unwrap()
+        .expect("pod0 reaches pod1");
+    assert_eq!(answer.server, "pod1");
+    assert_eq!(answer.seen_client, a0.to_string(), "no NAT between pods");
+
+    // CHECK: as ADD left it, then not.
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = r0.clone();
+    let (ok, v) = bed.call("CHECK", "c0", Some(&p0), &with_prev);
+    assert!(ok, "{v}");
+    p0.exec("ip", &["link", "del", "eth0"]).unwrap();
+    let (ok, v) = bed.call("CHECK", "c0", Some(&p0), &with_prev);
+    assert!(!ok);
+    assert_eq!(code(&v), 3, "{v}");
+    assert!(
+        v["details"]
+            .as_str()
+            .unwrap()
+            .contains("eth0 does not exist"),
+        "{v}"
+    );
+
+    // DEL: releases, and succeeds again when everything is already gone.
+    assert_eq!(bed.allocations(), 2);
+    for _ in 0..2 {
+        let (ok, v) = bed.call("DEL", "c0", Some(&p0), &conf);
+        assert!(ok, "{v}");
+    }
+    assert_eq!(bed.allocations(), 1);
+    p1.delete();
+    let (ok, v) = bed.call("DEL", "c1", Some(&p1), &conf);
+    assert!(ok, "DEL after the namespace is gone: {v}");
+    let (ok, v) = bed.call("DEL", "c1", None, &conf);
+    assert!(ok, "DEL without CNI_NETNS: {v}");
+    assert_eq!(bed.allocations(), 0);
+    assert!(bed.host_links().is_empty(), "{:?}", bed.host_links());
+
+    // Older runtimes get the older result format.
+    let p2 = bed.add_pod(2);
+    let (ok, r) = bed.call("ADD", "c2", Some(&p2), &bed.conf("0.4.0", "10.244.7.0/24"));
+    assert!(ok, "{r}");
+    assert_eq!(r["ips"][0]["version"], "4");
+}
+
+#[test]
+fn errors_use_the_spec_codes() {
+    let bed = Bed::new(2);
+    let (p0, p1) = (bed.pods[0].clone(), bed.pods[1].clone());
+    let conf = bed.conf("1.0.0", "10.244.8.0/30");
+    let netns = p0.path();
+    let add_env = |id: &'static str, ns: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("CNI_COMMAND", "ADD".into()),
+            ("CNI_CONTAINERID", id.into()),
+            ("CNI_NETNS", ns.to_string()),
+            ("CNI_IFNAME", "eth0".into()),
+        ]
+    };
+    let run = |env: Vec<(&'static str, String)>, stdin: &str| {
+        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        bed.cni(&e, stdin)
+    };
+    let expect = |(ok, v): (bool, Value), want_code: u64, want: &str| {
+        assert!(!ok, "should fail: {v}");
+        assert_eq!(code(&v), want_code, "{v}");
+        let text = format!("{} {}", v["msg"], v["details"]);
+        assert!(text.contains(want), "{want:?} not in {v}");
+        assert!(v["cniVersion"].is_string(), "{v}");
+    };
+    expect(run(vec![], "{}"), 4, "CNI_COMMAND is not set");
+    expect(run(add_env("c", ""), &conf.to_string()), 4, "CNI_NETNS");
+    let mut bad_if = add_env("c", &netns);
+    bad_if[3].1 = "eth0:1".into();
+    expect(run(bad_if, &conf.to_string()), 4, "CNI_IFNAME");
+    expect(run(add_env("c", &netns), "{not json"), 6, "cannot decode");
+    let mut old = conf.clone();
+    old["cniVersion"] = json!("0.1.0");
+    expect(run(add_env("c", &netns), &old.to_string()), 1, "0.1.0");
+    let mut no_cidr = conf.clone();
+    no_cidr.as_object_mut().unwrap().remove("podCIDR");
+    expect(
+        run(add_env("c", &netns), &no_cidr.to_string()),
+        7,
+        "podCIDR: required",
+    );
+    let mut typo = conf.clone();
+    typo["mtuu"] = json!(1400);
+    expect(run(add_env("c", &netns), &typo.to_string()), 2, "mtuu");
+    expect(
+        run(
+            add_env("c", "/run/netns/no-such-namespace"),
+            &conf.to_string(),
+        ),
+        3,
+        "namespace is gone",
+    );
+    // A /30 holds one pod besides the gateway.
+    let (ok, v) = run(add_env("c1", &netns), &conf.to_string());
+    assert!(ok, "{v}");
+    expect(
+        run(add_env("c2", &p1.path()), &conf.to_string()),
+        100,
+        "exhausted",
+    );
+    assert!(
+        bed.host_links().len() == 1,
+        "a failed ADD leaves no link: {:?}",
+        bed.host_links()
+    );
+    // STATUS and GC are 1.1's.
+    let mut v11 = conf.clone();
+    v11["cniVersion"] = json!("1.1.0");
+    expect(
+        run(vec![("CNI_COMMAND", "STATUS".into())], &v11.to_string()),
+        50,
+        "exhausted",
+    );
+    expect(
+        run(vec![("CNI_COMMAND", "GC".into())], &conf.to_string()),
+        1,
+        "1.1.0",
+    );
+    // CHECK needs prevResult.
+    let mut check = add_env("c1", &netns);
+    check[0].1 = "CHECK".into();
+    expect(run(check, &conf.to_string()), 7, "prevResult");
+}
+
+#[test]
+fn concurrent_adds_get_unique_addresses_and_gc_frees_the_rest() {
+    let mut bed = Bed::new(0);
+    let pods: Vec<Netns> = (0..50).map(|i| bed.add_pod(i)).collect();
+    let conf = bed.conf("1.1.0", "10.244.9.0/24");
+    let bed = std::sync::Arc::new(bed);
+    let handles: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (bed, p, conf) = (bed.clone(), p.clone(), conf.clone());
+            std::thread::spawn(move || bed.call("ADD", &format!("c{i}"), Some(&p), &conf))
+        })
+        .collect();
+    let mut addrs = BTreeSet::new();
+    for h in handles {
+        let (ok, v) = h.join().unwrap();
+        assert!(ok, "{v}");
+        addrs.insert(address(&v));
+    }
+    assert_eq!(addrs.len(), 50, "50 ADDs, 50 distinct addresses");
+    assert_eq!(bed.allocations(), 50);
+    // GC: the runtime names the attachments it still has; the others are released.
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!((0..10)
+        .map(|i| json!({"containerID": format!("c{i}"), "ifname": "eth0"}))
+        .collect::<Vec<_>>());
+    let (ok, v) = bed.cni(&[("CNI_COMMAND", "GC")], &gc.to_string());
+    assert!(ok, "{v}");
+    assert_eq!(bed.allocations(), 10);
+    let (ok, v) = bed.cni(&[("CNI_COMMAND", "STATUS")], &conf.to_string());
+    assert!(ok && v.is_null(), "{v}");
+}
