@@ -3,18 +3,19 @@
 //! namespace the test creates; pods are namespaces too, and real TCP goes between them.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use ferry_testbed::cni::{result_address, Plugin};
 use ferry_testbed::echo::{tcp_ask, wait_listening};
 use ferry_testbed::{bin_path, in_netns, Netns, ECHO_PORT};
 use serde_json::{json, Value};
 
 /// Namespaces and a data directory, removed when the test ends however it ends.
 struct Bed {
+    plugin: Plugin,
     prefix: String,
     node: Netns,
     pods: Vec<Netns>,
@@ -24,6 +25,10 @@ struct Bed {
 
 impl Bed {
     fn new(pods: usize) -> Bed {
+        Bed::with(Plugin::ferry().expect("ferry-cni"), pods)
+    }
+
+    fn with(plugin: Plugin, pods: usize) -> Bed {
         static N: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "fc{}x{}",
@@ -32,6 +37,7 @@ impl Bed {
         );
         let node = Netns::create(&format!("{prefix}-node")).expect("node namespace");
         let mut bed = Bed {
+            plugin,
             data: std::env::temp_dir().join(format!("{prefix}-ipam")),
             prefix,
             node,
@@ -51,35 +57,16 @@ impl Bed {
     }
 
     fn conf(&self, version: &str, cidr: &str) -> Value {
-        json!({"cniVersion": version, "name": "ferry", "type": "ferry-cni",
-               "podCIDR": cidr, "mtu": 1400, "dataDir": self.data})
+        self.plugin.conf(version, cidr, &self.data)
     }
 
     /// Runs the plugin in the node namespace: (exit success, stdout as JSON or Null).
     fn cni(&self, env: &[(&str, &str)], stdin: &str) -> (bool, Value) {
-        let mut cmd = Command::new(bin_path("ferry-cni").expect("ferry-cni"));
-        cmd.env_clear()
-            .env("CNI_PATH", "/usr/lib/cni")
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = self.node.spawn(&mut cmd).expect("running ferry-cni");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {text}"))
-        };
-        (out.status.success(), v)
+        let o = self
+            .plugin
+            .run(&self.node, env, stdin)
+            .expect("running the plugin");
+        (o.ok, o.out)
     }
 
     fn call(
@@ -89,20 +76,11 @@ impl Bed {
         pod: Option<&Netns>,
         conf: &Value,
     ) -> (bool, Value) {
-        let netns = pod.map(|p| p.path()).unwrap_or_default();
-        let mut env = vec![
-            ("CNI_COMMAND", command),
-            ("CNI_CONTAINERID", container),
-            ("CNI_IFNAME", "eth0"),
-            (
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
-            ),
-        ];
-        if pod.is_some() {
-            env.push(("CNI_NETNS", &netns));
-        }
-        self.cni(&env, &conf.to_string())
+        let o = self
+            .plugin
+            .call(&self.node, command, container, pod, conf)
+            .expect("running the plugin");
+        (o.ok, o.out)
     }
 
     fn allocations(&self) -> usize {
@@ -146,8 +124,7 @@ fn code(v: &Value) -> u64 {
 }
 
 fn address(result: &Value) -> Ipv4Addr {
-    let a = result["ips"][0]["address"].as_str().expect("an address");
-    a.split('/').next().unwrap().parse().unwrap()
+    result_address(result).unwrap_or_else(|| panic!("no address in {result}"))
 }
 
 #[test]
@@ -354,3 +331,124 @@ fn concurrent_adds_get_unique_addresses_and_gc_frees_the_rest() {
     let (ok, v) = bed.cni(&[("CNI_COMMAND", "STATUS")], &conf.to_string());
     assert!(ok && v.is_null(), "{v}");
 }
+
+/// The same runtime-facing scenario against ferry-cni and the reference ptp + host-local, side
+/// by side: where their behaviour should match, it must.
+#[test]
+fn behaves_as_the_reference_plugins_do() {
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut outcomes: Vec<Vec<String>> = Vec::new();
+    for plugin in [Plugin::ferry().unwrap(), Plugin::reference().unwrap()] {
+        let mut bed = Bed::with(plugin, 2);
+        let (p0, p1) = (bed.pods[0].clone(), bed.pods[1].clone());
+        let conf = bed.conf("1.0.0", "10.246.0.0/24");
+        let mut seen = Vec::new();
+        let (_, r0) = note(
+            &mut seen,
+            "ADD pod 0",
+            bed.call("ADD", "c0", Some(&p0), &conf),
+        );
+        let (_, r1) = note(
+            &mut seen,
+            "ADD pod 1",
+            bed.call("ADD", "c1", Some(&p1), &conf),
+        );
+        let sandbox = r0["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["name"] == "eth0" && i["sandbox"] == p0.path());
+        seen.push(format!("result names eth0 in its sandbox: {sandbox}"));
+        let (a0, a1) = (address(&r0), address(&r1));
+        let mut echo = Command::new(bin_path("ferry-echo").unwrap());
+        echo.args(["--name", "pod1", "--port", &ECHO_PORT.to_string()])
+            .stdout(Stdio::null());
+        bed.children.push(p1.spawn(&mut echo).unwrap());
+        let to: SocketAddr = SocketAddrV4::new(a1, ECHO_PORT).into();
+        wait_listening(&p1, to).unwrap();
+        let seen_client = in_netns(&p0, move || tcp_ask(to, Duration::from_secs(2)))
+            .unwrap()
+            .map(|a| a.seen_client == a0.to_string());
+        seen.push(format!("pod to pod, no NAT: {:?}", seen_client.ok()));
+        let mut with_prev = conf.clone();
+        with_prev["prevResult"] = r0.clone();
+        note(
+            &mut seen,
+            "CHECK",
+            bed.call("CHECK", "c0", Some(&p0), &with_prev),
+        );
+        note(&mut seen, "DEL", bed.call("DEL", "c0", Some(&p0), &conf));
+        note(
+            &mut seen,
+            "DEL again",
+            bed.call("DEL", "c0", Some(&p0), &conf),
+        );
+        note(
+            &mut seen,
+            "DEL without CNI_NETNS",
+            bed.call("DEL", "c1", None, &conf),
+        );
+        note(&mut seen, "no CNI_COMMAND", bed.cni(&[], &conf.to_string()));
+        note(
+            &mut seen,
+            "stdin not JSON",
+            bed.call("ADD", "c2", Some(&p0), &json!("{")),
+        );
+        let mut future = conf.clone();
+        future["cniVersion"] = json!("9.9.9");
+        note(
+            &mut seen,
+            "cniVersion 9.9.9",
+            bed.call("ADD", "c2", Some(&p0), &future),
+        );
+        note(
+            &mut seen,
+            "CNI_NETNS missing",
+            bed.cni(
+                &[
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "c3"),
+                    ("CNI_IFNAME", "eth0"),
+                    ("CNI_NETNS", "/run/netns/none"),
+                ],
+                &conf.to_string(),
+            ),
+        );
+        outcomes.push(seen);
+    }
+    for (f, r) in outcomes[0].iter().zip(&outcomes[1]) {
+        let (what, fo) = f.split_once(": ").unwrap();
+        let ro = r.split_once(": ").unwrap().1;
+        rows.push((what.to_string(), fo.to_string(), ro.to_string()));
+    }
+    eprintln!("| case | ferry-cni | ptp + host-local |\n|---|---|---|");
+    for (w, f, r) in &rows {
+        eprintln!("| {w} | {f} | {r} |");
+    }
+    let differ: Vec<&(String, String, String)> = rows
+        .iter()
+        .filter(|(w, f, r)| f != r && !KNOWN_DIFFERENCES.contains(&w.as_str()))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "behaviour differs from the reference: {differ:?}"
+    );
+}
+
+/// Records one outcome as `what: ok` or `what: error <code>`.
+fn note(seen: &mut Vec<String>, what: &str, (ok, v): (bool, Value)) -> (bool, Value) {
+    let s = if ok {
+        "ok".to_string()
+    } else {
+        format!("error {}", v["code"])
+    };
+    seen.push(format!("{what}: {s}"));
+    (ok, v)
+}
+
+/// Where ferry-cni answers differently on purpose:
+/// - without CNI_COMMAND the reference plugins print their version on stderr and exit 0;
+///   the spec makes CNI_COMMAND required, so ferry-cni answers code 4 (invalid environment);
+/// - a CNI_NETNS that does not exist is the reference's generic code 999; ferry-cni says
+///   code 3 (unknown container), which runtimes can act on.
+const KNOWN_DIFFERENCES: &[&str] = &["no CNI_COMMAND", "CNI_NETNS missing"];

@@ -10,7 +10,8 @@ use crate::sh;
 /// Debian packages: iproute2/ping/curl for the test bed and demo, iptables/nftables/conntrack
 /// for the comparisons, bpftool to inspect maps, iperf3 for bulk throughput, a font for charts,
 /// protoc for the etcd client's generated code, etcd for the control plane's etcd backend,
-/// tzdata for CronJobs' time zones.
+/// tzdata for CronJobs' time zones, the reference CNI plugins (ptp, host-local, portmap) that
+/// ferry-cni is compared with.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -25,6 +26,7 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "etcd-server",
     "tzdata",
+    "containernetworking-plugins",
 ];
 
 /// The Python `kubernetes` client the control plane's client tests run (pinned).
