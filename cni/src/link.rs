@@ -14,9 +14,11 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{new_connection, Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    new_connection, Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::spec::{CniError, Code, Interface, Result};
 
@@ -146,42 +148,42 @@ pub async fn add(s: &Setup<'_>) -> Result<(Interface, Interface)> {
     if let Some(old) = find(&host, s.host_name).await? {
         let _ = host.link().del(old.header.index).execute().await;
     }
-    let peer = format!("{}p", &s.host_name[..s.host_name.len().min(14)]);
-    host.link()
-        .add(LinkVeth::new(s.host_name, &peer).mtu(s.mtu).build())
-        .execute()
-        .await
-        .map_err(|e| io(format!("creating veth {} / {peer}", s.host_name), e))?;
+    // The pod end is created in the pod's namespace, already named: moving a device
+    // between namespaces afterwards costs an RCU grace period (~25 ms here).
+    let ns_file = File::open(s.netns).map_err(|e| io(s.netns, e))?;
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(s.ifname.to_string())
+        .mtu(s.mtu)
+        .setns_by_fd(ns_file.as_raw_fd())
+        .build();
+    let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(s.host_name.to_string())
+        .mtu(s.mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    host.link().add(pair).execute().await.map_err(|e| {
+        io(
+            format!(
+                "creating veth {} / {} in {}",
+                s.host_name, s.ifname, s.netns
+            ),
+            e,
+        )
+    })?;
     let result = async {
-        let peer_link = find(&host, &peer)
-            .await?
-            .ok_or_else(|| io(format!("veth peer {peer}"), "missing after creation"))?;
-        let ns_file = File::open(s.netns).map_err(|e| io(s.netns, e))?;
-        host.link()
-            .set(
-                LinkUnspec::new_with_index(peer_link.header.index)
-                    .setns_by_fd(ns_file.as_raw_fd())
-                    .build(),
+        // The pod end: up, addressed, routed through the gateway.
+        let link = find(&pod, s.ifname).await?.ok_or_else(|| {
+            io(
+                format!("{} in {}", s.ifname, s.netns),
+                "missing after creation",
             )
-            .execute()
-            .await
-            .map_err(|e| io(format!("moving {peer} into {}", s.netns), e))?;
-        // The pod end: renamed, addressed, up, routed through the gateway.
-        let link = find(&pod, &peer)
-            .await?
-            .ok_or_else(|| io(format!("{peer} in {}", s.netns), "missing after the move"))?;
+        })?;
         let idx = link.header.index;
         pod.link()
-            .set(
-                LinkUnspec::new_with_index(idx)
-                    .name(s.ifname.to_string())
-                    .mtu(s.mtu)
-                    .up()
-                    .build(),
-            )
+            .set(LinkUnspec::new_with_index(idx).up().build())
             .execute()
             .await
-            .map_err(|e| io(format!("renaming {peer} to {}", s.ifname), e))?;
+            .map_err(|e| io(format!("setting {} up", s.ifname), e))?;
         pod.address()
             .add(idx, s.address.into(), 32)
             .execute()
@@ -237,7 +239,7 @@ pub async fn add(s: &Setup<'_>) -> Result<(Interface, Interface)> {
         // Pods reach each other and the world through the host: it must forward.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| io("enabling net.ipv4.ip_forward", e))?;
-        let pod_link = find(&pod, s.ifname).await?.unwrap_or(link);
+        let pod_link = link;
         Ok((
             Interface {
                 name: s.host_name.to_string(),
@@ -257,7 +259,7 @@ pub async fn add(s: &Setup<'_>) -> Result<(Interface, Interface)> {
         if let Ok(Some(l)) = find(&host, s.host_name).await {
             let _ = host.link().del(l.header.index).execute().await;
         }
-        if let Ok(Some(l)) = find(&pod, &peer).await {
+        if let Ok(Some(l)) = find(&pod, s.ifname).await {
             let _ = pod.link().del(l.header.index).execute().await;
         }
     }

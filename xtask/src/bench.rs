@@ -33,6 +33,8 @@ pub enum Which {
     Scheduler(Opts),
     /// ferry-proxy fed from the API: EndpointSlice write to live map entry, 10,000 Services.
     Endpoints(Opts),
+    /// ferry-cni against ptp + host-local: ADD and DEL latency for 100 pods.
+    Cni(Opts),
 }
 
 #[derive(Args, Clone)]
@@ -354,6 +356,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Controlplane(o) => return crate_bench("controlplane", "controlplane", o.quick),
         Which::Scheduler(o) => return crate_bench("controlplane", "scheduler", o.quick),
         Which::Endpoints(o) => return crate_bench("proxy", "endpoint_latency", o.quick),
+        Which::Cni(o) => return crate::bench_cni::run(o.quick),
     };
     let plan = if opts.quick {
         Plan {

@@ -5,9 +5,11 @@
 //! - `up`: a demo cluster in network namespaces with ferry-proxy in front of three backends;
 //! - `bench datapath`: connection and request rates through Ferry against the direct path;
 //! - `bench compare`: Ferry against kube-proxy's layouts; `bench controlplane`: the API server;
-//!   `bench scheduler`: pods bound per second; `bench endpoints`: EndpointSlice to live map entry.
+//!   `bench scheduler`: pods bound per second; `bench endpoints`: EndpointSlice to live map entry;
+//!   `bench cni`: ferry-cni's ADD/DEL against the reference plugins.
 
 mod bench;
+mod bench_cni;
 mod charts;
 mod compare;
 mod kube_rules;
@@ -88,6 +90,7 @@ pub fn build_release() -> Result<()> {
         ("FERRY_PROXY_BIN", "ferry-proxy"),
         ("FERRY_ECHO_BIN", "ferry-echo"),
         ("FERRY_LOADGEN_BIN", "ferry-loadgen"),
+        ("FERRY_CNI_BIN", "ferry-cni"),
     ] {
         std::env::set_var(var, dir.join(bin));
     }
