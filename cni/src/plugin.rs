@@ -49,6 +49,7 @@ pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
             };
             match link::add(&setup).await {
                 Ok((host, pod)) => {
+                    datapath_attached(&net.bpf_dir, &host.name).await;
                     let address = ipnetwork::Ipv4Network::new(ip, net.cidr.prefix())
                         .expect("prefix of a valid CIDR");
                     let added = Added {
@@ -122,6 +123,25 @@ pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
             Ok(None)
         }
     }
+}
+
+/// When ferry-proxy runs on this node (its program is pinned), waits until it has attached
+/// the datapath to the new host end (it watches for new links), so the pod's first packet
+/// already goes through Ferry. Without a running ferry-proxy there is nothing to wait for.
+async fn datapath_attached(bpf_dir: &std::path::Path, host_ifname: &str) {
+    if !bpf_dir.join("prog_ingress").exists() {
+        return;
+    }
+    let pin = bpf_dir.join("links").join(host_ifname);
+    for _ in 0..400 {
+        if pin.exists() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "ferry-cni: ferry-proxy has not attached to {host_ifname} within 2 s (is `fy*` among its --interfaces?); the pod runs without the datapath until it does"
+    );
 }
 
 /// The version an error is reported in: the configuration's when it could be read.

@@ -176,6 +176,9 @@ pub struct NetConf {
     /// Where allocations are kept (default /var/lib/ferry/ipam).
     #[serde(default)]
     pub data_dir: Option<String>,
+    /// Where ferry-proxy pins the datapath (default /sys/fs/bpf/ferry).
+    #[serde(default)]
+    pub bpf_dir: Option<String>,
     #[serde(default)]
     pub prev_result: Option<Value>,
     #[serde(default)]
@@ -202,6 +205,7 @@ pub struct Network {
     pub gateway: Ipv4Addr,
     pub mtu: u32,
     pub data_dir: std::path::PathBuf,
+    pub bpf_dir: std::path::PathBuf,
 }
 
 /// Fields of a network configuration this plugin knows (others are refused with code 2, so a
@@ -246,7 +250,7 @@ impl NetConf {
             return Err(CniError::new(
                 Code::UnsupportedField,
                 "unsupported field",
-                format!("{k}: ferry-cni does not know this field (known: podCIDR, ipam.subnet, mtu, dataDir)"),
+                format!("{k}: ferry-cni does not know this field (known: podCIDR, ipam.subnet, mtu, dataDir, bpfDir)"),
             ));
         }
         let subnet = self.pod_cidr.clone().or_else(|| {
@@ -293,6 +297,11 @@ impl NetConf {
                 .data_dir
                 .clone()
                 .unwrap_or_else(|| "/var/lib/ferry/ipam".into())
+                .into(),
+            bpf_dir: self
+                .bpf_dir
+                .clone()
+                .unwrap_or_else(|| "/sys/fs/bpf/ferry".into())
                 .into(),
         })
     }

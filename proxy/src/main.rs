@@ -21,7 +21,8 @@ struct Args {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Glob of interfaces to attach to (host side of pod veths, NodePort-facing links); repeatable.
-    #[arg(long = "interfaces", default_value = "veth*")]
+    /// The default covers veths and ferry-cni's pod interfaces (`fy*`).
+    #[arg(long = "interfaces", default_values = ["veth*", "fy*"])]
     interfaces: Vec<String>,
     /// This node's name, for externalTrafficPolicy/internalTrafficPolicy Local.
     #[arg(long, env = "NODE_NAME")]

@@ -65,7 +65,8 @@ impl Plugin {
     pub fn conf(&self, version: &str, cidr: &str, data_dir: &Path) -> Value {
         if self.ferry {
             json!({"cniVersion": version, "name": "ferry", "type": "ferry-cni",
-                   "podCIDR": cidr, "mtu": 1400, "dataDir": data_dir})
+                   "podCIDR": cidr, "mtu": 1400, "dataDir": data_dir,
+                   "bpfDir": data_dir.join("no-datapath")})
         } else {
             json!({"cniVersion": version, "name": "ferry", "type": "ptp", "mtu": 1400,
                    "ipam": {"type": "host-local", "subnet": cidr, "dataDir": data_dir,

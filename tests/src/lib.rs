@@ -93,6 +93,9 @@ pub struct Topology {
     echo_servers: usize,
     /// `--bpf-host-routing` of the proxies this topology starts.
     pub host_routing: bool,
+    /// More `--interfaces` globs for the proxies this topology starts (e.g. `fy*` for pods
+    /// wired by ferry-cni).
+    pub extra_interfaces: Vec<String>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -179,6 +182,7 @@ impl Topology {
             conntrack_gc_interval: 1.0,
             echo_servers: 0,
             host_routing: true,
+            extra_interfaces: Vec::new(),
         };
         t.ext = ext?;
         let n = t.node.name.clone();
@@ -359,6 +363,11 @@ impl Topology {
         let mut cmd = Command::new(bin_path("ferry-proxy")?);
         cmd.args(source)
             .args(["--interfaces", "veth*", "--interfaces", "ext0"])
+            .args(
+                self.extra_interfaces
+                    .iter()
+                    .flat_map(|g| ["--interfaces", g.as_str()]),
+            )
             .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
             .args([
                 "--bpf-dir",

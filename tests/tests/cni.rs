@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use ferry_testbed::cni::{result_address, Plugin};
 use ferry_testbed::echo::{tcp_ask, wait_listening};
-use ferry_testbed::{bin_path, in_netns, Netns, ECHO_PORT};
+use ferry_testbed::yaml::{service, Endpoint};
+use ferry_testbed::{bin_path, in_netns, Netns, Topology, ECHO_PORT};
 use serde_json::{json, Value};
 
 /// Namespaces and a data directory, removed when the test ends however it ends.
@@ -18,6 +19,8 @@ struct Bed {
     plugin: Plugin,
     prefix: String,
     node: Netns,
+    /// The node namespace belongs to someone else (a Topology) and stays.
+    borrowed_node: bool,
     pods: Vec<Netns>,
     data: std::path::PathBuf,
     children: Vec<std::process::Child>,
@@ -29,15 +32,31 @@ impl Bed {
     }
 
     fn with(plugin: Plugin, pods: usize) -> Bed {
+        Bed::build(plugin, None, pods)
+    }
+
+    /// Pods wired into an existing node namespace.
+    fn in_node(node: &Netns, pods: usize) -> Bed {
+        Bed::build(
+            Plugin::ferry().expect("ferry-cni"),
+            Some(node.clone()),
+            pods,
+        )
+    }
+
+    fn build(plugin: Plugin, node: Option<Netns>, pods: usize) -> Bed {
         static N: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "fc{}x{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let node = Netns::create(&format!("{prefix}-node")).expect("node namespace");
+        let borrowed_node = node.is_some();
+        let node = node
+            .unwrap_or_else(|| Netns::create(&format!("{prefix}-node")).expect("node namespace"));
         let mut bed = Bed {
             plugin,
+            borrowed_node,
             data: std::env::temp_dir().join(format!("{prefix}-ipam")),
             prefix,
             node,
@@ -112,7 +131,9 @@ impl Drop for Bed {
         for p in &self.pods {
             p.delete();
         }
-        self.node.delete();
+        if !self.borrowed_node {
+            self.node.delete();
+        }
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
@@ -452,3 +473,69 @@ fn note(seen: &mut Vec<String>, what: &str, (ok, v): (bool, Value)) -> (bool, Va
 /// - a CNI_NETNS that does not exist is the reference's generic code 999; ferry-cni says
 ///   code 3 (unknown container), which runtimes can act on.
 const KNOWN_DIFFERENCES: &[&str] = &["no CNI_COMMAND", "CNI_NETNS missing"];
+
+/// Pods wired by ferry-cni next to a running ferry-proxy: ADD returns once the datapath is
+/// attached to the pod's host end, and a pod reaches a Service whose endpoints are pods.
+#[test]
+fn pods_reach_a_service_through_ferrys_datapath() {
+    let mut t = Topology::new(0).expect("topology");
+    t.extra_interfaces = vec!["fy*".into()];
+    let vip = Ipv4Addr::new(10, 96, 0, 50);
+    let proxy = t
+        .start_proxy(&service("web", vip, 80, None, None, "", &[]))
+        .expect("ferry-proxy");
+    let mut bed = Bed::in_node(&t.node, 3);
+    let mut conf = bed.conf("1.0.0", "10.244.50.0/24");
+    conf["bpfDir"] = json!(t.bpf_dir);
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let pod = bed.pods[i].clone();
+        let (ok, r) = bed.call("ADD", &format!("c{i}"), Some(&pod), &conf);
+        assert!(ok, "{r}");
+        let host_end = r["interfaces"][0]["name"].as_str().unwrap().to_string();
+        assert!(
+            t.bpf_dir.join("links").join(&host_end).exists(),
+            "ADD returned before ferry-proxy attached to {host_end}"
+        );
+        addrs.push(address(&r));
+    }
+    for (i, addr) in addrs.iter().take(2).enumerate() {
+        let mut echo = Command::new(bin_path("ferry-echo").unwrap());
+        echo.args([
+            "--name",
+            &format!("pod{i}"),
+            "--port",
+            &ECHO_PORT.to_string(),
+        ])
+        .stdout(Stdio::null());
+        let child = bed.pods[i].spawn(&mut echo).unwrap();
+        bed.children.push(child);
+        wait_listening(&bed.pods[i], SocketAddrV4::new(*addr, ECHO_PORT).into()).unwrap();
+    }
+    let eps = [Endpoint::ready(addrs[0]), Endpoint::ready(addrs[1])];
+    assert!(proxy
+        .update(&service("web", vip, 80, None, None, "", &eps))
+        .unwrap());
+    let to: SocketAddr = SocketAddrV4::new(vip, 80).into();
+    let client = addrs[2].to_string();
+    let answers = in_netns(&bed.pods[2], move || {
+        (0..24)
+            .map(|_| tcp_ask(to, Duration::from_secs(2)))
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let servers: BTreeSet<String> = answers
+        .iter()
+        .map(|a| a.as_ref().expect("the Service answers").server.clone())
+        .collect();
+    assert_eq!(
+        servers,
+        BTreeSet::from(["pod0".to_string(), "pod1".to_string()])
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().unwrap().seen_client == client),
+        "backends see the client pod's own address"
+    );
+}
