@@ -61,6 +61,21 @@ impl Plugin {
         })
     }
 
+    /// Another reference plugin by name (e.g. `portmap` for chaining).
+    pub fn named(name: &'static str) -> Result<Plugin> {
+        let binary = Path::new(REFERENCE_DIR).join(name);
+        anyhow::ensure!(
+            binary.exists(),
+            "{} is missing: `cargo xtask setup` installs containernetworking-plugins",
+            binary.display()
+        );
+        Ok(Plugin {
+            name,
+            binary,
+            ferry: false,
+        })
+    }
+
     /// A network configuration for `cidr`, allocations kept under `data_dir`.
     pub fn conf(&self, version: &str, cidr: &str, data_dir: &Path) -> Value {
         if self.ferry {

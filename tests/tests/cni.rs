@@ -539,3 +539,59 @@ fn pods_reach_a_service_through_ferrys_datapath() {
         "backends see the client pod's own address"
     );
 }
+
+/// First plugin of a conflist with Debian's `portmap` after it, as containerd runs it: the
+/// result passes on as portmap's prevResult, the runtime's portMappings reach portmap, and
+/// a host port on the node leads to the pod; DEL runs the chain backwards.
+#[test]
+fn chains_with_portmap() {
+    let mut bed = Bed::new(2);
+    let (p0, p1) = (bed.pods[0].clone(), bed.pods[1].clone());
+    let conf = bed.conf("1.0.0", "10.244.60.0/24");
+    let (ok, r0) = bed.call("ADD", "c0", Some(&p0), &conf);
+    assert!(ok, "{r0}");
+    let (ok, r1) = bed.call("ADD", "c1", Some(&p1), &conf);
+    assert!(ok, "{r1}");
+    let portmap = Plugin::named("portmap").expect("portmap");
+    let mut pm = json!({"cniVersion": "1.0.0", "name": "ferry", "type": "portmap",
+        "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": ECHO_PORT, "protocol": "tcp"}]},
+        "prevResult": r0});
+    let o = portmap
+        .call(&bed.node, "ADD", "c0", Some(&p0), &pm)
+        .unwrap();
+    assert!(o.ok, "portmap ADD: {}", o.out);
+    assert_eq!(o.out["ips"], r0["ips"], "portmap passes our result on");
+
+    let mut echo = Command::new(bin_path("ferry-echo").unwrap());
+    echo.args(["--name", "pod0", "--port", &ECHO_PORT.to_string()])
+        .stdout(Stdio::null());
+    bed.children.push(p0.spawn(&mut echo).unwrap());
+    let a0 = address(&r0);
+    wait_listening(&p0, SocketAddrV4::new(a0, ECHO_PORT).into()).unwrap();
+    // From the other pod to the node's address on its side (the gateway), host port 18080.
+    let gw: Ipv4Addr = r1["ips"][0]["gateway"].as_str().unwrap().parse().unwrap();
+    let to: SocketAddr = SocketAddrV4::new(gw, 18080).into();
+    let answer = in_netns(&p1, move || tcp_ask(to, Duration::from_secs(2)))
+        .unwrap()
+        .expect("the host port leads to pod0");
+    assert_eq!(answer.server, "pod0");
+
+    // A runtime's CHECK and DEL go through the chain too.
+    pm["prevResult"] = o.out.clone();
+    let mut ours = conf.clone();
+    ours["prevResult"] = o.out.clone();
+    let (ok, v) = bed.call("CHECK", "c0", Some(&p0), &ours);
+    assert!(ok, "{v}");
+    let o = portmap
+        .call(&bed.node, "DEL", "c0", Some(&p0), &pm)
+        .unwrap();
+    assert!(o.ok, "portmap DEL: {}", o.out);
+    let (ok, v) = bed.call("DEL", "c0", Some(&p0), &ours);
+    assert!(ok, "{v}");
+    let rules = bed.node.exec("iptables-save", &[]).unwrap_or_default();
+    assert!(
+        !rules.contains("18080"),
+        "portmap's rules are gone: {rules}"
+    );
+}
