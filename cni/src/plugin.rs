@@ -15,7 +15,11 @@ pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
             json!({"cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS}),
         ));
     }
-    let conf = NetConf::parse(stdin)?;
+    let mut conf = NetConf::parse(stdin)?;
+    conf.check_version()?;
+    if let Some(cidr) = pod_cidr_from_node(&conf).await? {
+        conf.pod_cidr = Some(cidr);
+    }
     let net = conf.network()?;
     let v = |min: &str| {
         if net.version.as_str() < min {
@@ -123,6 +127,69 @@ pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
             Ok(None)
         }
     }
+}
+
+/// Without a podCIDR in the configuration but with a kubeconfig: the Node's spec.podCIDR,
+/// read once and then kept next to the allocations (a node's CIDR never changes).
+async fn pod_cidr_from_node(conf: &NetConf) -> Result<Option<String>> {
+    let in_conf = conf.pod_cidr.is_some()
+        || conf
+            .ipam
+            .as_ref()
+            .is_some_and(|i| i.get("subnet").is_some());
+    let Some(kubeconfig) = conf.kubeconfig.as_deref().filter(|_| !in_conf) else {
+        return Ok(None);
+    };
+    let data_dir = conf
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| "/var/lib/ferry/ipam".into());
+    let cache = std::path::Path::new(&data_dir)
+        .join(&conf.name)
+        .join("pod_cidr");
+    if let Ok(c) = std::fs::read_to_string(&cache) {
+        return Ok(Some(c.trim().to_string()));
+    }
+    let node = match &conf.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .map_err(|e| CniError::new(Code::Io, "reading the host name", e.to_string()))?,
+    };
+    let bad = |d: String| CniError::new(Code::InvalidConfig, "invalid network configuration", d);
+    let later = |d: String| {
+        CniError::new(
+            Code::TryAgainLater,
+            "the node's pod CIDR is not known yet",
+            d,
+        )
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| bad(format!("kubeconfig: {kubeconfig}: {e}")))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| bad(format!("kubeconfig: {kubeconfig}: {e}")))?;
+    let client = kube::Client::try_from(cfg).map_err(|e| bad(format!("kubeconfig: {e}")))?;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let n = nodes
+        .get(&node)
+        .await
+        .map_err(|e| later(format!("reading Node {node}: {e}")))?;
+    let cidr = n
+        .spec
+        .and_then(|s| s.pod_cidr)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            later(format!(
+                "Node {node} has no spec.podCIDR yet (the controller manager assigns one with --cluster-cidr)"
+            ))
+        })?;
+    if let Some(dir) = cache.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(&cache, &cidr);
+    Ok(Some(cidr))
 }
 
 /// When ferry-proxy runs on this node (its program is pinned), waits until it has attached

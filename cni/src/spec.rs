@@ -179,6 +179,13 @@ pub struct NetConf {
     /// Where ferry-proxy pins the datapath (default /sys/fs/bpf/ferry).
     #[serde(default)]
     pub bpf_dir: Option<String>,
+    /// Without podCIDR: read it from this node's Node object (spec.podCIDR) through this
+    /// kubeconfig, once (it is kept with the allocations).
+    #[serde(default)]
+    pub kubeconfig: Option<String>,
+    /// The Node to read podCIDR from (default: the host name).
+    #[serde(default)]
+    pub node_name: Option<String>,
     #[serde(default)]
     pub prev_result: Option<Value>,
     #[serde(default)]
@@ -250,7 +257,7 @@ impl NetConf {
             return Err(CniError::new(
                 Code::UnsupportedField,
                 "unsupported field",
-                format!("{k}: ferry-cni does not know this field (known: podCIDR, ipam.subnet, mtu, dataDir, bpfDir)"),
+                format!("{k}: ferry-cni does not know this field (known: podCIDR, ipam.subnet, mtu, dataDir, bpfDir, kubeconfig, nodeName)"),
             ));
         }
         let subnet = self.pod_cidr.clone().or_else(|| {
@@ -262,7 +269,7 @@ impl NetConf {
         });
         let Some(subnet) = subnet else {
             return Err(invalid(
-                "podCIDR: required (the node's pod CIDR, e.g. \"10.244.1.0/24\"; or ipam.subnet)"
+                "podCIDR: required (the node's pod CIDR, e.g. \"10.244.1.0/24\"; or ipam.subnet; or a kubeconfig to read the Node's spec.podCIDR)"
                     .into(),
             ));
         };

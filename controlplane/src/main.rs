@@ -49,6 +49,12 @@ enum Cmd {
         /// How often nodes' heartbeats are checked.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         node_monitor_period: Duration,
+        /// Give each node a pod CIDR (spec.podCIDR) from this range.
+        #[arg(long)]
+        cluster_cidr: Option<Ipv4Network>,
+        /// The prefix length of each node's pod CIDR.
+        #[arg(long, default_value_t = 24)]
+        node_cidr_mask_size: u8,
     },
     /// The scheduler: binds pending pods to nodes.
     Scheduler {
@@ -219,10 +225,20 @@ async fn main() -> Result<()> {
             election,
             node_monitor_grace_period,
             node_monitor_period,
+            cluster_cidr,
+            node_cidr_mask_size,
         }) => {
+            if let Some(c) = cluster_cidr {
+                if node_cidr_mask_size < c.prefix() || node_cidr_mask_size > 30 {
+                    bail!(
+                        "--node-cidr-mask-size {node_cidr_mask_size}: must be between the cluster CIDR's prefix ({}) and 30",
+                        c.prefix()
+                    );
+                }
+            }
             use controlplane::controllers::{
-                cronjob, daemonset, deployment, endpoints, gc, job, nodelifecycle, replicaset,
-                statefulset,
+                cronjob, daemonset, deployment, endpoints, gc, job, nodeipam, nodelifecycle,
+                replicaset, statefulset,
             };
             let client = endpoints::client(&kubeconfig).await?;
             let nodes = nodelifecycle::Options {
@@ -241,6 +257,15 @@ async fn main() -> Result<()> {
                     r = job::run(client.clone()) => r,
                     r = cronjob::run(client.clone()) => r,
                     r = statefulset::run(client.clone()) => r,
+                    r = async {
+                        match cluster_cidr {
+                            Some(cluster_cidr) => nodeipam::run(client.clone(), nodeipam::Options {
+                                cluster_cidr,
+                                mask: node_cidr_mask_size,
+                            }).await,
+                            None => std::future::pending().await,
+                        }
+                    } => r,
                 }
             };
             tokio::select! {

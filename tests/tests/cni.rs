@@ -595,3 +595,70 @@ fn chains_with_portmap() {
         "portmap's rules are gone: {rules}"
     );
 }
+
+/// Without podCIDR in its configuration, ferry-cni reads the Node's spec.podCIDR, which the
+/// controller manager's node IPAM assigns from --cluster-cidr.
+#[test]
+fn pod_cidr_comes_from_the_node_object() {
+    use ferry_testbed::controlplane::ControlPlane;
+    let bed = Bed::new(1);
+    let cp = ControlPlane::start_in(Some(&bed.node.name), &[]).expect("control plane");
+    let _cm = cp
+        .spawn_component(&[
+            "controller-manager",
+            "--kubeconfig",
+            cp.kubeconfig("controller-manager").to_str().unwrap(),
+            "--cluster-cidr=10.250.0.0/16",
+            "--node-cidr-mask-size=24",
+        ])
+        .expect("controller manager");
+    let out = cp.kubectl_as(
+        &cp.kubeconfig("admin"),
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: n2}\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cidrs = || {
+        cp.ok(&["get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDR}"])
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cidrs().split_whitespace().count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes got no pod CIDRs: {}",
+            cidrs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all: BTreeSet<String> = cidrs().split_whitespace().map(String::from).collect();
+    assert_eq!(
+        all,
+        BTreeSet::from(["10.250.0.0/24".to_string(), "10.250.1.0/24".to_string()])
+    );
+    let n2 = cp
+        .ok(&["get", "node", "n2", "-o", "jsonpath={.spec.podCIDR}"])
+        .unwrap();
+
+    let mut conf = bed.conf("1.0.0", "unused");
+    conf.as_object_mut().unwrap().remove("podCIDR");
+    conf["kubeconfig"] = json!(cp.kubeconfig("admin"));
+    conf["nodeName"] = json!("n2");
+    let p0 = bed.pods[0].clone();
+    let (ok, r) = bed.call("ADD", "c0", Some(&p0), &conf);
+    assert!(ok, "{r}");
+    let net: ipnetwork::Ipv4Network = n2.parse().unwrap();
+    assert!(net.contains(address(&r)), "{} in {n2}", address(&r));
+    let mut other = conf.clone();
+    other["nodeName"] = json!("n9");
+    other["name"] = json!("elsewhere");
+    let (ok, v) = bed.call("ADD", "c1", Some(&p0), &other);
+    assert!(
+        !ok && v["code"] == 11,
+        "an unknown node is worth retrying later: {v}"
+    );
+}
