@@ -46,6 +46,8 @@ struct Daemon {
     attached: BTreeSet<String>,
     /// Services and slices from a live source, recomputed per Service.
     view: LiveView,
+    /// The routes to other nodes' pod CIDRs last installed.
+    node_routes: Option<std::collections::BTreeMap<ipnetwork::Ipv4Network, Ipv4Addr>>,
 }
 
 impl Daemon {
@@ -63,7 +65,7 @@ impl Daemon {
             (_, update) => {
                 match update {
                     Update::Snapshot(s) => self.view.replace_all(s),
-                    Update::Changes(changes) => {
+                    Update::Changes { changes, .. } => {
                         for c in changes {
                             self.view.change(c);
                         }
@@ -229,6 +231,7 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
         },
         attached: BTreeSet::new(),
         view: LiveView::default(),
+        node_routes: None,
     };
 
     // Attach to the links present now before the first sync, so "healthy" means "in the path".
@@ -249,13 +252,22 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            update = source.next() => match update.and_then(|u| d.sync(u, &source)) {
-                Ok(()) => {}
-                Err(e) => {
+            update = source.next() => {
+                let nodes = update.as_ref().ok().and_then(|u| u.nodes().map(|n| n.to_vec()));
+                if let Err(e) = update.and_then(|u| d.sync(u, &source)) {
                     d.metrics.sync_errors.inc();
                     error!("input rejected, the datapath keeps its last good state: {e:#}");
                 }
-            },
+                if let Some(nodes) = nodes {
+                    let want = crate::routes::desired(&nodes, &d.node.name);
+                    if d.node_routes.as_ref() != Some(&want) {
+                        match crate::routes::sync(&want).await {
+                            Ok(_) => d.node_routes = Some(want),
+                            Err(e) => error!("routes to other nodes' pods: {e:#}"),
+                        }
+                    }
+                }
+            }
             Some(ev) = link_rx.recv() => d.link_event(ev, &cfg.interfaces),
             _ = gc.tick() => d.collect_conntrack(),
             Some(done) = scrape_rx.recv() => {

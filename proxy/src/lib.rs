@@ -10,5 +10,6 @@ pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod routes;
 pub mod source;
 pub mod view;

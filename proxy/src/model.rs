@@ -19,11 +19,13 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Kubernetes' default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
-/// Everything the daemon is told about Services, as one consistent view.
+/// Everything the daemon is told about Services (and the cluster's nodes, for routes to
+/// their pods), as one consistent view.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
 }
 
 /// Which node this daemon runs on: decides `Local` traffic policies and NodePort addresses.
@@ -692,6 +694,10 @@ pub fn parse_yaml(text: &str) -> anyhow::Result<Snapshot> {
                 serde_yaml::from_value(value)
                     .map_err(|e| anyhow::anyhow!("document {} (EndpointSlice {name}): {e}", i + 1))?,
             ),
+            ("v1", "Node") => snap.nodes.push(
+                serde_yaml::from_value(value)
+                    .map_err(|e| anyhow::anyhow!("document {} (Node {name}): {e}", i + 1))?,
+            ),
             ("v1", "List") => {
                 let items = value.get("items").cloned().unwrap_or_default();
                 let text = serde_yaml::to_string(&items)?;
@@ -700,13 +706,14 @@ pub fn parse_yaml(text: &str) -> anyhow::Result<Snapshot> {
                     let one = parse_yaml(&serde_yaml::to_string(&item)?)?;
                     snap.services.extend(one.services);
                     snap.slices.extend(one.slices);
+                    snap.nodes.extend(one.nodes);
                 }
             }
             ("", _) | (_, "") => anyhow::bail!(
                 "document {}: apiVersion and kind are required (e.g. apiVersion: v1, kind: Service)",
                 i + 1
             ),
-            _ => tracing::warn!(document = i + 1, %api, %kind, %name, "ignoring an object that is neither a v1 Service nor a discovery.k8s.io/v1 EndpointSlice"),
+            _ => tracing::warn!(document = i + 1, %api, %kind, %name, "ignoring an object that is not a v1 Service, discovery.k8s.io/v1 EndpointSlice or v1 Node"),
         }
     }
     Ok(snap)
@@ -747,6 +754,7 @@ pub fn parse_yaml_incremental(
         };
         snap.services.extend(part.services.iter().cloned());
         snap.slices.extend(part.slices.iter().cloned());
+        snap.nodes.extend(part.nodes.iter().cloned());
         fresh.insert(key, part);
     }
     *cache = fresh;

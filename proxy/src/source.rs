@@ -15,8 +15,22 @@ use crate::view::Change;
 pub enum Update {
     /// A complete view: a file was read, or the API was (re)listed.
     Snapshot(Snapshot),
-    /// Objects that changed since the last update (from a watch).
-    Changes(Vec<Change>),
+    /// Objects that changed since the last update (from a watch), and every node when any
+    /// node changed.
+    Changes {
+        changes: Vec<Change>,
+        nodes: Option<Vec<k8s_openapi::api::core::v1::Node>>,
+    },
+}
+
+impl Update {
+    /// The cluster's nodes, when this update says what they are.
+    pub fn nodes(&self) -> Option<&[k8s_openapi::api::core::v1::Node]> {
+        match self {
+            Update::Snapshot(s) => Some(&s.nodes),
+            Update::Changes { nodes, .. } => nodes.as_deref(),
+        }
+    }
 }
 
 pub trait ServiceSource: Send {
@@ -146,6 +160,7 @@ impl ServiceSource for FileSource {
 pub struct ApiSource {
     services: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Service>,
     slices: kube::runtime::reflector::Store<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    nodes: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node>,
     changed: tokio::sync::mpsc::UnboundedReceiver<Dirty>,
     listed: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -155,6 +170,7 @@ pub struct ApiSource {
 enum Dirty {
     Service(crate::view::Key),
     Slice(crate::view::Key),
+    Node,
     /// A (re)list finished: the store holds a complete new view.
     Listed,
 }
@@ -182,7 +198,15 @@ impl ApiSource {
         let (tx, changed) = tokio::sync::mpsc::unbounded_channel();
         let (services, svc_writer) = reflector::store();
         let (slices, slice_writer) = reflector::store();
+        let (nodes, node_writer) = reflector::store();
         let tasks = vec![
+            tokio::spawn(follow(
+                "nodes",
+                kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+                node_writer,
+                tx.clone(),
+                |_| Dirty::Node,
+            )),
             tokio::spawn(follow(
                 "services",
                 kube::Api::<k8s_openapi::api::core::v1::Service>::all(client.clone()),
@@ -198,10 +222,11 @@ impl ApiSource {
                 |m| Dirty::Slice(key_of(m)),
             )),
         ];
-        tracing::info!(%server, "watching Services and EndpointSlices");
+        tracing::info!(%server, "watching Services, EndpointSlices and Nodes");
         Ok(Self {
             services,
             slices,
+            nodes,
             changed,
             listed: false,
             tasks,
@@ -217,7 +242,12 @@ impl ApiSource {
                 .map(|s| (**s).clone())
                 .collect(),
             slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
+            nodes: self.node_list(),
         }
+    }
+
+    fn node_list(&self) -> Vec<k8s_openapi::api::core::v1::Node> {
+        self.nodes.state().iter().map(|n| (**n).clone()).collect()
     }
 }
 
@@ -280,6 +310,10 @@ impl ServiceSource for ApiSource {
             .wait_until_ready()
             .await
             .context("the EndpointSlice watcher stopped")?;
+        self.nodes
+            .wait_until_ready()
+            .await
+            .context("the Node watcher stopped")?;
         if !self.listed {
             self.listed = true;
             // The messages so far are all part of this first view.
@@ -300,6 +334,7 @@ impl ServiceSource for ApiSource {
         }
         let mut seen = std::collections::HashSet::new();
         let mut changes = Vec::new();
+        let mut nodes = None;
         for d in dirty {
             match d {
                 Dirty::Service(k) if seen.insert((0, k.clone())) => {
@@ -316,10 +351,11 @@ impl ServiceSource for ApiSource {
                         self.slices.get(&r).map(|s| Box::new((*s).clone())),
                     ));
                 }
+                Dirty::Node if nodes.is_none() => nodes = Some(self.node_list()),
                 _ => {}
             }
         }
-        Ok(Update::Changes(changes))
+        Ok(Update::Changes { changes, nodes })
     }
 
     fn strictness(&self) -> Strictness {
@@ -360,7 +396,7 @@ mod tests {
                 .into_iter()
                 .filter_map(|s| s.metadata.name)
                 .collect(),
-            Ok(Ok(Update::Changes(_))) => panic!("a file gives snapshots"),
+            Ok(Ok(Update::Changes { .. })) => panic!("a file gives snapshots"),
             Ok(Err(e)) => panic!("{e}"),
             Err(_) => Vec::new(),
         };

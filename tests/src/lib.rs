@@ -96,6 +96,8 @@ pub struct Topology {
     /// More `--interfaces` globs for the proxies this topology starts (e.g. `fy*` for pods
     /// wired by ferry-cni).
     pub extra_interfaces: Vec<String>,
+    /// `--node-name` of the proxies this topology starts.
+    pub node_name: String,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -183,6 +185,7 @@ impl Topology {
             echo_servers: 0,
             host_routing: true,
             extra_interfaces: Vec::new(),
+            node_name: "node-a".into(),
         };
         t.ext = ext?;
         let n = t.node.name.clone();
@@ -368,7 +371,12 @@ impl Topology {
                     .iter()
                     .flat_map(|g| ["--interfaces", g.as_str()]),
             )
-            .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
+            .args([
+                "--node-name",
+                &self.node_name,
+                "--node-ip",
+                &NODE_IP.to_string(),
+            ])
             .args([
                 "--bpf-dir",
                 self.bpf_dir.to_str().unwrap(),

@@ -662,3 +662,116 @@ fn pod_cidr_comes_from_the_node_object() {
         "an unknown node is worth retrying later: {v}"
     );
 }
+
+/// Two nodes, each with ferry-cni pods and its own ferry-proxy, joined by a link: the
+/// proxies route each other's pod CIDRs (from Node objects in their input), so pods reach
+/// pods on the other node with their own addresses, and a Service on one node balances
+/// over endpoints on the other.
+#[test]
+fn two_nodes_route_pods_and_services_across() {
+    let mut ta = Topology::new(0).expect("node a");
+    let mut tb = Topology::new(0).expect("node b");
+    tb.node_name = "node-b".into();
+    for t in [&mut ta, &mut tb] {
+        t.extra_interfaces = vec!["fy*".into(), "nl0".into()];
+    }
+    // The link between the nodes (gone with their namespaces).
+    ferry_testbed::run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "nl0",
+            "netns",
+            &ta.node.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "nl0",
+            "netns",
+            &tb.node.name,
+        ],
+    )
+    .unwrap();
+    for (t, ip) in [(&ta, "192.168.90.1/24"), (&tb, "192.168.90.2/24")] {
+        t.node
+            .exec("ip", &["addr", "add", ip, "dev", "nl0"])
+            .unwrap();
+        t.node.exec("ip", &["link", "set", "nl0", "up"]).unwrap();
+    }
+    let nodes = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nspec: {podCIDR: 10.244.10.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.90.1}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nspec: {podCIDR: 10.244.11.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.90.2}]}\n";
+    let vip = Ipv4Addr::new(10, 96, 0, 60);
+    let input = |eps: &[Endpoint]| {
+        format!(
+            "{}---\n{nodes}",
+            service("web", vip, 80, None, None, "", eps)
+        )
+    };
+    let pa = ta.start_proxy(&input(&[])).expect("ferry-proxy on node a");
+    let pb = tb.start_proxy(&input(&[])).expect("ferry-proxy on node b");
+    let routes = ta
+        .node
+        .exec("ip", &["route", "show", "proto", "249"])
+        .unwrap();
+    assert!(
+        routes.contains("10.244.11.0/24 via 192.168.90.2"),
+        "node a's routes: {routes}"
+    );
+
+    let bed_a = Bed::in_node(&ta.node, 1);
+    let mut bed_b = Bed::in_node(&tb.node, 2);
+    let wire = |bed: &Bed, t: &Topology, cidr: &str, i: usize| -> Ipv4Addr {
+        let mut conf = bed.conf("1.0.0", cidr);
+        conf["bpfDir"] = json!(t.bpf_dir);
+        let pod = bed.pods[i].clone();
+        let (ok, r) = bed.call("ADD", &format!("c{i}"), Some(&pod), &conf);
+        assert!(ok, "{r}");
+        address(&r)
+    };
+    let a0 = wire(&bed_a, &ta, "10.244.10.0/24", 0);
+    let b: Vec<Ipv4Addr> = (0..2)
+        .map(|i| wire(&bed_b, &tb, "10.244.11.0/24", i))
+        .collect();
+    for (i, ip) in b.iter().enumerate() {
+        let mut echo = Command::new(bin_path("ferry-echo").unwrap());
+        echo.args(["--name", &format!("b{i}"), "--port", &ECHO_PORT.to_string()])
+            .stdout(Stdio::null());
+        let child = bed_b.pods[i].spawn(&mut echo).unwrap();
+        bed_b.children.push(child);
+        wait_listening(&bed_b.pods[i], SocketAddrV4::new(*ip, ECHO_PORT).into()).unwrap();
+    }
+    // Pod to pod across the nodes, no NAT.
+    let to: SocketAddr = SocketAddrV4::new(b[0], ECHO_PORT).into();
+    let answer = in_netns(&bed_a.pods[0], move || tcp_ask(to, Duration::from_secs(2)))
+        .unwrap()
+        .expect("a pod on node a reaches a pod on node b");
+    assert_eq!(
+        (answer.server.as_str(), answer.seen_client.clone()),
+        ("b0", a0.to_string())
+    );
+    // A Service on node a whose endpoints are on node b.
+    let eps: Vec<Endpoint> = b.iter().map(|ip| Endpoint::ready(*ip)).collect();
+    assert!(pa.update(&input(&eps)).unwrap());
+    assert!(pb.update(&input(&eps)).unwrap());
+    let to: SocketAddr = SocketAddrV4::new(vip, 80).into();
+    let answers = in_netns(&bed_a.pods[0], move || {
+        (0..24)
+            .map(|_| tcp_ask(to, Duration::from_secs(2)))
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let servers: BTreeSet<String> = answers
+        .iter()
+        .map(|a| {
+            a.as_ref()
+                .expect("the Service answers across nodes")
+                .server
+                .clone()
+        })
+        .collect();
+    assert_eq!(
+        servers,
+        BTreeSet::from(["b0".to_string(), "b1".to_string()])
+    );
+}
