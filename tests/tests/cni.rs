@@ -102,6 +102,18 @@ impl Bed {
         (o.ok, o.out)
     }
 
+    /// Starts an echo server named `name` in pod `i` at `addr` and waits until it answers.
+    fn serve(&mut self, i: usize, name: &str, addr: Ipv4Addr) -> SocketAddr {
+        let mut echo = Command::new(bin_path("ferry-echo").unwrap());
+        echo.args(["--name", name, "--port", &ECHO_PORT.to_string()])
+            .stdout(Stdio::null());
+        let child = self.pods[i].spawn(&mut echo).unwrap();
+        self.children.push(child);
+        let to: SocketAddr = SocketAddrV4::new(addr, ECHO_PORT).into();
+        wait_listening(&self.pods[i], to).unwrap();
+        to
+    }
+
     fn allocations(&self) -> usize {
         std::fs::read_dir(self.data.join("ferry"))
             .map(|d| {
@@ -184,12 +196,7 @@ fn add_check_del_as_a_runtime_does() {
     assert_eq!(mtu.trim(), "1400");
 
     // Real TCP from one pod to the other, through the node.
-    let mut echo = Command::new(bin_path("ferry-echo").unwrap());
-    echo.args(["--name", "pod1", "--port", &ECHO_PORT.to_string()])
-        .stdout(Stdio::null());
-    bed.children.push(p1.spawn(&mut echo).unwrap());
-    let to: SocketAddr = SocketAddrV4::new(a1, ECHO_PORT).into();
-    wait_listening(&p1, to).unwrap();
+    let to = bed.serve(1, "pod1", a1);
     let answer = in_netns(&p0, move || tcp_ask(to, Duration::from_secs(2)))
         .unwrap()
         .expect("pod0 reaches pod1");
@@ -381,12 +388,7 @@ fn behaves_as_the_reference_plugins_do() {
             .any(|i| i["name"] == "eth0" && i["sandbox"] == p0.path());
         seen.push(format!("result names eth0 in its sandbox: {sandbox}"));
         let (a0, a1) = (address(&r0), address(&r1));
-        let mut echo = Command::new(bin_path("ferry-echo").unwrap());
-        echo.args(["--name", "pod1", "--port", &ECHO_PORT.to_string()])
-            .stdout(Stdio::null());
-        bed.children.push(p1.spawn(&mut echo).unwrap());
-        let to: SocketAddr = SocketAddrV4::new(a1, ECHO_PORT).into();
-        wait_listening(&p1, to).unwrap();
+        let to = bed.serve(1, "pod1", a1);
         let seen_client = in_netns(&p0, move || tcp_ask(to, Duration::from_secs(2)))
             .unwrap()
             .map(|a| a.seen_client == a0.to_string());
@@ -500,17 +502,7 @@ fn pods_reach_a_service_through_ferrys_datapath() {
         addrs.push(address(&r));
     }
     for (i, addr) in addrs.iter().take(2).enumerate() {
-        let mut echo = Command::new(bin_path("ferry-echo").unwrap());
-        echo.args([
-            "--name",
-            &format!("pod{i}"),
-            "--port",
-            &ECHO_PORT.to_string(),
-        ])
-        .stdout(Stdio::null());
-        let child = bed.pods[i].spawn(&mut echo).unwrap();
-        bed.children.push(child);
-        wait_listening(&bed.pods[i], SocketAddrV4::new(*addr, ECHO_PORT).into()).unwrap();
+        bed.serve(i, &format!("pod{i}"), *addr);
     }
     let eps = [Endpoint::ready(addrs[0]), Endpoint::ready(addrs[1])];
     assert!(proxy
@@ -563,12 +555,7 @@ fn chains_with_portmap() {
     assert!(o.ok, "portmap ADD: {}", o.out);
     assert_eq!(o.out["ips"], r0["ips"], "portmap passes our result on");
 
-    let mut echo = Command::new(bin_path("ferry-echo").unwrap());
-    echo.args(["--name", "pod0", "--port", &ECHO_PORT.to_string()])
-        .stdout(Stdio::null());
-    bed.children.push(p0.spawn(&mut echo).unwrap());
-    let a0 = address(&r0);
-    wait_listening(&p0, SocketAddrV4::new(a0, ECHO_PORT).into()).unwrap();
+    bed.serve(0, "pod0", address(&r0));
     // From the other pod to the node's address on its side (the gateway), host port 18080.
     let gw: Ipv4Addr = r1["ips"][0]["gateway"].as_str().unwrap().parse().unwrap();
     let to: SocketAddr = SocketAddrV4::new(gw, 18080).into();
@@ -734,12 +721,7 @@ fn two_nodes_route_pods_and_services_across() {
         .map(|i| wire(&bed_b, &tb, "10.244.11.0/24", i))
         .collect();
     for (i, ip) in b.iter().enumerate() {
-        let mut echo = Command::new(bin_path("ferry-echo").unwrap());
-        echo.args(["--name", &format!("b{i}"), "--port", &ECHO_PORT.to_string()])
-            .stdout(Stdio::null());
-        let child = bed_b.pods[i].spawn(&mut echo).unwrap();
-        bed_b.children.push(child);
-        wait_listening(&bed_b.pods[i], SocketAddrV4::new(*ip, ECHO_PORT).into()).unwrap();
+        bed_b.serve(i, &format!("b{i}"), *ip);
     }
     // Pod to pod across the nodes, no NAT.
     let to: SocketAddr = SocketAddrV4::new(b[0], ECHO_PORT).into();
