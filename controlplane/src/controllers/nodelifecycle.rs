@@ -160,8 +160,8 @@ impl Monitor {
     async fn pass(&mut self) {
         let pods = self.pods.state();
         let nodes = self.nodes.state();
-        self.probes
-            .retain(|n, _| nodes.iter().any(|x| x.name_any() == *n));
+        let names: std::collections::HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+        self.probes.retain(|n, _| names.contains(n));
         for node in nodes {
             let name = node.name_any();
             if let Err(e) = self.check(&node, &name, &pods).await {
@@ -178,9 +178,7 @@ impl Monitor {
     ) -> Result<(), kube::Error> {
         let lease_renew = self
             .leases
-            .state()
-            .into_iter()
-            .find(|l| l.namespace().as_deref() == Some(LEASE_NAMESPACE) && l.name_any() == name)
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(LEASE_NAMESPACE))
             .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.clone()));
         let ready_heartbeat = node
             .status
