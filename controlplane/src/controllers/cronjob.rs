@@ -19,14 +19,14 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
 use super::job::finished;
-use super::pods::{controller_of, controller_ref, owned_by};
+use super::pods::{controller_ref, owned_by, owner_to_wake};
 use crate::events::{self, Recorder};
 
 /// A parsed five-field schedule: the allowed values of each field.
@@ -386,12 +386,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     super::drain(
         "cronjob",
         controller
-            .watches_stream(job_events, |job: Job| {
-                let ns = job.namespace().unwrap_or_default();
-                controller_of(&job)
-                    .filter(|o| o.kind == "CronJob")
-                    .map(|o| ObjectRef::new(&o.name).within(&ns))
-            })
+            .watches_stream(job_events, |job: Job| owner_to_wake::<CronJob, _>(&job))
             .run(
                 reconcile,
                 error_policy,

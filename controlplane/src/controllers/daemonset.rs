@@ -320,12 +320,8 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     super::drain(
         "daemonset",
         controller
-            .watches_stream(pod_events, move |pod: Pod| {
-                let owner = super::pods::controller_of(&pod)
-                    .filter(|o| o.kind == "DaemonSet")
-                    .map(|o| o.name.clone());
-                let ns = pod.namespace();
-                owner.map(|o| ObjectRef::new(&o).within(ns.as_deref().unwrap_or_default()))
+            .watches_stream(pod_events, |pod: Pod| {
+                super::pods::owner_to_wake::<DaemonSet, _>(&pod)
             })
             // A node change may add or remove a place for every set.
             .watches_stream(node_events, move |_node: Node| {

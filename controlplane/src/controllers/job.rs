@@ -18,14 +18,14 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
 use super::pods::{
-    controller_of, controller_ref, from_template, is_active, is_ready, owned_by, phase,
+    controller_ref, from_template, is_active, is_ready, owned_by, owner_to_wake, phase,
     random_suffix, Expectations,
 };
 
@@ -244,12 +244,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     super::drain(
         "job",
         controller
-            .watches_stream(pod_events, |pod: Pod| {
-                let ns = pod.namespace().unwrap_or_default();
-                controller_of(&pod)
-                    .filter(|o| o.kind == "Job")
-                    .map(|o| ObjectRef::new(&o.name).within(&ns))
-            })
+            .watches_stream(pod_events, |pod: Pod| owner_to_wake::<Job, _>(&pod))
             .run(
                 reconcile,
                 error_policy,

@@ -201,3 +201,15 @@ where
     }
     Ok(())
 }
+
+/// The `O` that controls `obj` (same namespace), to wake when `obj` changes.
+pub fn owner_to_wake<O, K>(obj: &K) -> Option<kube::runtime::reflector::ObjectRef<O>>
+where
+    O: Resource<DynamicType = ()>,
+    K: Resource,
+{
+    let ns = obj.meta().namespace.clone().unwrap_or_default();
+    controller_of(obj)
+        .filter(|o| o.kind == O::kind(&()))
+        .map(|o| kube::runtime::reflector::ObjectRef::new(&o.name).within(&ns))
+}

@@ -17,13 +17,13 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::pods::{controller_of, controller_ref, from_template, hash, is_ready, owned_by, phase};
+use super::pods::{controller_ref, from_template, hash, is_ready, owned_by, owner_to_wake, phase};
 
 const REVISION_LABEL: &str = "controller-revision-hash";
 
@@ -259,12 +259,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     super::drain(
         "statefulset",
         controller
-            .watches_stream(pod_events, |pod: Pod| {
-                let ns = pod.namespace().unwrap_or_default();
-                controller_of(&pod)
-                    .filter(|o| o.kind == "StatefulSet")
-                    .map(|o| ObjectRef::new(&o.name).within(&ns))
-            })
+            .watches_stream(pod_events, |pod: Pod| owner_to_wake::<StatefulSet, _>(&pod))
             .run(reconcile, error_policy, Arc::new(Ctx { client, pods })),
     )
     .await;

@@ -153,18 +153,17 @@ impl TestKubelet {
 
     /// Pods whose name starts with `prefix`, in the order they started.
     pub fn started(&self, prefix: &str) -> Vec<String> {
-        let r = self.record.lock().unwrap();
-        r.started
-            .iter()
-            .filter(|p| p.starts_with(prefix))
-            .cloned()
-            .collect()
+        self.names(prefix, |r| &r.started)
     }
 
     /// Pods whose name starts with `prefix`, in the order they were removed.
     pub fn removed(&self, prefix: &str) -> Vec<String> {
+        self.names(prefix, |r| &r.removed)
+    }
+
+    fn names(&self, prefix: &str, list: impl Fn(&Record) -> &Vec<String>) -> Vec<String> {
         let r = self.record.lock().unwrap();
-        r.removed
+        list(&r)
             .iter()
             .filter(|p| p.starts_with(prefix))
             .cloned()
