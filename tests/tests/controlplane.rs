@@ -1,6 +1,8 @@
 //! The control plane against real clients: this machine's kubectl and the Python
 //! `kubernetes` client, on the embedded store and on etcd; a crash test with kill -9.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -929,80 +931,6 @@ fn garbage_collector_follows_owner_references() {
 
 /// Plays the kubelet for the pods of `selector` until dropped: each one without an IP gets
 /// one, Running and Ready (no containers run; the controllers only read the status).
-struct FakeKubelet {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FakeKubelet {
-    fn start(cp: &ControlPlane, selector: &str) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (kc, dir, sel, flag) = (
-            cp.kubeconfig("admin"),
-            cp.dir.clone(),
-            selector.to_string(),
-            stop.clone(),
-        );
-        let thread = std::thread::spawn(move || {
-            let kubectl = |args: &[&str]| {
-                Command::new("kubectl")
-                    .arg("--kubeconfig")
-                    .arg(&kc)
-                    .arg("--cache-dir")
-                    .arg(dir.join("kube-cache"))
-                    .args(args)
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default()
-            };
-            let mut n = 0;
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let all = kubectl(&[
-                    "get",
-                    "pods",
-                    "-l",
-                    &sel,
-                    "-o",
-                    "jsonpath={range .items[*]}{.metadata.name}={.status.podIP} {end}",
-                ]);
-                for entry in all.split_whitespace() {
-                    let (name, ip) = entry.split_once('=').unwrap_or((entry, ""));
-                    if ip.is_empty() {
-                        n += 1;
-                        let status = format!(
-                            r#"{{"status":{{"phase":"Running","podIP":"10.244.9.{}","conditions":[{{"type":"Ready","status":"True"}}]}}}}"#,
-                            n % 250 + 1
-                        );
-                        kubectl(&[
-                            "patch",
-                            "pod",
-                            name,
-                            "--subresource=status",
-                            "--type=merge",
-                            "-p",
-                            &status,
-                        ]);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        FakeKubelet {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FakeKubelet {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn images(cp: &ControlPlane, selector: &str) -> Vec<String> {
     let out = cp
         .ok(&[
@@ -1024,7 +952,19 @@ fn deployment_rolls_out_and_back_with_kubectl_rollout() {
     let _cm = cp
         .spawn_component(&["controller-manager", "--kubeconfig", kc.to_str().unwrap()])
         .unwrap();
-    let _kubelet = FakeKubelet::start(&cp, "app=roll");
+    // Pods are placed by the scheduler and run by the shared test kubelet.
+    let _sched = cp
+        .spawn_component(&[
+            "scheduler",
+            "--kubeconfig",
+            cp.kubeconfig("scheduler").to_str().unwrap(),
+        ])
+        .unwrap();
+    let _kubelet = common::TestKubelet::start(
+        None,
+        cp.kubeconfig("admin"),
+        vec![("n1".into(), Vec::new())],
+    );
     let dep = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: roll, namespace: default}\nspec:\n  replicas: 3\n  selector: {matchLabels: {app: roll}}\n  template:\n    metadata: {labels: {app: roll}}\n    spec: {containers: [{name: c, image: 'ferry/echo:1'}]}\n";
     let out = cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(dep));
     assert!(out.status.success(), "{}", stderr(&out));
