@@ -101,11 +101,17 @@ impl Plugin {
             .stderr(Stdio::piped());
         let start = Instant::now();
         let mut child = node.spawn(&mut cmd)?;
-        child
+        // A plugin that fails before reading its configuration (a missing CNI_COMMAND, say)
+        // closes stdin early; like a runtime, take its exit code and output instead.
+        match child
             .stdin
             .take()
             .context("stdin")?
-            .write_all(stdin.as_bytes())?;
+            .write_all(stdin.as_bytes())
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            r => r.context("writing the configuration to the plugin's stdin")?,
+        }
         let out = child.wait_with_output()?;
         let took = start.elapsed();
         let text = String::from_utf8_lossy(&out.stdout);
