@@ -6,12 +6,14 @@
 //! - `bench datapath`: connection and request rates through Ferry against the direct path;
 //! - `bench compare`: Ferry against kube-proxy's layouts; `bench controlplane`: the API server;
 //!   `bench scheduler`: pods bound per second; `bench endpoints`: EndpointSlice to live map entry;
-//!   `bench cni`: ferry-cni's ADD/DEL against the reference plugins.
+//!   `bench cni`: ferry-cni's ADD/DEL against the reference plugins;
+//! - `images`: the pause, busybox and echo images as OCI archives (no registry here).
 
 mod bench;
 mod bench_cni;
 mod charts;
 mod compare;
+mod images;
 mod kube_rules;
 mod setup;
 mod up;
@@ -46,6 +48,9 @@ enum Cmd {
         #[arg(long)]
         exit_after: Option<u64>,
     },
+    /// Build Ferry's container images (pause, busybox, echo) as OCI archives under
+    /// target/images; `ferry-kubelet --images DIR` imports them into containerd.
+    Images,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -160,8 +165,10 @@ fn main() -> Result<()> {
                 "cargo",
                 &["clippy", "--all-targets", "--", "-D", "warnings"],
             )?;
-            // The end-to-end tests start the binaries: build them first.
+            // The end-to-end tests start the binaries and run the images: build them first.
             sh("cargo", &["build", "--bins"])?;
+            images::build()?;
+            std::env::set_var("FERRY_IMAGES_DIR", images::dir());
             let mut args = vec!["test", "--", "--test-threads=1"];
             if let Some(f) = filter.as_deref() {
                 args.push(f);
@@ -173,6 +180,10 @@ fn main() -> Result<()> {
             setup::run()?;
             build_release()?;
             up::run(exit_after)
+        }
+        Cmd::Images => {
+            setup::check()?;
+            images::build().map(|_| ())
         }
         Cmd::Bench { which } => {
             require_root("cargo xtask bench")?;

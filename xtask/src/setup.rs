@@ -27,6 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "tzdata",
     "containernetworking-plugins",
+    // The container runtime the kubelet drives over CRI, and what Ferry's images hold.
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 
 /// The Python `kubernetes` client the control plane's client tests run (pinned).

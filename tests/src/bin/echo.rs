@@ -4,8 +4,9 @@ use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
+    /// The name in every answer (default: the host name, a pod's name in a container).
     #[arg(long)]
-    name: String,
+    name: Option<String>,
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// TCP connections served at once.
@@ -15,5 +16,11 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    ferry_testbed::echo::serve(&a.name, a.port, a.workers)
+    let name = match a.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+            .trim()
+            .to_string(),
+    };
+    ferry_testbed::echo::serve(&name, a.port, a.workers)
 }
