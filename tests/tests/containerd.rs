@@ -1,0 +1,332 @@
+//! containerd as ferry-cni's real client: Debian's containerd runs in a node namespace with a
+//! CNI network list naming `ferry-cni` (and `portmap`), pod sandboxes are run through CRI with
+//! Ferry's locally built pause image, and real TCP goes between the pods and to a Service VIP
+//! programmed by ferry-proxy. Stopping and removing the sandboxes must release everything.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use ferry_testbed::echo::{tcp_ask, wait_listening};
+use ferry_testbed::yaml::{service, Endpoint};
+use ferry_testbed::{bin_path, in_netns, Netns, Topology, ECHO_PORT};
+use ipnetwork::Ipv4Network;
+use kubelet::containerd::{self, Layout};
+use kubelet::cri::{v1 as cri, Cri};
+use serde_json::{json, Value};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Where `cargo xtask images` put the image archives.
+fn images_dir() -> PathBuf {
+    std::env::var_os("FERRY_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/images")
+                .to_path_buf()
+        })
+}
+
+/// containerd in `node` with its own directories; on drop every sandbox is stopped and
+/// removed through CRI, then containerd, leftover shims and mounts go, then the directories.
+struct Runtime {
+    tokio: tokio::runtime::Runtime,
+    layout: Layout,
+    cri: Cri,
+    child: Child,
+    data: PathBuf,
+    run: PathBuf,
+}
+
+impl Runtime {
+    fn start(node: &Netns, ferry_cni: Value) -> Result<Runtime> {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let data = std::env::temp_dir().join(format!("ferry-ctd-{id}"));
+        let run = PathBuf::from(format!("/run/ferry-ctd-{id}"));
+        let layout = Layout::under(&data, &run);
+        let mut cni = ferry_cni;
+        cni["dataDir"] = json!(data.join("ipam"));
+        layout.install_cni(
+            &bin_path("ferry-cni")?,
+            Path::new("/usr/lib/cni"),
+            &containerd::conflist(cni),
+        )?;
+        let mut cmd = layout.prepare()?;
+        let log = std::fs::File::create(run.join("containerd.log"))?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let tokio = tokio::runtime::Runtime::new()?;
+        let child = node.spawn(&mut cmd)?;
+        // From here on, a failure still cleans up: build the guard with a placeholder client.
+        let cri = tokio.block_on(containerd::wait_ready(
+            &layout.socket,
+            Duration::from_secs(20),
+        ));
+        let cri = match cri {
+            Ok(c) => c,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&data);
+                let _ = std::fs::remove_dir_all(&run);
+                return Err(e);
+            }
+        };
+        let rt = Runtime {
+            tokio,
+            layout,
+            cri,
+            child,
+            data,
+            run,
+        };
+        for image in ["pause.tar", "echo.tar"] {
+            rt.layout
+                .import_image(&images_dir().join(image))
+                .context("importing Ferry's images (`cargo xtask images` builds them)")?;
+        }
+        Ok(rt)
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.tokio.block_on(f)
+    }
+
+    /// Runs a sandbox for pod `name`; returns its id, its address and its network namespace.
+    fn run_pod(&mut self, name: &str) -> Result<(String, Ipv4Addr, Netns)> {
+        let config = sandbox_config(name, &self.data);
+        let mut cri = self.cri.clone();
+        let id = self.block_on(cri.run_sandbox(config))?;
+        let (status, netns) = self.block_on(cri.sandbox_status(&id))?;
+        let ip = status
+            .network
+            .as_ref()
+            .map(|n| n.ip.clone())
+            .unwrap_or_default();
+        let ip: Ipv4Addr = ip
+            .parse()
+            .with_context(|| format!("sandbox {name} has no IPv4 address: {status:?}"))?;
+        let netns = netns.with_context(|| format!("sandbox {name} has no network namespace"))?;
+        let name = Path::new(&netns)
+            .file_name()
+            .context("netns path")?
+            .to_string_lossy()
+            .into_owned();
+        Ok((id, ip, Netns { name }))
+    }
+
+    /// Starts Ferry's echo image in a sandbox (it answers with the pod's host name).
+    fn run_echo(&mut self, sandbox: &str, pod: &str) -> Result<String> {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "echo".into(),
+                attempt: 0,
+            }),
+            image: Some(kubelet::cri::image_spec("ferry.local/echo:1")),
+            log_path: "echo/0.log".into(),
+            ..Default::default()
+        };
+        let sandbox_config = sandbox_config(pod, &self.data);
+        let mut cri = self.cri.clone();
+        self.block_on(cri.start_container(sandbox, &sandbox_config, config))
+    }
+
+    fn remove_pod(&mut self, id: &str) -> Result<()> {
+        let mut cri = self.cri.clone();
+        self.block_on(async {
+            cri.stop_sandbox(id).await?;
+            cri.remove_sandbox(id).await
+        })
+    }
+
+    fn allocations(&self) -> usize {
+        std::fs::read_dir(self.data.join("ipam/ferry"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn sandbox_config(name: &str, data: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: data.join("logs").join(name).display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let mut cri = self.cri.clone();
+        let _ = self.tokio.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                for s in cri.sandboxes().await.unwrap_or_default() {
+                    let _ = cri.stop_sandbox(&s.id).await;
+                    let _ = cri.remove_sandbox(&s.id).await;
+                }
+            })
+            .await
+        });
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_shims(&self.layout.socket);
+        unmount_below(&[&self.data, &self.run]);
+        let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_dir_all(&self.run);
+    }
+}
+
+/// Kills the runc shims serving this containerd (they outlive it by design).
+fn kill_shims(socket: &Path) {
+    let socket = socket.display().to_string();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("containerd-shim") && cmdline.contains(&socket) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Detaches whatever is still mounted below `dirs` (rootfs overlays, shm), deepest first.
+fn unmount_below(dirs: &[&Path]) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| dirs.iter().any(|d| Path::new(p).starts_with(d)))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn host_links(node: &Netns) -> Vec<String> {
+    let out = node.exec("ip", &["-o", "link", "show"]).unwrap();
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("fy"))
+        .collect()
+}
+
+/// Pod sandboxes from containerd get addresses from ferry-cni, reach each other and a Service
+/// VIP through ferry-proxy's datapath; StopPodSandbox/RemovePodSandbox release the addresses,
+/// the host links and the namespaces.
+#[test]
+fn containerd_runs_pod_sandboxes_through_ferry_cni() {
+    let mut t = Topology::new(0).expect("topology");
+    t.extra_interfaces = vec!["fy*".into()];
+    let vip = Ipv4Addr::new(10, 96, 0, 60);
+    let proxy = t
+        .start_proxy(&service("web", vip, 80, None, None, "", &[]))
+        .expect("ferry-proxy");
+    let cidr: Ipv4Network = "10.244.60.0/24".parse().unwrap();
+    let mut rt = Runtime::start(
+        &t.node,
+        json!({"podCIDR": cidr.to_string(), "bpfDir": t.bpf_dir}),
+    )
+    .expect("containerd");
+    let version = rt.block_on(rt.cri.clone().version()).unwrap();
+    assert!(version.starts_with("containerd"), "{version}");
+
+    let mut pods = Vec::new();
+    for i in 0..3 {
+        let (id, ip, netns) = rt.run_pod(&format!("pod-{i}")).expect("RunPodSandbox");
+        assert!(cidr.contains(ip), "{ip} is not in {cidr}");
+        pods.push((id, ip, netns));
+    }
+    let ips: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.1).collect();
+    assert_eq!(ips.len(), 3, "addresses are unique: {ips:?}");
+    assert_eq!(rt.allocations(), 3);
+    let links = host_links(&t.node);
+    assert_eq!(links.len(), 3, "one host link per pod: {links:?}");
+    for l in &links {
+        assert!(
+            t.bpf_dir.join("links").join(l).exists(),
+            "ferry-proxy's datapath is attached to {l}"
+        );
+    }
+
+    // Echo containers in pods 0 and 1 (answering with the pod's host name).
+    for (i, (id, ip, netns)) in pods.iter().take(2).enumerate() {
+        let id = id.clone();
+        rt.run_echo(&id, &format!("pod-{i}"))
+            .expect("echo container");
+        wait_listening(netns, SocketAddrV4::new(*ip, ECHO_PORT).into()).expect("echo answers");
+    }
+
+    // Pod to pod, no NAT: pod-0 sees pod-2's own address.
+    let client = pods[2].2.clone();
+    let to: SocketAddr = SocketAddrV4::new(pods[0].1, ECHO_PORT).into();
+    let a = in_netns(&client, move || tcp_ask(to, Duration::from_secs(2)))
+        .unwrap()
+        .expect("pod-2 reaches pod-0");
+    assert_eq!(a.server, "pod-0");
+    assert_eq!(a.seen_client, pods[2].1.to_string());
+
+    // A Service whose endpoints are the two echo pods, reached from pod-2 through the VIP.
+    let eps = [Endpoint::ready(pods[0].1), Endpoint::ready(pods[1].1)];
+    assert!(proxy
+        .update(&service("web", vip, 80, None, None, "", &eps))
+        .unwrap());
+    let to: SocketAddr = SocketAddrV4::new(vip, 80).into();
+    let answers = in_netns(&client, move || {
+        (0..24)
+            .map(|_| tcp_ask(to, Duration::from_secs(2)))
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let servers: BTreeSet<String> = answers
+        .iter()
+        .map(|a| a.as_ref().expect("the Service answers").server.clone())
+        .collect();
+    assert_eq!(servers, BTreeSet::from(["pod-0".into(), "pod-1".into()]));
+
+    // Stop and remove: addresses, host links and namespaces go.
+    for (id, _, netns) in &pods {
+        rt.remove_pod(id)
+            .expect("StopPodSandbox + RemovePodSandbox");
+        assert!(
+            !Path::new(&netns.path()).exists(),
+            "{} is removed with its sandbox",
+            netns.path()
+        );
+    }
+    assert_eq!(rt.allocations(), 0, "every address is released");
+    assert_eq!(host_links(&t.node), Vec::<String>::new());
+    assert!(rt.block_on(rt.cri.clone().sandboxes()).unwrap().is_empty());
+}
