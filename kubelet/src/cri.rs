@@ -189,6 +189,83 @@ impl Cri {
     }
 }
 
+impl Cri {
+    /// Asks the runtime to pull `image` (a registry must be reachable for this to work).
+    pub async fn pull_image(&mut self, image: &str) -> Result<String> {
+        Ok(self
+            .images
+            .pull_image(api::PullImageRequest {
+                image: Some(image_spec(image)),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .with_context(|| format!("CRI PullImage {image}"))?
+            .into_inner()
+            .image_ref)
+    }
+
+    /// Stops a container: SIGTERM, then SIGKILL after `timeout` seconds.
+    pub async fn stop_container(&mut self, id: &str, timeout: i64) -> Result<()> {
+        self.runtime
+            .stop_container(api::StopContainerRequest {
+                container_id: id.into(),
+                timeout,
+            })
+            .await
+            .with_context(|| format!("CRI StopContainer {id}"))?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&mut self, id: &str) -> Result<()> {
+        self.runtime
+            .remove_container(api::RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .with_context(|| format!("CRI RemoveContainer {id}"))?;
+        Ok(())
+    }
+
+    /// The containers of one sandbox.
+    pub async fn containers(&mut self, sandbox_id: &str) -> Result<Vec<api::Container>> {
+        Ok(self
+            .runtime
+            .list_containers(api::ListContainersRequest {
+                filter: Some(api::ContainerFilter {
+                    pod_sandbox_id: sandbox_id.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .with_context(|| format!("CRI ListContainers in {sandbox_id}"))?
+            .into_inner()
+            .containers)
+    }
+
+    /// Runs `cmd` in a container and waits for it: (exit code, stdout + stderr).
+    pub async fn exec_sync(
+        &mut self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: i64,
+    ) -> Result<(i32, String)> {
+        let r = self
+            .runtime
+            .exec_sync(api::ExecSyncRequest {
+                container_id: id.into(),
+                cmd,
+                timeout,
+            })
+            .await
+            .with_context(|| format!("CRI ExecSync in {id}"))?
+            .into_inner();
+        let mut out = String::from_utf8_lossy(&r.stdout).into_owned();
+        out.push_str(&String::from_utf8_lossy(&r.stderr));
+        Ok((r.exit_code, out))
+    }
+}
+
 pub fn image_spec(image: &str) -> api::ImageSpec {
     api::ImageSpec {
         image: image.into(),

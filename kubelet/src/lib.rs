@@ -7,3 +7,6 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod node;
+pub mod pods;
+pub mod probe;

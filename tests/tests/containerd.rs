@@ -3,107 +3,33 @@
 //! Ferry's locally built pause image, and real TCP goes between the pods and to a Service VIP
 //! programmed by ferry-proxy. Stopping and removing the sandboxes must release everything.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use common::containerd::Runtime;
 use ferry_testbed::echo::{tcp_ask, wait_listening};
 use ferry_testbed::yaml::{service, Endpoint};
-use ferry_testbed::{bin_path, in_netns, Netns, Topology, ECHO_PORT};
+use ferry_testbed::{in_netns, Netns, Topology, ECHO_PORT};
 use ipnetwork::Ipv4Network;
-use kubelet::containerd::{self, Layout};
-use kubelet::cri::{v1 as cri, Cri};
-use serde_json::{json, Value};
+use kubelet::cri::v1 as cri;
+use serde_json::json;
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// Where `cargo xtask images` put the image archives.
-fn images_dir() -> PathBuf {
-    std::env::var_os("FERRY_IMAGES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/images")
-                .to_path_buf()
-        })
+/// What the test does through CRI.
+trait Pods {
+    fn run_pod(&mut self, name: &str) -> Result<(String, Ipv4Addr, Netns)>;
+    fn run_echo(&mut self, sandbox: &str, pod: &str) -> Result<String>;
+    fn remove_pod(&mut self, id: &str) -> Result<()>;
 }
 
-/// containerd in `node` with its own directories; on drop every sandbox is stopped and
-/// removed through CRI, then containerd, leftover shims and mounts go, then the directories.
-struct Runtime {
-    tokio: tokio::runtime::Runtime,
-    layout: Layout,
-    cri: Cri,
-    child: Child,
-    data: PathBuf,
-    run: PathBuf,
-}
-
-impl Runtime {
-    fn start(node: &Netns, ferry_cni: Value) -> Result<Runtime> {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        let data = std::env::temp_dir().join(format!("ferry-ctd-{id}"));
-        let run = PathBuf::from(format!("/run/ferry-ctd-{id}"));
-        let layout = Layout::under(&data, &run);
-        let mut cni = ferry_cni;
-        cni["dataDir"] = json!(data.join("ipam"));
-        layout.install_cni(
-            &bin_path("ferry-cni")?,
-            Path::new("/usr/lib/cni"),
-            &containerd::conflist(cni),
-        )?;
-        let mut cmd = layout.prepare()?;
-        let log = std::fs::File::create(run.join("containerd.log"))?;
-        cmd.stdout(log.try_clone()?).stderr(log);
-        let tokio = tokio::runtime::Runtime::new()?;
-        let child = node.spawn(&mut cmd)?;
-        // From here on, a failure still cleans up: build the guard with a placeholder client.
-        let cri = tokio.block_on(containerd::wait_ready(
-            &layout.socket,
-            Duration::from_secs(20),
-        ));
-        let cri = match cri {
-            Ok(c) => c,
-            Err(e) => {
-                let mut child = child;
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = std::fs::remove_dir_all(&data);
-                let _ = std::fs::remove_dir_all(&run);
-                return Err(e);
-            }
-        };
-        let rt = Runtime {
-            tokio,
-            layout,
-            cri,
-            child,
-            data,
-            run,
-        };
-        for image in ["pause.tar", "echo.tar"] {
-            rt.layout
-                .import_image(&images_dir().join(image))
-                .context("importing Ferry's images (`cargo xtask images` builds them)")?;
-        }
-        Ok(rt)
-    }
-
-    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.tokio.block_on(f)
-    }
-
+impl Pods for Runtime {
     /// Runs a sandbox for pod `name`; returns its id, its address and its network namespace.
     fn run_pod(&mut self, name: &str) -> Result<(String, Ipv4Addr, Netns)> {
-        let config = sandbox_config(name, &self.data);
+        let config = sandbox_config(name, &self.dirs.data);
         let mut cri = self.cri.clone();
         let id = self.block_on(cri.run_sandbox(config))?;
         let (status, netns) = self.block_on(cri.sandbox_status(&id))?;
@@ -135,7 +61,7 @@ impl Runtime {
             log_path: "echo/0.log".into(),
             ..Default::default()
         };
-        let sandbox_config = sandbox_config(pod, &self.data);
+        let sandbox_config = sandbox_config(pod, &self.dirs.data);
         let mut cri = self.cri.clone();
         self.block_on(cri.start_container(sandbox, &sandbox_config, config))
     }
@@ -146,16 +72,6 @@ impl Runtime {
             cri.stop_sandbox(id).await?;
             cri.remove_sandbox(id).await
         })
-    }
-
-    fn allocations(&self) -> usize {
-        std::fs::read_dir(self.data.join("ipam/ferry"))
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
-                    .count()
-            })
-            .unwrap_or(0)
     }
 }
 
@@ -171,66 +87,6 @@ fn sandbox_config(name: &str, data: &Path) -> cri::PodSandboxConfig {
         log_directory: data.join("logs").join(name).display().to_string(),
         linux: Some(cri::LinuxPodSandboxConfig::default()),
         ..Default::default()
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let mut cri = self.cri.clone();
-        let _ = self.tokio.block_on(async {
-            tokio::time::timeout(Duration::from_secs(30), async {
-                for s in cri.sandboxes().await.unwrap_or_default() {
-                    let _ = cri.stop_sandbox(&s.id).await;
-                    let _ = cri.remove_sandbox(&s.id).await;
-                }
-            })
-            .await
-        });
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        kill_shims(&self.layout.socket);
-        unmount_below(&[&self.data, &self.run]);
-        let _ = std::fs::remove_dir_all(&self.data);
-        let _ = std::fs::remove_dir_all(&self.run);
-    }
-}
-
-/// Kills the runc shims serving this containerd (they outlive it by design).
-fn kill_shims(socket: &Path) {
-    let socket = socket.display().to_string();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("containerd-shim") && cmdline.contains(&socket) {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-/// Detaches whatever is still mounted below `dirs` (rootfs overlays, shm), deepest first.
-fn unmount_below(dirs: &[&Path]) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| dirs.iter().any(|d| Path::new(p).starts_with(d)))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        if let Ok(c) = std::ffi::CString::new(p) {
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
     }
 }
 
@@ -271,7 +127,7 @@ fn containerd_runs_pod_sandboxes_through_ferry_cni() {
     }
     let ips: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.1).collect();
     assert_eq!(ips.len(), 3, "addresses are unique: {ips:?}");
-    assert_eq!(rt.allocations(), 3);
+    assert_eq!(rt.dirs.allocations(), 3);
     let links = host_links(&t.node);
     assert_eq!(links.len(), 3, "one host link per pod: {links:?}");
     for l in &links {
@@ -326,7 +182,7 @@ fn containerd_runs_pod_sandboxes_through_ferry_cni() {
             netns.path()
         );
     }
-    assert_eq!(rt.allocations(), 0, "every address is released");
+    assert_eq!(rt.dirs.allocations(), 0, "every address is released");
     assert_eq!(host_links(&t.node), Vec::<String>::new());
     assert!(rt.block_on(rt.cri.clone().sandboxes()).unwrap().is_empty());
 }

@@ -13,6 +13,8 @@
 //! The order pods started and were removed in is recorded for the tests' assertions.
 #![allow(dead_code)] // each test file uses part of it
 
+pub mod containerd;
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Child, Command, Stdio};

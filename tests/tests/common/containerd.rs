@@ -1,0 +1,217 @@
+//! containerd for the tests: a directory layout of its own per test, and a guard that leaves
+//! nothing behind however the test ends: every sandbox is stopped and removed through CRI,
+//! then containerd (whoever started it), its shims and its mounts go, then the directories.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use ferry_testbed::{bin_path, Netns};
+use kubelet::containerd::{self, Layout};
+use kubelet::cri::Cri;
+use serde_json::{json, Value};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Where `cargo xtask images` put the image archives.
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("FERRY_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"))
+}
+
+/// A containerd layout under fresh directories, cleaned on drop.
+pub struct RuntimeDirs {
+    pub layout: Layout,
+    pub data: PathBuf,
+    pub run: PathBuf,
+    cleaned: bool,
+}
+
+impl RuntimeDirs {
+    pub fn new() -> RuntimeDirs {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let data = std::env::temp_dir().join(format!("ferry-ctd-{id}"));
+        let run = PathBuf::from(format!("/run/ferry-ctd-{id}"));
+        RuntimeDirs {
+            layout: Layout::under(&data, &run),
+            data,
+            run,
+            cleaned: false,
+        }
+    }
+
+    /// IPAM allocations ferry-cni holds (its data directory is `<data>/ipam`).
+    pub fn allocations(&self) -> usize {
+        std::fs::read_dir(self.data.join("ipam/ferry"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .parse::<std::net::Ipv4Addr>()
+                            .is_ok()
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn cleanup(&mut self) {
+        if std::mem::replace(&mut self.cleaned, true) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Runtime::new() {
+            let socket = self.layout.socket.clone();
+            let remove_all = async move {
+                let Ok(mut cri) = Cri::connect(&socket).await else {
+                    return;
+                };
+                for s in cri.sandboxes().await.unwrap_or_default() {
+                    let _ = cri.stop_sandbox(&s.id).await;
+                    let _ = cri.remove_sandbox(&s.id).await;
+                }
+            };
+            let _ = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), remove_all).await
+            });
+        }
+        let config = self.layout.config_path().display().to_string();
+        kill_matching(|c| c.starts_with("containerd") && c.contains(&config), true);
+        let socket = self.layout.socket.display().to_string();
+        kill_matching(
+            |c| c.contains("containerd-shim") && c.contains(&socket),
+            false,
+        );
+        unmount_below(&[&self.data, &self.run]);
+        let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_dir_all(&self.run);
+    }
+}
+
+impl Drop for RuntimeDirs {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Kills processes whose command line (arguments joined by spaces) matches; `gently`: SIGTERM
+/// first and up to 5 s to exit.
+fn kill_matching(matches: impl Fn(&str) -> bool, gently: bool) {
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            matches(&cmdline).then_some(pid)
+        })
+        .collect();
+    if gently {
+        for &p in &pids {
+            unsafe { libc::kill(p, libc::SIGTERM) };
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline
+            && pids
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}/cmdline")).exists() && !zombie(*p))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for &p in &pids {
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+}
+
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
+/// Detaches whatever is still mounted below `dirs` (rootfs overlays, shm), deepest first.
+fn unmount_below(dirs: &[&Path]) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| dirs.iter().any(|d| Path::new(p).starts_with(d)))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// containerd started by the test in `node`, with ferry-cni (plus `ferry_cni`'s fields) as
+/// its network and Ferry's pause and echo images imported.
+pub struct Runtime {
+    pub tokio: tokio::runtime::Runtime,
+    pub cri: Cri,
+    child: Child,
+    pub dirs: RuntimeDirs,
+}
+
+impl Runtime {
+    pub fn start(node: &Netns, ferry_cni: Value) -> Result<Runtime> {
+        let dirs = RuntimeDirs::new();
+        let mut cni = ferry_cni;
+        cni["dataDir"] = json!(dirs.data.join("ipam"));
+        dirs.layout.install_cni(
+            &bin_path("ferry-cni")?,
+            Path::new("/usr/lib/cni"),
+            &containerd::conflist(cni),
+        )?;
+        let mut cmd = dirs.layout.prepare()?;
+        let log = std::fs::File::create(dirs.run.join("containerd.log"))?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let tokio = tokio::runtime::Runtime::new()?;
+        let child = node.spawn(&mut cmd)?;
+        // `dirs` cleans up (containerd included) if anything below fails.
+        let cri = tokio.block_on(containerd::wait_ready(
+            &dirs.layout.socket,
+            Duration::from_secs(20),
+        ))?;
+        for image in ["pause.tar", "echo.tar"] {
+            dirs.layout
+                .import_image(&images_dir().join(image))
+                .context("importing Ferry's images (`cargo xtask images` builds them)")?;
+        }
+        Ok(Runtime {
+            tokio,
+            cri,
+            child,
+            dirs,
+        })
+    }
+
+    pub fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.tokio.block_on(f)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.dirs.cleanup();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
