@@ -48,6 +48,14 @@ pub async fn dispatch(
             }
             Ok(json_response(StatusCode::OK, &obj))
         }
+        ("get", Some("log")) => {
+            api.pod_log(
+                ns.as_deref().unwrap_or_default(),
+                t.name.as_deref().unwrap(),
+                &q,
+            )
+            .await
+        }
         ("get", Some("status")) => {
             let (obj, _) = api
                 .get_object(info, ns.as_deref(), t.name.as_deref().unwrap())

@@ -10,6 +10,7 @@ pub mod admission;
 pub mod auth;
 pub mod discovery;
 mod handlers;
+mod logs;
 pub mod patch;
 mod protobuf;
 pub mod resources;

@@ -140,7 +140,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
         "pod",
         true,
         &["po"],
-        &["status", "binding"],
+        &["status", "binding", "log"],
         ALL,
         &[
             "spec.nodeName",
