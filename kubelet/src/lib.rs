@@ -10,3 +10,4 @@ pub mod cri;
 pub mod node;
 pub mod pods;
 pub mod probe;
+pub mod server;

@@ -156,6 +156,15 @@ async fn main() -> Result<()> {
     };
     kubelet::node::register(&client, &info).await?;
     tokio::spawn(kubelet::node::heartbeat(client.clone(), info));
+    let listener = tokio::net::TcpListener::bind((a.node_ip, a.port))
+        .await
+        .with_context(|| format!("listening on {}:{} (--node-ip, --port)", a.node_ip, a.port))?;
+    let app = kubelet::server::router(a.data_dir.join("pods"));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the kubelet's HTTP server stopped: {e}");
+        }
+    });
     let k = Arc::new(Kubelet {
         client,
         cri,
