@@ -1,0 +1,404 @@
+//! ferry-kubelet end to end with Debian's containerd: the control plane, controller-manager,
+//! scheduler, ferry-proxy and ferry-kubelet (which starts containerd with Ferry's
+//! configuration and imports Ferry's images) in a node namespace. The example Deployment and
+//! Service are applied with kubectl; pods run, get addresses from ferry-cni and become Ready
+//! by their probes; the ClusterIP (from a pod) and the NodePort (from outside) reach every
+//! replica through Ferry's eBPF.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::containerd::{images_dir, RuntimeDirs};
+use common::{apply, eventually};
+use ferry_testbed::controlplane::ControlPlane;
+use ferry_testbed::echo::tcp_ask;
+use ferry_testbed::{bin_path, in_netns, Netns, Topology, NODE_IP};
+use ipnetwork::Ipv4Network;
+use serde_json::Value;
+
+const POD_CIDR: &str = "10.244.70.0/24";
+
+/// ferry-kubelet, killed on drop; its log is printed when the test failed.
+struct Kubelet {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Kubelet {
+    fn start(t: &Topology, cp: &ControlPlane, dirs: &RuntimeDirs) -> Kubelet {
+        std::fs::create_dir_all(&dirs.run).unwrap();
+        let log = dirs.run.join("kubelet.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin_path("ferry-kubelet").unwrap());
+        cmd.arg("--kubeconfig")
+            .arg(cp.kubeconfig("node-node-a"))
+            .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
+            .args(["--pod-cidr", POD_CIDR])
+            .arg("--data-dir")
+            .arg(&dirs.data)
+            .arg("--run-dir")
+            .arg(&dirs.run)
+            .arg("--images")
+            .arg(images_dir())
+            .arg("--cni-plugin")
+            .arg(bin_path("ferry-cni").unwrap())
+            .arg("--bpf-dir")
+            .arg(&t.bpf_dir)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        let child = t.node.spawn(&mut cmd).expect("ferry-kubelet");
+        Kubelet { child, log }
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- ferry-kubelet log (last lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn json(cp: &ControlPlane, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&cp.ok(&a).unwrap()).unwrap()
+}
+
+/// Ready pods of app=hello: name -> IP.
+fn ready_hello(cp: &ControlPlane) -> Vec<(String, String)> {
+    let pods = json(cp, &["get", "pods", "-l", "app=hello"]);
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                p["status"]["podIP"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn ask_many(ns: &Netns, to: SocketAddr, n: usize) -> BTreeSet<String> {
+    in_netns(ns, move || {
+        (0..n)
+            .filter_map(|_| tcp_ask(to, Duration::from_secs(1)).ok())
+            .map(|a| a.server)
+            .collect()
+    })
+    .unwrap()
+}
+
+/// The network namespace of a running pod, from its sandbox (as containerd reports it).
+fn pod_netns(dirs: &RuntimeDirs, pod: &str) -> Netns {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut cri = kubelet::cri::Cri::connect(&dirs.layout.socket)
+            .await
+            .unwrap();
+        let s = cri
+            .sandboxes()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| {
+                s.metadata.as_ref().is_some_and(|m| m.name == pod)
+                    && s.state == kubelet::cri::v1::PodSandboxState::SandboxReady as i32
+            })
+            .unwrap_or_else(|| panic!("no ready sandbox for {pod}"));
+        let (_, netns) = cri.sandbox_status(&s.id).await.unwrap();
+        let path = netns.expect("the sandbox has a network namespace");
+        Netns {
+            name: path.rsplit('/').next().unwrap().to_string(),
+        }
+    })
+}
+
+fn container_status(cp: &ControlPlane, pod: &str) -> Value {
+    json(cp, &["get", "pod", pod])["status"]["containerStatuses"][0].clone()
+}
+
+#[test]
+fn kubelet_runs_the_example_with_containerd() {
+    let mut t = Topology::new(0).expect("topology");
+    t.extra_interfaces = vec!["fy*".into()];
+    let dirs = RuntimeDirs::new();
+    let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
+        .expect("control plane");
+    let _cm = cp
+        .spawn_component(&[
+            "controller-manager",
+            "--kubeconfig",
+            cp.kubeconfig("controller-manager").to_str().unwrap(),
+        ])
+        .expect("controller manager");
+    let _sched = cp
+        .spawn_component(&[
+            "scheduler",
+            "--kubeconfig",
+            cp.kubeconfig("scheduler").to_str().unwrap(),
+        ])
+        .expect("scheduler");
+    let _proxy = t
+        .start_proxy_api(&cp.kubeconfig("kube-proxy"))
+        .expect("ferry-proxy");
+    let _kubelet = Kubelet::start(&t, &cp, &dirs);
+    eventually(
+        "node-a registers and is Ready",
+        Duration::from_secs(60),
+        || {
+            cp.ok(&[
+                "get",
+                "node",
+                "node-a",
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+            ])
+            .is_ok_and(|s| s == "True")
+        },
+    );
+    let node = json(&cp, &["get", "node", "node-a"]);
+    assert_eq!(node["spec"]["podCIDR"], POD_CIDR);
+    assert!(node["status"]["nodeInfo"]["containerRuntimeVersion"]
+        .as_str()
+        .unwrap()
+        .starts_with("containerd://"));
+
+    // The example: three replicas, Ready by their httpGet probe, addresses from ferry-cni.
+    let hello = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello.yaml"),
+    )
+    .unwrap();
+    apply(&cp, &hello);
+    let st = cp
+        .ok(&["rollout", "status", "deploy/hello", "--timeout=90s"])
+        .unwrap();
+    assert!(st.contains("successfully rolled out"), "{st}");
+    let cidr: Ipv4Network = POD_CIDR.parse().unwrap();
+    let pods = ready_hello(&cp);
+    assert_eq!(pods.len(), 3, "{pods:?}");
+    for (name, ip) in &pods {
+        let ip: Ipv4Addr = ip.parse().unwrap_or_else(|_| panic!("{name} has no IP"));
+        assert!(cidr.contains(ip), "{name}'s {ip} is outside {POD_CIDR}");
+    }
+    let names: BTreeSet<String> = pods.iter().map(|p| p.0.clone()).collect();
+
+    // A client pod (busybox, not behind the Service) asks the ClusterIP; the outside host
+    // asks the NodePort. Every replica answers, by its own name.
+    apply(
+        &cp,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: default}\nspec:\n  \
+         containers:\n  - {name: c, image: ferry.local/busybox:1, imagePullPolicy: IfNotPresent, \
+         command: [sleep, '3600']}\n  terminationGracePeriodSeconds: 1\n",
+    );
+    eventually("the client pod runs", Duration::from_secs(60), || {
+        cp.ok(&["get", "pod", "client", "-o", "jsonpath={.status.phase}"])
+            .is_ok_and(|s| s == "Running")
+    });
+    let vip: Ipv4Addr = cp
+        .ok(&["get", "svc", "hello", "-o", "jsonpath={.spec.clusterIP}"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    let client = pod_netns(&dirs, "client");
+    let by_vip = ask_many(&client, SocketAddrV4::new(vip, 80).into(), 40);
+    assert_eq!(by_vip, names, "the ClusterIP reaches every replica");
+    let by_node_port = ask_many(&t.ext, SocketAddrV4::new(NODE_IP, 30080).into(), 40);
+    assert_eq!(by_node_port, names, "the NodePort reaches every replica");
+
+    // kubectl describe shows what users look for.
+    let first = pods[0].0.clone();
+    let d = cp.ok(&["describe", "pod", &first]).unwrap();
+    for want in [
+        "Node:",
+        "node-a/",
+        "Status:",
+        "Running",
+        "IP:",
+        &pods[0].1,
+        "ferry.local/echo:1",
+        "Ready",
+    ] {
+        assert!(d.contains(want), "describe lacks {want:?}:\n{d}");
+    }
+
+    // A deleted pod is replaced; its sandbox goes.
+    cp.ok(&["delete", "pod", &first, "--wait=false"]).unwrap();
+    eventually(
+        "the deleted pod is replaced and gone",
+        Duration::from_secs(60),
+        || {
+            let now: BTreeSet<String> = ready_hello(&cp).into_iter().map(|p| p.0).collect();
+            now.len() == 3
+                && !now.contains(&first)
+                && cp.kubectl(&["get", "pod", &first]).status.code() == Some(1)
+        },
+    );
+
+    // A failing liveness probe restarts the container; a failing readiness probe takes the
+    // pod out of the Service's endpoints.
+    apply(
+        &cp,
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: flaky, namespace: default, labels: {app: flaky}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: ferry.local/busybox:1
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, "echo started; touch /tmp/live /tmp/ready; sleep 3; rm /tmp/ready; sleep 3; rm /tmp/live; sleep 3600"]
+    readinessProbe: {exec: {command: [cat, /tmp/ready]}, periodSeconds: 1}
+    livenessProbe: {exec: {command: [cat, /tmp/live]}, periodSeconds: 1, failureThreshold: 2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: flaky, namespace: default}
+spec:
+  selector: {app: flaky}
+  ports: [{port: 80, targetPort: 8080}]
+"#,
+    );
+    let endpoint_ready = |cp: &ControlPlane| -> Option<bool> {
+        let s = json(
+            cp,
+            &[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=flaky",
+            ],
+        );
+        s["items"][0]["endpoints"][0]["conditions"]["ready"].as_bool()
+    };
+    eventually(
+        "flaky becomes a ready endpoint",
+        Duration::from_secs(60),
+        || endpoint_ready(&cp) == Some(true),
+    );
+    eventually(
+        "flaky leaves the ready endpoints",
+        Duration::from_secs(30),
+        || endpoint_ready(&cp) == Some(false),
+    );
+    eventually(
+        "the liveness probe restarts flaky",
+        Duration::from_secs(60),
+        || container_status(&cp, "flaky")["restartCount"].as_i64() >= Some(1),
+    );
+    let last = &container_status(&cp, "flaky")["lastState"]["terminated"];
+    assert!(last["exitCode"].as_i64().is_some(), "lastState: {last}");
+
+    // kubectl logs through the API server, which asks the pod's kubelet.
+    let previous = cp.ok(&["logs", "flaky", "--previous"]).unwrap();
+    assert_eq!(previous, "started\n");
+    eventually(
+        "the restarted flaky logs again",
+        Duration::from_secs(20),
+        || cp.ok(&["logs", "flaky"]).is_ok_and(|l| l == "started\n"),
+    );
+    let tail = cp.ok(&["logs", "client", "--tail=1"]).unwrap();
+    assert_eq!(tail, "", "the client pod prints nothing");
+    let job = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/job.yaml"),
+    )
+    .unwrap();
+    apply(&cp, &job);
+    eventually("the example Job completes", Duration::from_secs(90), || {
+        cp.ok(&["get", "job", "count", "-o", "jsonpath={.status.succeeded}"])
+            .is_ok_and(|s| s == "3")
+    });
+    let job_pod = cp
+        .ok(&[
+            "get",
+            "pods",
+            "-l",
+            "job-name=count",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])
+        .unwrap();
+    assert_eq!(
+        cp.ok(&["logs", &job_pod, "-c", "count"]).unwrap(),
+        "1\n2\n3\n"
+    );
+    assert_eq!(
+        cp.ok(&["logs", &job_pod, "-c", "prepare"]).unwrap(),
+        "preparing\n"
+    );
+    let stamped = cp
+        .ok(&["logs", &job_pod, "-c", "count", "--timestamps", "--tail=1"])
+        .unwrap();
+    assert!(
+        stamped.ends_with(" 3\n") && stamped.starts_with("20"),
+        "{stamped}"
+    );
+    let wrong = cp.kubectl(&["logs", &job_pod, "-c", "nope"]);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("container nope is not valid"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    // An image that is nowhere gives ErrImagePull / ImagePullBackOff, not a crash.
+    apply(
+        &cp,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: missing, namespace: default}\nspec:\n  \
+         containers:\n  - {name: c, image: ferry.local/nope:1, imagePullPolicy: IfNotPresent}\n",
+    );
+    eventually("missing image is reported", Duration::from_secs(60), || {
+        let w = &container_status(&cp, "missing")["state"]["waiting"]["reason"];
+        w == "ErrImagePull" || w == "ImagePullBackOff"
+    });
+
+    // Everything goes away: pods stop within their grace period, addresses are released.
+    let start = Instant::now();
+    let out = cp.kubectl_as(
+        &cp.kubeconfig("admin"),
+        &["delete", "-f", "-", "--wait=false"],
+        Some(&hello),
+    );
+    assert!(out.status.success());
+    cp.ok(&[
+        "delete",
+        "pod",
+        "client",
+        "flaky",
+        "missing",
+        "--wait=false",
+    ])
+    .unwrap();
+    cp.ok(&["delete", "job", "count", "--wait=false"]).unwrap();
+    eventually("every pod is gone", Duration::from_secs(60), || {
+        json(&cp, &["get", "pods"])["items"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    });
+    eventually("every address is released", Duration::from_secs(20), || {
+        dirs.allocations() == 0
+    });
+    eprintln!("teardown took {:?}", start.elapsed());
+}
