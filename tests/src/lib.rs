@@ -12,6 +12,7 @@ pub mod cni;
 pub mod controlplane;
 pub mod echo;
 pub mod netns;
+pub mod procs;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

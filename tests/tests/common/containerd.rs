@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use ferry_testbed::procs::{kill_matching, unmount_below};
 use ferry_testbed::{bin_path, Netns};
 use kubelet::containerd::{self, Layout};
 use kubelet::cri::Cri;
@@ -98,66 +99,6 @@ impl RuntimeDirs {
 impl Drop for RuntimeDirs {
     fn drop(&mut self) {
         self.cleanup();
-    }
-}
-
-/// Kills processes whose command line (arguments joined by spaces) matches; `gently`: SIGTERM
-/// first and up to 5 s to exit.
-fn kill_matching(matches: impl Fn(&str) -> bool, gently: bool) {
-    let pids: Vec<i32> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
-            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-            matches(&cmdline).then_some(pid)
-        })
-        .collect();
-    if gently {
-        for &p in &pids {
-            unsafe { libc::kill(p, libc::SIGTERM) };
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline
-            && pids
-                .iter()
-                .any(|p| Path::new(&format!("/proc/{p}/cmdline")).exists() && !zombie(*p))
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    for &p in &pids {
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-}
-
-fn zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true)
-}
-
-/// Detaches whatever is still mounted below `dirs` (rootfs overlays, shm), deepest first.
-fn unmount_below(dirs: &[&Path]) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<&str> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| dirs.iter().any(|d| Path::new(p).starts_with(d)))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        if let Ok(c) = std::ffi::CString::new(p) {
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
     }
 }
 
