@@ -56,6 +56,10 @@ struct Args {
     /// ferry-proxy's pin directory: ferry-cni waits for the datapath on new pods' links.
     #[arg(long, default_value = "/sys/fs/bpf/ferry")]
     bpf_dir: PathBuf,
+    /// On SIGTERM or Ctrl-C, stop and remove every pod sandbox on the node before exiting
+    /// (a development cluster's teardown; a production kubelet leaves its pods running).
+    #[arg(long)]
+    remove_pods_on_exit: bool,
     /// The port announced in the Node's daemonEndpoints.
     #[arg(long, default_value_t = 10250)]
     port: u16,
@@ -77,6 +81,7 @@ async fn main() -> Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let a = Args::parse();
@@ -167,7 +172,7 @@ async fn main() -> Result<()> {
     });
     let k = Arc::new(Kubelet {
         client,
-        cri,
+        cri: cri.clone(),
         node_name: a.node_name,
         node_ip: a.node_ip.to_string(),
         pods_dir: a.data_dir.join("pods"),
@@ -178,6 +183,16 @@ async fn main() -> Result<()> {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     };
+    if a.remove_pods_on_exit {
+        let sandboxes = cri.sandboxes().await.unwrap_or_default();
+        tracing::info!(count = sandboxes.len(), "removing every pod sandbox");
+        for s in sandboxes {
+            let _ = cri.stop_sandbox(&s.id).await;
+            if let Err(e) = cri.remove_sandbox(&s.id).await {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
     if let Some(mut c) = started {
         // The containerd this kubelet started stops with it (its containers' shims stay,
         // as with any containerd restart, and are adopted by the next one).

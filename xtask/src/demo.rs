@@ -1,6 +1,6 @@
-//! `cargo xtask up`: the demo. Network namespaces for a node, three backend pods, a client pod
-//! and an outside host; ferry-proxy in the node namespace with `examples/demo-services.yaml`.
-//! Ctrl-C (or `--exit-after`) removes everything.
+//! `cargo xtask demo`: ferry-proxy alone, fed from a file. Network namespaces for a node,
+//! three backend pods, a client pod and an outside host; ferry-proxy in the node namespace
+//! with `examples/demo-services.yaml`. Ctrl-C (or `--exit-after`) removes everything.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,13 +22,15 @@ pub fn run(exit_after: Option<u64>) -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    eprintln!("[up] creating namespaces ferry-node, ferry-ext, ferry-p0..p3");
+    eprintln!("[demo] creating namespaces ferry-node, ferry-ext, ferry-p0..p3");
     let mut t = Topology::with_prefix("ferry", 4)?;
     t.start_echo_servers()?;
-    eprintln!("[up] starting ferry-proxy");
+    eprintln!("[demo] starting ferry-proxy");
     let proxy = t.start_proxy(&yaml)?;
     println!();
-    println!("Ferry is up: pods ferry-p0..p2 serve Service default/web, ferry-p3 is a client pod.");
+    println!(
+        "The demo is up: pods ferry-p0..p2 serve Service default/web, ferry-p3 is a client pod."
+    );
     println!("  ClusterIP from a pod:      ip netns exec ferry-p3 curl -s http://10.96.0.10/");
     println!(
         "  NodePort from outside:     ip netns exec ferry-ext curl -s http://192.168.77.1:30080/"
@@ -52,7 +54,7 @@ pub fn run(exit_after: Option<u64>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    eprintln!("[up] stopping and cleaning up");
+    eprintln!("[demo] stopping and cleaning up");
     drop(t);
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! - `setup`: installs what a fresh machine lacks (Debian packages, nightly rust-src, bpf-linker);
 //! - `build`: builds the eBPF datapath and the binaries;
 //! - `test`: formatting, lints, unit tests and the end-to-end tests in network namespaces;
-//! - `up`: a demo cluster in network namespaces with ferry-proxy in front of three backends;
+//! - `up`: a single-node cluster (control plane, controller-manager, scheduler, ferry-proxy,
+//!   ferry-kubelet with containerd) in the foreground;
+//! - `demo`: ferry-proxy alone, fed from a file, in front of three backends in namespaces;
 //! - `bench datapath`: connection and request rates through Ferry against the direct path;
 //! - `bench compare`: Ferry against kube-proxy's layouts; `bench controlplane`: the API server;
 //!   `bench scheduler`: pods bound per second; `bench endpoints`: EndpointSlice to live map entry;
@@ -13,6 +15,7 @@ mod bench;
 mod bench_cni;
 mod charts;
 mod compare;
+mod demo;
 mod images;
 mod kube_rules;
 mod setup;
@@ -42,8 +45,19 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Start the demo: namespaces with a client and three backends behind ferry-proxy.
+    /// Start a single-node cluster in the foreground (Ctrl-C stops it and cleans up).
     Up {
+        /// Stop by itself after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        exit_after: Option<u64>,
+        /// Apply examples/hello.yaml, check every replica answers over the NodePort and the
+        /// ClusterIP from the host, then stop.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Start the proxy-only demo: namespaces with a client and three backends behind
+    /// ferry-proxy fed from examples/demo-services.yaml.
+    Demo {
         /// Stop by itself after this many seconds (default: run until Ctrl-C).
         #[arg(long)]
         exit_after: Option<u64>,
@@ -96,6 +110,8 @@ pub fn build_release() -> Result<()> {
         ("FERRY_ECHO_BIN", "ferry-echo"),
         ("FERRY_LOADGEN_BIN", "ferry-loadgen"),
         ("FERRY_CNI_BIN", "ferry-cni"),
+        ("FERRY_KUBELET_BIN", "ferry-kubelet"),
+        ("FERRY_CONTROLPLANE_BIN", "ferry-controlplane"),
     ] {
         std::env::set_var(var, dir.join(bin));
     }
@@ -175,11 +191,18 @@ fn main() -> Result<()> {
             }
             test_with_summary(&args)
         }
-        Cmd::Up { exit_after } => {
+        Cmd::Up { exit_after, smoke } => {
             require_root("cargo xtask up")?;
             setup::run()?;
             build_release()?;
-            up::run(exit_after)
+            images::build()?;
+            up::run_cluster(exit_after, smoke)
+        }
+        Cmd::Demo { exit_after } => {
+            require_root("cargo xtask demo")?;
+            setup::run()?;
+            build_release()?;
+            demo::run(exit_after)
         }
         Cmd::Images => {
             setup::check()?;

@@ -14,8 +14,17 @@ struct Args {
     workers: usize,
 }
 
+extern "C" fn quit(_: libc::c_int) {
+    unsafe { libc::_exit(0) }
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    // As a container's PID 1 it has no default handlers: stop at once on SIGTERM (a pod's
+    // graceful termination) instead of waiting for the SIGKILL.
+    unsafe {
+        libc::signal(libc::SIGTERM, quit as *const () as libc::sighandler_t);
+    }
     let name = match a.name {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")?

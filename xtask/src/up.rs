@@ -1,0 +1,348 @@
+//! `cargo xtask up`: a working single-node cluster in the foreground.
+//!
+//! ```text
+//!  host (kubectl, curl) 192.168.77.2 --ferry0|ext0-- node namespace "ferry-node" 192.168.77.1
+//!                                                     control plane :6443, controller-manager,
+//!                                                     scheduler, ferry-proxy, ferry-kubelet,
+//!                                                     containerd; pods on fy* links (10.244.0.0/24)
+//! ```
+//! The node lives in its own network namespace so the cluster's links, routes and eBPF
+//! programs never touch the host's; the host reaches the API server, NodePorts, ClusterIPs and
+//! pods over one veth pair, with routes for the Service and pod ranges. Ctrl-C removes every
+//! pod, stops every process and removes the namespace, links, routes and pins. The control
+//! plane's state stays under /var/lib/ferry/up/controlplane (delete it for a fresh cluster).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use ferry_testbed::procs::{kill_matching, unmount_below};
+use ferry_testbed::{run, Netns};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+const NODE: &str = "ferry";
+const NETNS: &str = "ferry-node";
+const NODE_IP: &str = "192.168.77.1";
+const HOST_IP: &str = "192.168.77.2";
+const HOST_LINK: &str = "ferry0";
+const POD_CIDR: &str = "10.244.0.0/24";
+const HOST_ROUTES: &[&str] = &["10.96.0.0/12", "10.244.0.0/16"];
+const DATA: &str = "/var/lib/ferry/up";
+const RUN: &str = "/run/ferry";
+const BPF_DIR: &str = "/sys/fs/bpf/ferry";
+
+/// Everything `up` started; dropping it tears the cluster down in order.
+struct Cluster {
+    node: Option<Netns>,
+    /// (name, process), in start order; stopped in reverse.
+    procs: Vec<(&'static str, Child)>,
+}
+
+impl Cluster {
+    fn spawn(&mut self, name: &'static str, bin: &Path, args: &[&str]) -> Result<()> {
+        let logs = Path::new(DATA).join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // Their own process group: Ctrl-C reaches `up` only, which stops them in order.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let node = self.node.as_ref().context("no node namespace")?;
+        let child = node.spawn(&mut cmd)?;
+        self.procs.push((name, child));
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        eprintln!("[up] stopping: pods, then the node's daemons, then the control plane");
+        while let Some((name, mut child)) = self.procs.pop() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // The kubelet removes every pod sandbox before it exits.
+            let patience = if name == "ferry-kubelet" { 60 } else { 10 };
+            let deadline = Instant::now() + Duration::from_secs(patience);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let config = Path::new(RUN).join("containerd/config.toml");
+        let config = config.display().to_string();
+        kill_matching(
+            |c| c.starts_with("containerd ") && c.contains(&config),
+            true,
+        );
+        kill_matching(|c| c.contains("containerd-shim") && c.contains(RUN), false);
+        unmount_below(&[Path::new(DATA), Path::new(RUN)]);
+        for dst in HOST_ROUTES {
+            let _ = run("ip", &["route", "del", dst, "via", NODE_IP]);
+        }
+        if let Some(n) = self.node.take() {
+            n.delete();
+        }
+        let _ = std::fs::remove_dir_all(BPF_DIR);
+        let _ = std::fs::remove_dir_all(RUN);
+        for d in ["containerd", "ipam", "pods", "cni"] {
+            let _ = std::fs::remove_dir_all(Path::new(DATA).join(d));
+        }
+        eprintln!("[up] stopped; logs are in {DATA}/logs");
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    crate::target_dir("release").join(name)
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let mut all = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
+    all.extend(args);
+    run("kubectl", &all)
+}
+
+/// Waits until `ok` holds (or Ctrl-C, or `timeout`).
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !ok() {
+        if STOP.load(Ordering::SeqCst) {
+            bail!("interrupted while waiting for {what}");
+        }
+        if start.elapsed() > timeout {
+            bail!("{what} did not happen within {timeout:?}; see the logs in {DATA}/logs");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn network(c: &mut Cluster) -> Result<()> {
+    // Leftovers of an `up` that was killed.
+    let _ = run("ip", &["link", "del", HOST_LINK]);
+    for dst in HOST_ROUTES {
+        let _ = run("ip", &["route", "del", dst]);
+    }
+    let node = Netns::create(NETNS)?;
+    c.node = Some(node.clone());
+    for (k, v) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+    ] {
+        node.sysctl(k, v)?;
+    }
+    let ip = |args: &str| run("ip", &args.split_whitespace().collect::<Vec<_>>()).map(|_| ());
+    ip(&format!(
+        "link add {HOST_LINK} type veth peer name ext0 netns {NETNS}"
+    ))?;
+    ip(&format!("addr add {HOST_IP}/24 dev {HOST_LINK}"))?;
+    ip(&format!("link set {HOST_LINK} up"))?;
+    ip(&format!("-n {NETNS} addr add {NODE_IP}/24 dev ext0"))?;
+    ip(&format!("-n {NETNS} link set ext0 up"))?;
+    ip(&format!("-n {NETNS} route add default via {HOST_IP}"))?;
+    for dst in HOST_ROUTES {
+        ip(&format!("route add {dst} via {NODE_IP} dev {HOST_LINK}"))?;
+    }
+    Ok(())
+}
+
+/// Starts the cluster; with `smoke`, applies the example, checks the Service answers from
+/// every replica over its NodePort and ClusterIP, and stops.
+pub fn run_cluster(exit_after: Option<u64>, smoke: bool) -> Result<()> {
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut c = Cluster {
+        node: None,
+        procs: Vec::new(),
+    };
+    eprintln!("[up] network: namespace {NETNS} ({NODE_IP}), host link {HOST_LINK} ({HOST_IP})");
+    network(&mut c)?;
+    let cp_dir = Path::new(DATA).join("controlplane");
+    let cfg = |who: &str| cp_dir.join(format!("{who}.kubeconfig"));
+    eprintln!("[up] control plane on https://{NODE_IP}:6443");
+    c.spawn(
+        "ferry-controlplane",
+        &bin("ferry-controlplane"),
+        &[
+            "--data-dir",
+            cp_dir.to_str().unwrap(),
+            "--bind-address",
+            &format!("{NODE_IP}:6443"),
+            "--node-kubeconfigs",
+            NODE,
+        ],
+    )?;
+    let admin = cfg("admin");
+    wait_for("the API server to answer", Duration::from_secs(30), || {
+        admin.exists() && kubectl(&admin, &["get", "--raw", "/readyz"]).is_ok()
+    })?;
+    for name in ["controller-manager", "scheduler"] {
+        eprintln!("[up] {name}");
+        let kc = cfg(name);
+        c.spawn(
+            name,
+            &bin("ferry-controlplane"),
+            &[name, "--kubeconfig", kc.to_str().unwrap()],
+        )?;
+    }
+    eprintln!("[up] ferry-proxy");
+    c.spawn(
+        "ferry-proxy",
+        &bin("ferry-proxy"),
+        &[
+            "--kubeconfig",
+            cfg("kube-proxy").to_str().unwrap(),
+            "--node-name",
+            NODE,
+            "--node-ip",
+            NODE_IP,
+            "--interfaces",
+            "ext0",
+            "--interfaces",
+            "fy*",
+            "--bpf-dir",
+            BPF_DIR,
+        ],
+    )?;
+    eprintln!("[up] ferry-kubelet (starts containerd, imports Ferry's images)");
+    let images = crate::images::dir();
+    c.spawn(
+        "ferry-kubelet",
+        &bin("ferry-kubelet"),
+        &[
+            "--kubeconfig",
+            cfg(&format!("node-{NODE}")).to_str().unwrap(),
+            "--node-name",
+            NODE,
+            "--node-ip",
+            NODE_IP,
+            "--pod-cidr",
+            POD_CIDR,
+            "--data-dir",
+            DATA,
+            "--run-dir",
+            RUN,
+            "--images",
+            images.to_str().unwrap(),
+            "--bpf-dir",
+            BPF_DIR,
+            "--remove-pods-on-exit",
+        ],
+    )?;
+    wait_for("node ferry to be Ready", Duration::from_secs(90), || {
+        kubectl(
+            &admin,
+            &[
+                "get",
+                "node",
+                NODE,
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+            ],
+        )
+        .is_ok_and(|s| s == "True")
+    })?;
+    let root = crate::workspace_root();
+    println!();
+    println!("Ferry is up: a single-node cluster, node {NODE} at {NODE_IP}.");
+    println!("  export KUBECONFIG={}", admin.display());
+    println!(
+        "  kubectl apply -f {}/examples/hello.yaml && kubectl rollout status deploy/hello",
+        root.display()
+    );
+    println!("  curl http://{NODE_IP}:30080/     # the NodePort; each answer names its pod");
+    println!("Logs: {DATA}/logs. Ctrl-C stops everything and cleans up.");
+    if smoke {
+        return smoke_test(&admin, &root);
+    }
+    let start = Instant::now();
+    while !STOP.load(Ordering::SeqCst) {
+        if exit_after.is_some_and(|s| start.elapsed() >= Duration::from_secs(s)) {
+            break;
+        }
+        for (name, child) in c.procs.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited ({status}); see {DATA}/logs/{name}.log");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// The README's two lines, checked: every replica answers over the NodePort and the ClusterIP
+/// from the host.
+fn smoke_test(admin: &Path, root: &Path) -> Result<()> {
+    let hello = root.join("examples/hello.yaml");
+    kubectl(admin, &["apply", "-f", hello.to_str().unwrap()])?;
+    kubectl(
+        admin,
+        &["rollout", "status", "deploy/hello", "--timeout=120s"],
+    )?;
+    let pods: std::collections::BTreeSet<String> = kubectl(
+        admin,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=hello",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )?
+    .split_whitespace()
+    .map(str::to_string)
+    .collect();
+    let vip = kubectl(
+        admin,
+        &["get", "svc", "hello", "-o", "jsonpath={.spec.clusterIP}"],
+    )?;
+    for (what, addr) in [
+        ("NodePort", format!("{NODE_IP}:30080")),
+        ("ClusterIP", format!("{vip}:80")),
+    ] {
+        let to: std::net::SocketAddr = addr.parse()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..60 {
+            if let Ok(a) = ferry_testbed::echo::tcp_ask(to, Duration::from_secs(1)) {
+                seen.insert(a.server);
+            }
+            if seen == pods {
+                break;
+            }
+        }
+        if seen != pods {
+            bail!("the {what} {addr} was answered by {seen:?}; the replicas are {pods:?}");
+        }
+        eprintln!(
+            "[up] smoke: the {what} {addr} reaches all {} replicas",
+            pods.len()
+        );
+    }
+    kubectl(
+        admin,
+        &[
+            "delete",
+            "-f",
+            hello.to_str().unwrap(),
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    )?;
+    Ok(())
+}
