@@ -261,8 +261,25 @@ fn default_pod_spec(spec: &mut Value) {
                         set_default(p, "protocol", json!("TCP"));
                     }
                 }
+                for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                    if let Some(p) = c.get_mut(probe).filter(|p| p.is_object()) {
+                        default_probe(p);
+                    }
+                }
             }
         }
+    }
+}
+
+/// Kubernetes' probe defaults: every 10 s, 1 s timeout, 1 success, 3 failures.
+fn default_probe(p: &mut Value) {
+    set_default(p, "timeoutSeconds", json!(1));
+    set_default(p, "periodSeconds", json!(10));
+    set_default(p, "successThreshold", json!(1));
+    set_default(p, "failureThreshold", json!(3));
+    if let Some(h) = p.get_mut("httpGet").filter(|h| h.is_object()) {
+        set_default(h, "scheme", json!("HTTP"));
+        set_default(h, "path", json!("/"));
     }
 }
 
@@ -724,6 +741,24 @@ mod tests {
         assert!(errs[0]
             .message
             .contains("`selector` does not match template `labels`"));
+    }
+
+    #[test]
+    fn probes_get_kubernetes_defaults() {
+        let p = find("", "v1", "pods").unwrap();
+        let mut obj = json!({"spec": {"containers": [{"name": "c", "image": "x:1",
+            "readinessProbe": {"httpGet": {"port": 80}, "periodSeconds": 1},
+            "livenessProbe": {"tcpSocket": {"port": 80}}}]}});
+        default(p, &mut obj);
+        let c = &obj["spec"]["containers"][0];
+        assert_eq!(c["readinessProbe"]["periodSeconds"], 1, "given values stay");
+        assert_eq!(c["readinessProbe"]["timeoutSeconds"], 1);
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/");
+        assert_eq!(c["readinessProbe"]["httpGet"]["scheme"], "HTTP");
+        assert_eq!(c["livenessProbe"]["periodSeconds"], 10);
+        assert_eq!(c["livenessProbe"]["successThreshold"], 1);
+        assert_eq!(c["livenessProbe"]["failureThreshold"], 3);
+        assert!(c.get("startupProbe").is_none());
     }
 
     #[test]
