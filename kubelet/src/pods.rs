@@ -968,7 +968,6 @@ impl Worker {
             "startTime": self.start_time,
             "conditions": conditions,
             "containerStatuses": statuses(&self.apps),
-            "qosClass": "BestEffort",
         });
         if !self.init.is_empty() {
             status["initContainerStatuses"] = json!(statuses(&self.init));
