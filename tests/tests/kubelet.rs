@@ -9,66 +9,17 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::containerd::{images_dir, RuntimeDirs};
+use common::containerd::{Kubelet, RuntimeDirs};
 use common::{apply, eventually};
 use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::echo::tcp_ask;
-use ferry_testbed::{bin_path, in_netns, Netns, Topology, NODE_IP};
+use ferry_testbed::{in_netns, Netns, Topology, NODE_IP};
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
 const POD_CIDR: &str = "10.244.70.0/24";
-
-/// ferry-kubelet, killed on drop; its log is printed when the test failed.
-struct Kubelet {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Kubelet {
-    fn start(t: &Topology, cp: &ControlPlane, dirs: &RuntimeDirs) -> Kubelet {
-        std::fs::create_dir_all(&dirs.run).unwrap();
-        let log = dirs.run.join("kubelet.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(bin_path("ferry-kubelet").unwrap());
-        cmd.arg("--kubeconfig")
-            .arg(cp.kubeconfig("node-node-a"))
-            .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
-            .args(["--pod-cidr", POD_CIDR])
-            .arg("--data-dir")
-            .arg(&dirs.data)
-            .arg("--run-dir")
-            .arg(&dirs.run)
-            .arg("--images")
-            .arg(images_dir())
-            .arg("--cni-plugin")
-            .arg(bin_path("ferry-cni").unwrap())
-            .arg("--bpf-dir")
-            .arg(&t.bpf_dir)
-            .stdout(f.try_clone().unwrap())
-            .stderr(f);
-        let child = t.node.spawn(&mut cmd).expect("ferry-kubelet");
-        Kubelet { child, log }
-    }
-}
-
-impl Drop for Kubelet {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- ferry-kubelet log (last lines) ---");
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
 
 fn json(cp: &ControlPlane, args: &[&str]) -> Value {
     let mut a = args.to_vec();
@@ -163,7 +114,7 @@ fn kubelet_runs_the_example_with_containerd() {
     let _proxy = t
         .start_proxy_api(&cp.kubeconfig("kube-proxy"))
         .expect("ferry-proxy");
-    let _kubelet = Kubelet::start(&t, &cp, &dirs);
+    let _kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
     eventually(
         "node-a registers and is Ready",
         Duration::from_secs(60),

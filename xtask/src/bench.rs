@@ -35,6 +35,9 @@ pub enum Which {
     Endpoints(Opts),
     /// ferry-cni against ptp + host-local: ADD and DEL latency for 100 pods.
     Cni(Opts),
+    /// Pod startup on one node with containerd: create to Running and to Ready for 30 pods,
+    /// against the same pods started straight through CRI.
+    Pods(Opts),
 }
 
 #[derive(Args, Clone)]
@@ -357,6 +360,10 @@ pub fn run(which: Which) -> Result<()> {
         Which::Scheduler(o) => return crate_bench("controlplane", "scheduler", o.quick),
         Which::Endpoints(o) => return crate_bench("proxy", "endpoint_latency", o.quick),
         Which::Cni(o) => return crate::bench_cni::run(o.quick),
+        Which::Pods(o) => {
+            crate::images::build()?;
+            return crate_bench("tests", "pods", o.quick);
+        }
     };
     let plan = if opts.quick {
         Plan {

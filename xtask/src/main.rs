@@ -8,7 +8,8 @@
 //! - `bench datapath`: connection and request rates through Ferry against the direct path;
 //! - `bench compare`: Ferry against kube-proxy's layouts; `bench controlplane`: the API server;
 //!   `bench scheduler`: pods bound per second; `bench endpoints`: EndpointSlice to live map entry;
-//!   `bench cni`: ferry-cni's ADD/DEL against the reference plugins;
+//!   `bench cni`: ferry-cni's ADD/DEL against the reference plugins; `bench pods`: pod startup
+//!   through the API against the same pods started straight through CRI;
 //! - `images`: the pause, busybox and echo images as OCI archives (no registry here).
 
 mod bench;

@@ -3,13 +3,14 @@
 //! then containerd (whoever started it), its shims and its mounts go, then the directories.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::procs::{kill_matching, unmount_below};
-use ferry_testbed::{bin_path, Netns};
+use ferry_testbed::{bin_path, Netns, Topology, NODE_IP};
 use kubelet::containerd::{self, Layout};
 use kubelet::cri::Cri;
 use serde_json::{json, Value};
@@ -154,5 +155,55 @@ impl Drop for Runtime {
         self.dirs.cleanup();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// ferry-kubelet, killed on drop; its log is printed when the test failed.
+pub struct Kubelet {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Kubelet {
+    /// ferry-kubelet for node-a in `t`'s node namespace (it starts containerd in `dirs` and
+    /// imports Ferry's images), with the node's kubeconfig from `cp`.
+    pub fn start(t: &Topology, cp: &ControlPlane, dirs: &RuntimeDirs, pod_cidr: &str) -> Kubelet {
+        std::fs::create_dir_all(&dirs.run).unwrap();
+        let log = dirs.run.join("kubelet.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin_path("ferry-kubelet").unwrap());
+        cmd.arg("--kubeconfig")
+            .arg(cp.kubeconfig("node-node-a"))
+            .args(["--node-name", "node-a", "--node-ip", &NODE_IP.to_string()])
+            .args(["--pod-cidr", pod_cidr])
+            .arg("--data-dir")
+            .arg(&dirs.data)
+            .arg("--run-dir")
+            .arg(&dirs.run)
+            .arg("--images")
+            .arg(images_dir())
+            .arg("--cni-plugin")
+            .arg(bin_path("ferry-cni").unwrap())
+            .arg("--bpf-dir")
+            .arg(&t.bpf_dir)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        let child = t.node.spawn(&mut cmd).expect("ferry-kubelet");
+        Kubelet { child, log }
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- ferry-kubelet log (last lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
