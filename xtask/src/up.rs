@@ -334,6 +334,14 @@ fn smoke_test(admin: &Path, root: &Path) -> Result<()> {
             pods.len()
         );
     }
+    // The README's other lines work too.
+    for args in [
+        &["get", "pods", "-o", "wide"][..],
+        &["logs", "-l", "app=hello"][..],
+        &["describe", "pod", "-l", "app=hello"][..],
+    ] {
+        kubectl(admin, args).with_context(|| format!("kubectl {}", args.join(" ")))?;
+    }
     kubectl(
         admin,
         &[
