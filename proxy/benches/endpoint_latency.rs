@@ -15,12 +15,12 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use ferry_testbed::bench::{conditions, percentile, BenchArgs};
 use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::Topology;
 use futures::{StreamExt, TryStreamExt};
@@ -39,10 +39,6 @@ fn vip(j: usize) -> Ipv4Addr {
 
 fn new_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250 + 1) as u8)
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
 struct Maps {
@@ -118,13 +114,8 @@ async fn populate(client: &kube::Client, services: usize) -> Result<()> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from);
+    let args = BenchArgs::parse();
+    let quick = args.quick;
     let (services, samples) = if quick { (2_000, 60) } else { (10_000, 300) };
     ferry_testbed::clean_up_on_signal();
     let mut t = Topology::new(1)?;
@@ -227,13 +218,10 @@ async fn main() -> Result<()> {
     let (dp50, dp99) = (percentile(&delivered, 0.5), percentile(&delivered, 0.99));
 
     let mut md = String::new();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = writeln!(
         md,
-        "EndpointSlice write to live map entry, {} run on {} cores, kernel {}: {services} Services with a slice each, {samples} samples 20 ms apart; control plane and ferry-proxy as processes. First sync of all {services} Services: {:.0} ms.\n",
-        if quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim(),
+        "EndpointSlice write to live map entry, {}: {services} Services with a slice each, {samples} samples 20 ms apart; control plane and ferry-proxy as processes. First sync of all {services} Services: {:.0} ms.\n",
+        conditions(quick),
         first_sync.as_secs_f64() * 1e3
     );
     let _ = writeln!(
@@ -259,25 +247,17 @@ async fn main() -> Result<()> {
         lp50 - dp50,
         lp50 / dp50.max(1e-9)
     );
-    println!("\n{md}");
-    if let Some(out) = out {
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(out.join("endpoints.md"), &md)?;
-        std::fs::write(
-            out.join("endpoints.json"),
-            serde_json::to_string_pretty(&json!({
-                "quick": quick, "services": services, "samples": samples,
-                "first_sync_ms": first_sync.as_secs_f64() * 1e3,
-                "live_ms": {"p50": lp50, "p99": lp99},
-                "watch_ms": {"p50": dp50, "p99": dp99},
-                "target_p99_ms": TARGET_P99_MS,
-            }))?,
-        )?;
-        eprintln!(
-            "[bench endpoints] wrote {}/endpoints.{{md,json}}",
-            out.display()
-        );
-    }
+    args.report(
+        "endpoints",
+        &md,
+        &json!({
+            "quick": quick, "services": services, "samples": samples,
+            "first_sync_ms": first_sync.as_secs_f64() * 1e3,
+            "live_ms": {"p50": lp50, "p99": lp99},
+            "watch_ms": {"p50": dp50, "p99": dp99},
+            "target_p99_ms": TARGET_P99_MS,
+        }),
+    )?;
     drop(cp);
     drop(t);
     Ok(())

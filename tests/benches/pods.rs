@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use containerd::{Kubelet, RuntimeDirs};
+use ferry_testbed::bench::{conditions, percentile, BenchArgs};
 use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::echo::tcp_ask;
 use ferry_testbed::{in_netns, Topology};
@@ -31,15 +32,11 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use kube::ResourceExt;
-use kubelet::cri::{v1 as cri, Cri};
+use kubelet::cri::Cri;
 use serde_json::json;
 
 const TARGET_P99_S: f64 = 2.0;
 const POD_CIDR: &str = "10.244.80.0/24";
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
-}
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -176,32 +173,13 @@ async fn through_cri(
     for i in 0..n {
         let mut cri = cri.clone();
         let node = node.clone();
-        let logs = dirs_data.join("raw-logs").join(i.to_string());
+        let data = dirs_data.clone();
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let name = format!("raw-{i}");
-            let sandbox = cri::PodSandboxConfig {
-                metadata: Some(cri::PodSandboxMetadata {
-                    name: name.clone(),
-                    uid: format!("raw-uid-{i}"),
-                    namespace: "bench".into(),
-                    attempt: 0,
-                }),
-                hostname: name.clone(),
-                log_directory: logs.display().to_string(),
-                linux: Some(cri::LinuxPodSandboxConfig::default()),
-                ..Default::default()
-            };
+            let sandbox = containerd::sandbox_config(&name, "bench", &data);
             let id = cri.run_sandbox(sandbox.clone()).await?;
-            let container = cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "echo".into(),
-                    attempt: 0,
-                }),
-                image: Some(kubelet::cri::image_spec("ferry.local/echo:1")),
-                log_path: "echo/0.log".into(),
-                ..Default::default()
-            };
+            let container = containerd::echo_container();
             cri.start_container(&id, &sandbox, container).await?;
             let (status, _) = cri.sandbox_status(&id).await?;
             let running = start.elapsed().as_secs_f64();
@@ -237,13 +215,8 @@ async fn through_cri(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from);
+    let args = BenchArgs::parse();
+    let quick = args.quick;
     let n = if quick { 10 } else { 30 };
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -251,16 +224,7 @@ async fn main() -> Result<()> {
     t.extra_interfaces = vec!["fy*".into()];
     let dirs = RuntimeDirs::new();
     let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])?;
-    let _cm = cp.spawn_component(&[
-        "controller-manager",
-        "--kubeconfig",
-        cp.kubeconfig("controller-manager").to_str().unwrap(),
-    ])?;
-    let _sched = cp.spawn_component(&[
-        "scheduler",
-        "--kubeconfig",
-        cp.kubeconfig("scheduler").to_str().unwrap(),
-    ])?;
+    let _controllers = cp.spawn_controllers(&[])?;
     let _proxy = t.start_proxy_api(&cp.kubeconfig("kube-proxy"))?;
     let _kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
     let client = controlplane::controllers::endpoints::client(&cp.kubeconfig("admin")).await?;
@@ -307,13 +271,10 @@ async fn main() -> Result<()> {
         ("baseline: CRI start -> server answering", sorted(raw_ready)),
     ];
     let mut md = String::new();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = writeln!(
         md,
-        "Pod startup, {} run on {} cores, kernel {}: {n} pods of ferry.local/echo:1 created at once on one node (containerd 1.6, ferry-cni); readinessProbe tcpSocket every 1 s.\n",
-        if quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim(),
+        "Pod startup, {}: {n} pods of ferry.local/echo:1 created at once on one node (containerd 1.6, ferry-cni); readinessProbe tcpSocket every 1 s.\n",
+        conditions(quick),
     );
     let _ = writeln!(
         md,
@@ -337,21 +298,16 @@ async fn main() -> Result<()> {
         ratio(&rows[0].1, &rows[2].1),
         ratio(&rows[1].1, &rows[3].1)
     );
-    println!("\n{md}");
-    if let Some(out) = out {
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(out.join("pods.md"), &md)?;
-        let pct = |v: &Vec<f64>| json!({"p50": percentile(v, 0.5), "p99": percentile(v, 0.99)});
-        std::fs::write(
-            out.join("pods.json"),
-            serde_json::to_string_pretty(&json!({
-                "quick": quick, "pods": n,
-                "api_running_s": pct(&rows[0].1), "api_ready_s": pct(&rows[1].1),
-                "cri_running_s": pct(&rows[2].1), "cri_ready_s": pct(&rows[3].1),
-                "target_p99_s": TARGET_P99_S,
-            }))?,
-        )?;
-        eprintln!("[bench pods] wrote {}/pods.{{md,json}}", out.display());
-    }
+    let pct = |v: &Vec<f64>| json!({"p50": percentile(v, 0.5), "p99": percentile(v, 0.99)});
+    args.report(
+        "pods",
+        &md,
+        &json!({
+            "quick": quick, "pods": n,
+            "api_running_s": pct(&rows[0].1), "api_ready_s": pct(&rows[1].1),
+            "cri_running_s": pct(&rows[2].1), "cri_ready_s": pct(&rows[3].1),
+            "target_p99_s": TARGET_P99_S,
+        }),
+    )?;
     Ok(())
 }

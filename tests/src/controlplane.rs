@@ -139,6 +139,19 @@ impl ControlPlane {
         ))
     }
 
+    /// The controller manager (with `cm_flags`) and the scheduler, each with its own
+    /// kubeconfig, as `spawn_component` starts them.
+    pub fn spawn_controllers(&self, cm_flags: &[&str]) -> Result<[Component; 2]> {
+        let cm = self.kubeconfig("controller-manager");
+        let mut args = vec!["controller-manager", "--kubeconfig", cm.to_str().unwrap()];
+        args.extend(cm_flags);
+        let sched = self.kubeconfig("scheduler");
+        Ok([
+            self.spawn_component(&args)?,
+            self.spawn_component(&["scheduler", "--kubeconfig", sched.to_str().unwrap()])?,
+        ])
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("controlplane.log")
     }

@@ -115,6 +115,17 @@ pub fn tcp_ask_from(ns: &Netns, addr: SocketAddr) -> Result<Answer> {
     in_netns(ns, move || tcp_ask(addr, Duration::from_secs(2)))?
 }
 
+/// Asks `to` `n` times from inside `ns` (1 s timeout each); the servers that answered.
+pub fn servers_seen(ns: &Netns, to: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
+    in_netns(ns, move || {
+        (0..n)
+            .filter_map(|_| tcp_ask(to, Duration::from_secs(1)).ok())
+            .map(|a| a.server)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
 /// Waits until something answers on `addr` from inside `ns`.
 pub fn wait_listening(ns: &Netns, addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -8,6 +8,7 @@
 //! Pods reach everything through 169.254.1.1, which every host-side veth owns (the Calico
 //! layout); the node routes each pod's /32 to its veth. ferry-proxy runs in the node namespace.
 
+pub mod bench;
 pub mod cni;
 pub mod controlplane;
 pub mod echo;

@@ -151,22 +151,12 @@ fn deployments_are_scheduled_served_rolled_and_moved_off_a_dead_node() {
     let mut t = Topology::new(9).expect("topology");
     let client = t.pods[8].ns.clone();
     let cp = ControlPlane::start_in(Some(&t.node.name), &[]).expect("control plane");
-    let _cm = cp
-        .spawn_component(&[
-            "controller-manager",
-            "--kubeconfig",
-            cp.kubeconfig("controller-manager").to_str().unwrap(),
+    let _controllers = cp
+        .spawn_controllers(&[
             "--node-monitor-grace-period=3s",
             "--node-monitor-period=500ms",
         ])
-        .expect("controller manager");
-    let _sched = cp
-        .spawn_component(&[
-            "scheduler",
-            "--kubeconfig",
-            cp.kubeconfig("scheduler").to_str().unwrap(),
-        ])
-        .expect("scheduler");
+        .expect("controllers");
     let slots = |r: std::ops::Range<usize>| -> Vec<Slot> {
         r.map(|i| Slot {
             ns: t.pods[i].ns.clone(),

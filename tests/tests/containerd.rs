@@ -11,12 +11,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use common::containerd::Runtime;
-use ferry_testbed::echo::{tcp_ask, wait_listening};
+use common::containerd::{echo_container, sandbox_config, Runtime};
+use ferry_testbed::echo::{servers_seen, tcp_ask, wait_listening};
 use ferry_testbed::yaml::{service, Endpoint};
 use ferry_testbed::{in_netns, Netns, Topology, ECHO_PORT};
 use ipnetwork::Ipv4Network;
-use kubelet::cri::v1 as cri;
 use serde_json::json;
 
 /// What the test does through CRI.
@@ -29,7 +28,7 @@ trait Pods {
 impl Pods for Runtime {
     /// Runs a sandbox for pod `name`; returns its id, its address and its network namespace.
     fn run_pod(&mut self, name: &str) -> Result<(String, Ipv4Addr, Netns)> {
-        let config = sandbox_config(name, &self.dirs.data);
+        let config = sandbox_config(name, "default", &self.dirs.data);
         let mut cri = self.cri.clone();
         let id = self.block_on(cri.run_sandbox(config))?;
         let (status, netns) = self.block_on(cri.sandbox_status(&id))?;
@@ -52,16 +51,8 @@ impl Pods for Runtime {
 
     /// Starts Ferry's echo image in a sandbox (it answers with the pod's host name).
     fn run_echo(&mut self, sandbox: &str, pod: &str) -> Result<String> {
-        let config = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: "echo".into(),
-                attempt: 0,
-            }),
-            image: Some(kubelet::cri::image_spec("ferry.local/echo:1")),
-            log_path: "echo/0.log".into(),
-            ..Default::default()
-        };
-        let sandbox_config = sandbox_config(pod, &self.dirs.data);
+        let config = echo_container();
+        let sandbox_config = sandbox_config(pod, "default", &self.dirs.data);
         let mut cri = self.cri.clone();
         self.block_on(cri.start_container(sandbox, &sandbox_config, config))
     }
@@ -72,21 +63,6 @@ impl Pods for Runtime {
             cri.stop_sandbox(id).await?;
             cri.remove_sandbox(id).await
         })
-    }
-}
-
-fn sandbox_config(name: &str, data: &Path) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: data.join("logs").join(name).display().to_string(),
-        linux: Some(cri::LinuxPodSandboxConfig::default()),
-        ..Default::default()
     }
 }
 
@@ -160,16 +136,7 @@ fn containerd_runs_pod_sandboxes_through_ferry_cni() {
         .update(&service("web", vip, 80, None, None, "", &eps))
         .unwrap());
     let to: SocketAddr = SocketAddrV4::new(vip, 80).into();
-    let answers = in_netns(&client, move || {
-        (0..24)
-            .map(|_| tcp_ask(to, Duration::from_secs(2)))
-            .collect::<Vec<_>>()
-    })
-    .unwrap();
-    let servers: BTreeSet<String> = answers
-        .iter()
-        .map(|a| a.as_ref().expect("the Service answers").server.clone())
-        .collect();
+    let servers = servers_seen(&client, to, 24);
     assert_eq!(servers, BTreeSet::from(["pod-0".into(), "pod-1".into()]));
 
     // Stop and remove: addresses, host links and namespaces go.

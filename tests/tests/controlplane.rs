@@ -948,18 +948,8 @@ fn images(cp: &ControlPlane, selector: &str) -> Vec<String> {
 #[test]
 fn deployment_rolls_out_and_back_with_kubectl_rollout() {
     let cp = ControlPlane::start(&[]).unwrap();
-    let kc = cp.kubeconfig("controller-manager");
-    let _cm = cp
-        .spawn_component(&["controller-manager", "--kubeconfig", kc.to_str().unwrap()])
-        .unwrap();
     // Pods are placed by the scheduler and run by the shared test kubelet.
-    let _sched = cp
-        .spawn_component(&[
-            "scheduler",
-            "--kubeconfig",
-            cp.kubeconfig("scheduler").to_str().unwrap(),
-        ])
-        .unwrap();
+    let _controllers = cp.spawn_controllers(&[]).unwrap();
     let _kubelet = common::TestKubelet::start(
         None,
         cp.kubeconfig("admin"),

@@ -8,14 +8,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use common::containerd::{Kubelet, RuntimeDirs};
 use common::{apply, eventually};
 use ferry_testbed::controlplane::ControlPlane;
-use ferry_testbed::echo::tcp_ask;
-use ferry_testbed::{in_netns, Netns, Topology, NODE_IP};
+use ferry_testbed::echo::servers_seen;
+use ferry_testbed::{Netns, Topology, NODE_IP};
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
@@ -49,16 +49,6 @@ fn ready_hello(cp: &ControlPlane) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-fn ask_many(ns: &Netns, to: SocketAddr, n: usize) -> BTreeSet<String> {
-    in_netns(ns, move || {
-        (0..n)
-            .filter_map(|_| tcp_ask(to, Duration::from_secs(1)).ok())
-            .map(|a| a.server)
-            .collect()
-    })
-    .unwrap()
 }
 
 /// The network namespace of a running pod, from its sandbox (as containerd reports it).
@@ -97,20 +87,7 @@ fn kubelet_runs_the_example_with_containerd() {
     let dirs = RuntimeDirs::new();
     let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
         .expect("control plane");
-    let _cm = cp
-        .spawn_component(&[
-            "controller-manager",
-            "--kubeconfig",
-            cp.kubeconfig("controller-manager").to_str().unwrap(),
-        ])
-        .expect("controller manager");
-    let _sched = cp
-        .spawn_component(&[
-            "scheduler",
-            "--kubeconfig",
-            cp.kubeconfig("scheduler").to_str().unwrap(),
-        ])
-        .expect("scheduler");
+    let _controllers = cp.spawn_controllers(&[]).expect("controllers");
     let _proxy = t
         .start_proxy_api(&cp.kubeconfig("kube-proxy"))
         .expect("ferry-proxy");
@@ -173,9 +150,9 @@ fn kubelet_runs_the_example_with_containerd() {
         .parse()
         .unwrap();
     let client = pod_netns(&dirs, "client");
-    let by_vip = ask_many(&client, SocketAddrV4::new(vip, 80).into(), 40);
+    let by_vip = servers_seen(&client, SocketAddrV4::new(vip, 80).into(), 40);
     assert_eq!(by_vip, names, "the ClusterIP reaches every replica");
-    let by_node_port = ask_many(&t.ext, SocketAddrV4::new(NODE_IP, 30080).into(), 40);
+    let by_node_port = servers_seen(&t.ext, SocketAddrV4::new(NODE_IP, 30080).into(), 40);
     assert_eq!(by_node_port, names, "the NodePort reaches every replica");
 
     // kubectl describe shows what users look for.

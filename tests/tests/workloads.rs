@@ -11,26 +11,13 @@ use ferry_testbed::controlplane::{Component, ControlPlane};
 
 struct Cluster {
     kubelet: TestKubelet,
-    _components: Vec<Component>,
+    _components: [Component; 2],
     cp: ControlPlane,
 }
 
 fn cluster(nodes: &[&str]) -> Cluster {
     let cp = ControlPlane::start(&[]).expect("control plane");
-    let components = vec![
-        cp.spawn_component(&[
-            "controller-manager",
-            "--kubeconfig",
-            cp.kubeconfig("controller-manager").to_str().unwrap(),
-        ])
-        .expect("controller manager"),
-        cp.spawn_component(&[
-            "scheduler",
-            "--kubeconfig",
-            cp.kubeconfig("scheduler").to_str().unwrap(),
-        ])
-        .expect("scheduler"),
-    ];
+    let components = cp.spawn_controllers(&[]).expect("controllers");
     let kubelet = TestKubelet::start(
         None,
         cp.kubeconfig("admin"),

@@ -12,7 +12,7 @@ use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::procs::{kill_matching, unmount_below};
 use ferry_testbed::{bin_path, Netns, Topology, NODE_IP};
 use kubelet::containerd::{self, Layout};
-use kubelet::cri::Cri;
+use kubelet::cri::{v1 as cri, Cri};
 use serde_json::{json, Value};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -205,5 +205,39 @@ impl Drop for Kubelet {
                 eprintln!("{l}");
             }
         }
+    }
+}
+
+/// A pod sandbox for pod `name` in `namespace`, its logs under `data`/logs.
+pub fn sandbox_config(name: &str, namespace: &str, data: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{namespace}-{name}"),
+            namespace: namespace.into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: data
+            .join("logs")
+            .join(namespace)
+            .join(name)
+            .display()
+            .to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// Ferry's echo image as a container (it answers on 8080 with the pod's host name).
+pub fn echo_container() -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "echo".into(),
+            attempt: 0,
+        }),
+        image: Some(kubelet::cri::image_spec("ferry.local/echo:1")),
+        log_path: "echo/0.log".into(),
+        ..Default::default()
     }
 }
