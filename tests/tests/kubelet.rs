@@ -76,6 +76,15 @@ fn pod_netns(dirs: &RuntimeDirs, pod: &str) -> Netns {
     })
 }
 
+fn example(file: &str) -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(file),
+    )
+    .unwrap()
+}
+
 fn container_status(cp: &ControlPlane, pod: &str) -> Value {
     json(cp, &["get", "pod", pod])["status"]["containerStatuses"][0].clone()
 }
@@ -114,10 +123,7 @@ fn kubelet_runs_the_example_with_containerd() {
         .starts_with("containerd://"));
 
     // The example: three replicas, Ready by their httpGet probe, addresses from ferry-cni.
-    let hello = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello.yaml"),
-    )
-    .unwrap();
+    let hello = example("hello.yaml");
     apply(&cp, &hello);
     let st = cp
         .ok(&["rollout", "status", "deploy/hello", "--timeout=90s"])
@@ -249,11 +255,7 @@ spec:
     );
     let tail = cp.ok(&["logs", "client", "--tail=1"]).unwrap();
     assert_eq!(tail, "", "the client pod prints nothing");
-    let job = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/job.yaml"),
-    )
-    .unwrap();
-    apply(&cp, &job);
+    apply(&cp, &example("job.yaml"));
     eventually("the example Job completes", Duration::from_secs(90), || {
         cp.ok(&["get", "job", "count", "-o", "jsonpath={.status.succeeded}"])
             .is_ok_and(|s| s == "3")
@@ -302,6 +304,40 @@ spec:
         w == "ErrImagePull" || w == "ImagePullBackOff"
     });
 
+    // The other examples: a DaemonSet whose sidecar is Ready only once it reads, through its
+    // own mount of an emptyDir, what the init container wrote; and a StatefulSet.
+    apply(&cp, &example("daemonset.yaml"));
+    apply(&cp, &example("statefulset.yaml"));
+    eventually(
+        "the DaemonSet's pod runs both containers",
+        Duration::from_secs(60),
+        || {
+            cp.ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=node-echo",
+                "-o",
+                "jsonpath={.items[0].status.containerStatuses[*].ready}",
+            ])
+            .is_ok_and(|s| s == "true true")
+        },
+    );
+    eventually(
+        "the StatefulSet's pods are Ready in order",
+        Duration::from_secs(60),
+        || {
+            cp.ok(&[
+                "get",
+                "statefulset",
+                "web",
+                "-o",
+                "jsonpath={.status.readyReplicas}",
+            ])
+            .is_ok_and(|s| s == "2")
+        },
+    );
+
     // Everything goes away: pods stop within their grace period, addresses are released.
     let start = Instant::now();
     let out = cp.kubectl_as(
@@ -320,6 +356,14 @@ spec:
     ])
     .unwrap();
     cp.ok(&["delete", "job", "count", "--wait=false"]).unwrap();
+    for f in ["daemonset.yaml", "statefulset.yaml"] {
+        let out = cp.kubectl_as(
+            &cp.kubeconfig("admin"),
+            &["delete", "-f", "-", "--wait=false"],
+            Some(&example(f)),
+        );
+        assert!(out.status.success(), "deleting {f}");
+    }
     eventually("every pod is gone", Duration::from_secs(60), || {
         json(&cp, &["get", "pods"])["items"]
             .as_array()
