@@ -10,4 +10,5 @@ pub mod cri;
 pub mod node;
 pub mod pods;
 pub mod probe;
+pub mod resources;
 pub mod server;

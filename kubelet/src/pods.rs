@@ -697,6 +697,10 @@ impl Worker {
             mounts,
             labels,
             log_path: format!("{}/{}.log", c.name, slot.restarts),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(crate::resources::linux_resources(c)?),
+                ..Default::default()
+            }),
             ..Default::default()
         })
     }

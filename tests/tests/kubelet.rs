@@ -255,6 +255,30 @@ spec:
     );
     let tail = cp.ok(&["logs", "client", "--tail=1"]).unwrap();
     assert_eq!(tail, "", "the client pod prints nothing");
+    // Limits reach the container's cgroup (runc mounts the container's own cgroup there).
+    apply(
+        &cp,
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: limited, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: ferry.local/busybox:1
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us; sleep 3600"]
+    resources: {limits: {cpu: 500m, memory: 64Mi}}
+"#,
+    );
+    eventually(
+        "limited reports its cgroup limits",
+        Duration::from_secs(60),
+        || {
+            cp.ok(&["logs", "limited"])
+                .is_ok_and(|l| l == "67108864\n50000\n")
+        },
+    );
     apply(&cp, &example("job.yaml"));
     eventually("the example Job completes", Duration::from_secs(90), || {
         cp.ok(&["get", "job", "count", "-o", "jsonpath={.status.succeeded}"])
@@ -352,6 +376,7 @@ spec:
         "client",
         "flaky",
         "missing",
+        "limited",
         "--wait=false",
     ])
     .unwrap();
