@@ -170,7 +170,9 @@ async fn main() -> Result<()> {
             tracing::error!("the kubelet's HTTP server stopped: {e}");
         }
     });
+    let events = controlplane::events::Recorder::new(client.clone(), "kubelet");
     let k = Arc::new(Kubelet {
+        events,
         client,
         cri: cri.clone(),
         node_name: a.node_name,

@@ -43,6 +43,8 @@ pub struct Kubelet {
     pub node_ip: String,
     /// Per-pod directories: logs and emptyDir volumes.
     pub pods_dir: PathBuf,
+    /// Events about pods (`kubectl describe pod`).
+    pub events: controlplane::events::Recorder,
 }
 
 /// Watches the pods bound to this node and keeps one worker per pod; removes sandboxes that
@@ -275,6 +277,15 @@ impl Worker {
             start_time: now(),
             conditions: BTreeMap::new(),
             written: Value::Null,
+        }
+    }
+
+    fn event(&self, warning: bool, reason: &str, message: String) {
+        let pod = controlplane::events::reference(&self.pod);
+        if warning {
+            self.k.events.warning(pod, reason, message);
+        } else {
+            self.k.events.normal(pod, reason, message);
         }
     }
 
@@ -541,6 +552,11 @@ impl Worker {
             }
             Err(e) => {
                 tracing::warn!(pod = %self.key, "creating the pod sandbox: {e:#}");
+                self.event(
+                    true,
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {e:#}"),
+                );
                 self.sandbox_error = Some(format!("{e:#}"));
                 self.sandbox_retry = Some(Instant::now() + Duration::from_secs(2));
                 false
@@ -713,7 +729,16 @@ impl Worker {
             return false;
         }
         match self.cri.has_image(&image).await {
-            Ok(true) => return true,
+            Ok(true) => {
+                if slot.restarts == 0 && slot.crashes == 0 {
+                    self.event(
+                        false,
+                        "Pulled",
+                        format!("Container image \"{image}\" already present on machine"),
+                    );
+                }
+                return true;
+            }
             Ok(false) => {}
             Err(e) => {
                 slot.wait("ErrImagePull", format!("{e:#}"));
@@ -737,6 +762,11 @@ impl Worker {
                     "ErrImagePull"
                 };
                 tracing::warn!(pod = %self.key, container = %slot.spec.name, "pulling {image}: {e:#}");
+                self.event(
+                    true,
+                    "Failed",
+                    format!("Failed to pull image \"{image}\": {e:#}"),
+                );
                 slot.wait(reason, format!("failed to pull image {image:?}: {e:#}"));
                 slot.back_off();
                 false
@@ -773,12 +803,23 @@ impl Worker {
             match self.cri.start_container(&sid, &sconfig, config).await {
                 Ok(id) => {
                     tracing::info!(pod = %self.key, container = %slot.spec.name, id = %id, "container started");
+                    self.event(
+                        false,
+                        "Created",
+                        format!("Created container {}", slot.spec.name),
+                    );
+                    self.event(
+                        false,
+                        "Started",
+                        format!("Started container {}", slot.spec.name),
+                    );
                     slot.id = Some(id);
                     slot.state = State::Running { started_at: now() };
                     slot.running_since = Some(Instant::now());
                     new_probers(slot);
                 }
                 Err(e) => {
+                    self.event(true, "Failed", format!("Error: {e:#}"));
                     slot.wait("RunContainerError", format!("{e:#}"));
                     slot.back_off();
                 }
@@ -808,12 +849,32 @@ impl Worker {
                 if r.tick(&mut self.cri, &id, &ip, &slot.spec).await {
                     tracing::info!(pod = %self.key, container = %slot.spec.name, ready = r.ok, "readiness changed: {}", r.message);
                 }
+                if r.failed_now {
+                    let msg = format!("Readiness probe failed: {}", r.message);
+                    self.event(true, "Unhealthy", msg);
+                }
             }
             if let Some(l) = slot.liveness.as_mut() {
                 l.tick(&mut self.cri, &id, &ip, &slot.spec).await;
-                if !l.ok {
+                let (failed_now, ok, message) = (l.failed_now, l.ok, l.message.clone());
+                if failed_now {
+                    self.event(
+                        true,
+                        "Unhealthy",
+                        format!("Liveness probe failed: {message}"),
+                    );
+                }
+                if !ok {
+                    self.event(
+                        false,
+                        "Killing",
+                        format!(
+                            "Container {} failed liveness probe, will be restarted",
+                            slot.spec.name
+                        ),
+                    );
                     tracing::info!(pod = %self.key, container = %slot.spec.name,
-                        "liveness probe failed ({}); restarting the container", l.message);
+                        "liveness probe failed ({message}); restarting the container");
                     let grace = self
                         .pod
                         .spec
@@ -872,6 +933,16 @@ impl Worker {
                 slot.restarts += 1;
                 slot.back_off();
                 let name = slot.spec.name.clone();
+                if slot.crashes > 1 {
+                    self.event(
+                        true,
+                        "BackOff",
+                        format!(
+                            "Back-off restarting failed container {name} in pod {}",
+                            self.pod.name_any()
+                        ),
+                    );
+                }
                 slot.wait(
                     "CrashLoopBackOff",
                     format!("back-off restarting failed container {name}"),
@@ -889,6 +960,11 @@ impl Worker {
         let mut stops = Vec::new();
         for slot in self.init.iter().chain(self.apps.iter()) {
             if let Some(id) = slot.id.clone() {
+                self.event(
+                    false,
+                    "Killing",
+                    format!("Stopping container {}", slot.spec.name),
+                );
                 let mut cri = self.cri.clone();
                 stops.push(async move { cri.stop_container(&id, grace).await });
             }

@@ -22,6 +22,8 @@ pub struct Prober {
     pub ok: bool,
     /// The last failure's message.
     pub message: String,
+    /// Whether the last run failed.
+    pub failed_now: bool,
 }
 
 impl Prober {
@@ -35,6 +37,7 @@ impl Prober {
             failures: 0,
             ok: initial,
             message: String::new(),
+            failed_now: false,
         }
     }
 
@@ -59,6 +62,7 @@ impl Prober {
         self.last = Some(Instant::now());
         let result = run(&self.probe, cri, container_id, pod_ip, c).await;
         let before = self.ok;
+        self.failed_now = result.is_err();
         match result {
             Ok(()) => {
                 self.failures = 0;

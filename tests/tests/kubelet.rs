@@ -245,6 +245,24 @@ spec:
     let last = &container_status(&cp, "flaky")["lastState"]["terminated"];
     assert!(last["exitCode"].as_i64().is_some(), "lastState: {last}");
 
+    // The kubelet's events are what `kubectl describe` shows.
+    eventually(
+        "flaky's events tell the story",
+        Duration::from_secs(20),
+        || {
+            cp.ok(&["describe", "pod", "flaky"]).is_ok_and(|d| {
+                [
+                    "Started container c",
+                    "Readiness probe failed",
+                    "Liveness probe failed",
+                    "failed liveness probe, will be restarted",
+                ]
+                .iter()
+                .all(|w| d.contains(w))
+            })
+        },
+    );
+
     // kubectl logs through the API server, which asks the pod's kubelet.
     let previous = cp.ok(&["logs", "flaky", "--previous"]).unwrap();
     assert_eq!(previous, "started\n");
