@@ -130,8 +130,11 @@ async fn remove_orphans(
 ) -> Result<()> {
     let mut cri = k.cri.clone();
     for s in cri.sandboxes().await? {
-        let uid = s.labels.get(POD_UID).cloned().unwrap_or_default();
-        if !workers.contains_key(&uid) {
+        // Only sandboxes a kubelet made (labelled with their pod): others are someone else's.
+        let Some(uid) = s.labels.get(POD_UID) else {
+            continue;
+        };
+        if !workers.contains_key(uid) {
             tracing::info!(sandbox = %s.id, uid = %uid, "removing a sandbox no pod owns");
             let _ = cri.stop_sandbox(&s.id).await;
             cri.remove_sandbox(&s.id).await?;
@@ -235,6 +238,8 @@ struct Worker {
     sandbox: Option<Sandbox>,
     sandbox_error: Option<String>,
     sandbox_retry: Option<Instant>,
+    /// A finished pod's sandbox is stopped once.
+    sandbox_stopped: bool,
     init: Vec<Slot>,
     apps: Vec<Slot>,
     start_time: String,
@@ -274,6 +279,7 @@ impl Worker {
             sandbox: None,
             sandbox_error: None,
             sandbox_retry: None,
+            sandbox_stopped: false,
             start_time: now(),
             conditions: BTreeMap::new(),
             written: Value::Null,
@@ -359,11 +365,14 @@ impl Worker {
                 return Ok(());
             }
             let phase = self.sync().await;
-            if matches!(phase, "Succeeded" | "Failed") {
+            if matches!(phase, "Succeeded" | "Failed") && !self.sandbox_stopped {
                 if let Some(s) = self.sandbox.as_ref() {
                     // A finished pod keeps its status but gives back its address.
                     let id = s.id.clone();
-                    let _ = self.cri.stop_sandbox(&id).await;
+                    match self.cri.stop_sandbox(&id).await {
+                        Ok(()) => self.sandbox_stopped = true,
+                        Err(e) => tracing::warn!(pod = %self.key, "{e:#}"),
+                    }
                 }
             }
             self.write_status().await;
