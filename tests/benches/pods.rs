@@ -213,15 +213,23 @@ async fn through_cri(
     Ok((running, ready))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let mut t = Topology::new(0)?;
+    t.extra_interfaces = vec!["fy*".into()];
+    // The API server listens on the node namespace's loopback: this process joins that
+    // namespace before its runtime's threads start (they inherit it).
+    let ns = std::fs::File::open(t.node.path())?;
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("entering the node namespace");
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(t))
+}
+
+async fn run(mut t: Topology) -> Result<()> {
     let args = BenchArgs::parse();
     let quick = args.quick;
     let n = if quick { 10 } else { 30 };
     let _ = rustls::crypto::ring::default_provider().install_default();
-
-    let mut t = Topology::new(0)?;
-    t.extra_interfaces = vec!["fy*".into()];
     let dirs = RuntimeDirs::new();
     let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])?;
     let _controllers = cp.spawn_controllers(&[])?;

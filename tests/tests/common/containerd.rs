@@ -69,21 +69,26 @@ impl RuntimeDirs {
         if std::mem::replace(&mut self.cleaned, true) {
             return;
         }
-        if let Ok(rt) = tokio::runtime::Runtime::new() {
-            let socket = self.layout.socket.clone();
-            let remove_all = async move {
-                let Ok(mut cri) = Cri::connect(&socket).await else {
-                    return;
-                };
-                for s in cri.sandboxes().await.unwrap_or_default() {
-                    let _ = cri.stop_sandbox(&s.id).await;
-                    let _ = cri.remove_sandbox(&s.id).await;
-                }
+        // On a thread of its own: the caller may be inside a runtime (a benchmark's main).
+        let socket = self.layout.socket.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Runtime::new() else {
+                return;
             };
-            let _ = rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(30), remove_all).await
+            rt.block_on(async {
+                let remove_all = async {
+                    let Ok(mut cri) = Cri::connect(&socket).await else {
+                        return;
+                    };
+                    for s in cri.sandboxes().await.unwrap_or_default() {
+                        let _ = cri.stop_sandbox(&s.id).await;
+                        let _ = cri.remove_sandbox(&s.id).await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(30), remove_all).await;
             });
-        }
+        })
+        .join();
         let config = self.layout.config_path().display().to_string();
         kill_matching(|c| c.starts_with("containerd") && c.contains(&config), true);
         let socket = self.layout.socket.display().to_string();
