@@ -250,9 +250,11 @@ async fn run(mut t: Topology) -> Result<()> {
             break;
         }
         if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dirs.run.join("kubelet.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
             bail!(
-                "node-a did not become Ready (kubelet log: {})",
-                dirs.run.join("kubelet.log").display()
+                "node-a did not become Ready; ferry-kubelet's last lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -39,7 +39,8 @@ pub fn dir() -> PathBuf {
     crate::target_dir("images")
 }
 
-/// Builds every image archive and returns their paths.
+/// Builds every image archive, points the test bed at them (`FERRY_IMAGES_DIR`) and returns
+/// their paths.
 pub fn build() -> Result<Vec<PathBuf>> {
     let bins = build_static(&["ferry-pause", "ferry-echo"])?;
     let busybox = busybox_entries()?;
@@ -81,6 +82,7 @@ pub fn build() -> Result<Vec<PathBuf>> {
         eprintln!("[images] {} -> {}", image.name, path.display());
         paths.push(path);
     }
+    std::env::set_var("FERRY_IMAGES_DIR", &out);
     Ok(paths)
 }
 

@@ -185,7 +185,6 @@ fn main() -> Result<()> {
             // The end-to-end tests start the binaries and run the images: build them first.
             sh("cargo", &["build", "--bins"])?;
             images::build()?;
-            std::env::set_var("FERRY_IMAGES_DIR", images::dir());
             let mut args = vec!["test", "--", "--test-threads=1"];
             if let Some(f) = filter.as_deref() {
                 args.push(f);
