@@ -76,6 +76,16 @@ fn pod_netns(dirs: &RuntimeDirs, pod: &str) -> Netns {
     })
 }
 
+/// A pod of one busybox container `c` running `sh -c command`; `extra` lines go under it.
+fn busybox_pod(name: &str, labels: &str, command: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {labels}}}\n\
+         spec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    \
+         image: ferry.local/busybox:1\n    imagePullPolicy: IfNotPresent\n    \
+         command: [sh, -c, {command:?}]\n{extra}"
+    )
+}
+
 fn example(file: &str) -> String {
     std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -140,12 +150,7 @@ fn kubelet_runs_the_example_with_containerd() {
 
     // A client pod (busybox, not behind the Service) asks the ClusterIP; the outside host
     // asks the NodePort. Every replica answers, by its own name.
-    apply(
-        &cp,
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: default}\nspec:\n  \
-         containers:\n  - {name: c, image: ferry.local/busybox:1, imagePullPolicy: IfNotPresent, \
-         command: [sleep, '3600']}\n  terminationGracePeriodSeconds: 1\n",
-    );
+    apply(&cp, &busybox_pod("client", "{}", "sleep 3600", ""));
     eventually("the client pod runs", Duration::from_secs(60), || {
         cp.ok(&["get", "pod", "client", "-o", "jsonpath={.status.phase}"])
             .is_ok_and(|s| s == "Running")
@@ -194,26 +199,20 @@ fn kubelet_runs_the_example_with_containerd() {
     // pod out of the Service's endpoints.
     apply(
         &cp,
-        r#"apiVersion: v1
-kind: Pod
-metadata: {name: flaky, namespace: default, labels: {app: flaky}}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: c
-    image: ferry.local/busybox:1
-    imagePullPolicy: IfNotPresent
-    command: [sh, -c, "echo started; touch /tmp/live /tmp/ready; sleep 3; rm /tmp/ready; sleep 3; rm /tmp/live; sleep 3600"]
-    readinessProbe: {exec: {command: [cat, /tmp/ready]}, periodSeconds: 1}
-    livenessProbe: {exec: {command: [cat, /tmp/live]}, periodSeconds: 1, failureThreshold: 2}
----
+        &(busybox_pod(
+            "flaky",
+            "{app: flaky}",
+            "echo started; touch /tmp/live /tmp/ready; sleep 3; rm /tmp/ready; sleep 3; rm /tmp/live; sleep 3600",
+            "    readinessProbe: {exec: {command: [cat, /tmp/ready]}, periodSeconds: 1}\n    \
+             livenessProbe: {exec: {command: [cat, /tmp/live]}, periodSeconds: 1, failureThreshold: 2}\n",
+        ) + r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: flaky, namespace: default}
 spec:
   selector: {app: flaky}
   ports: [{port: 80, targetPort: 8080}]
-"#,
+"#),
     );
     let endpoint_ready = |cp: &ControlPlane| -> Option<bool> {
         let s = json(
@@ -276,18 +275,12 @@ spec:
     // Limits reach the container's cgroup (runc mounts the container's own cgroup there).
     apply(
         &cp,
-        r#"apiVersion: v1
-kind: Pod
-metadata: {name: limited, namespace: default}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: c
-    image: ferry.local/busybox:1
-    imagePullPolicy: IfNotPresent
-    command: [sh, -c, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us; sleep 3600"]
-    resources: {limits: {cpu: 500m, memory: 64Mi}}
-"#,
+        &busybox_pod(
+            "limited",
+            "{}",
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us; sleep 3600",
+            "    resources: {limits: {cpu: 500m, memory: 64Mi}}\n",
+        ),
     );
     eventually(
         "limited reports its cgroup limits",
