@@ -436,10 +436,20 @@ fn kubectl_scenario(cp: &ControlPlane, tokens: bool) {
     }
 }
 
-fn tokens_file() -> String {
+/// A directory removed on drop, however the test ends.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tokens_file() -> (TempDir, String) {
     let dir = temp_dir("tokens");
     std::fs::create_dir_all(&dir).unwrap();
-    write(&dir, "tokens.csv", "viewer-token,viewer,2001,\"viewers\"\n")
+    let file = write(&dir, "tokens.csv", "viewer-token,viewer,2001,\"viewers\"\n");
+    (TempDir(dir), file)
 }
 
 fn grant_viewer(cp: &ControlPlane) {
@@ -464,7 +474,7 @@ fn grant_viewer(cp: &ControlPlane) {
 
 #[test]
 fn kubectl_scenario_on_the_embedded_store() {
-    let tokens = tokens_file();
+    let (_dir, tokens) = tokens_file();
     let cp = ControlPlane::start(&["--token-auth-file", &tokens]).unwrap();
     // The default Service the kubectl scenario tries to delete as the viewer.
     cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(
