@@ -166,7 +166,9 @@ fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
     for e in entries {
         match e {
             Entry::Dir(path) => {
-                let mut h = header(&format!("{path}/"), tar::EntryType::Directory, 0o1777, 0);
+                // /tmp is world-writable with the sticky bit, as on any system.
+                let mode = if *path == "tmp" { 0o1777 } else { 0o755 };
+                let mut h = header(&format!("{path}/"), tar::EntryType::Directory, mode, 0);
                 h.set_cksum();
                 b.append(&h, std::io::empty())?;
             }
