@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -435,13 +434,8 @@ async fn watch_latency(
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from);
+    let args = ferry_testbed::bench::BenchArgs::parse();
+    let quick = args.quick;
     let (pods, watchers, events) = if quick {
         (10_000, 100, 20)
     } else {
@@ -547,18 +541,11 @@ async fn main() -> Result<()> {
         etcd_row.watch_events,
         watchers * events
     );
-    println!("\n{md}");
-    if let Some(dir) = out {
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("controlplane.md"), &md)?;
-        std::fs::write(
-            dir.join("controlplane.json"),
-            serde_json::to_string_pretty(
-                &json!({"quick": quick, "pods": pods, "watchers": watchers, "events": events,
+    args.report(
+        "controlplane",
+        &md,
+        &json!({"quick": quick, "pods": pods, "watchers": watchers, "events": events,
                 "embedded": embedded, "etcd": etcd_row}),
-            )?,
-        )?;
-        eprintln!("[bench] wrote {}/controlplane.{{json,md}}", dir.display());
-    }
+    )?;
     Ok(())
 }

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -194,13 +193,8 @@ fn median(mut v: Vec<Run>) -> Run {
 #[tokio::main]
 async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from);
+    let args = ferry_testbed::bench::BenchArgs::parse();
+    let quick = args.quick;
     let reps = if quick { 1 } else { 3 };
     let dir = std::env::temp_dir().join(format!("ferry-sched-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -289,24 +283,16 @@ async fn main() -> Result<()> {
             r.pods_per_s / TARGET
         );
     }
-    println!("\n{md}");
-    if let Some(out) = out {
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(out.join("scheduler.md"), &md)?;
-        std::fs::write(
-            out.join("scheduler.json"),
-            serde_json::to_string_pretty(&json!({
-                "quick": quick, "nodes": NODES, "pods": PODS,
-                "scheduler": {"pods_per_s": f.pods_per_s, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
-                              "min_per_node": f.spread.0, "max_per_node": f.spread.1},
-                "round_robin": {"pods_per_s": b.pods_per_s, "p50_ms": b.p50_ms, "p99_ms": b.p99_ms},
-                "target_pods_per_s": TARGET,
-            }))?,
-        )?;
-        eprintln!(
-            "[bench scheduler] wrote {}/scheduler.{{md,json}}",
-            out.display()
-        );
-    }
+    args.report(
+        "scheduler",
+        &md,
+        &json!({
+            "quick": quick, "nodes": NODES, "pods": PODS,
+            "scheduler": {"pods_per_s": f.pods_per_s, "p50_ms": f.p50_ms, "p99_ms": f.p99_ms,
+                          "min_per_node": f.spread.0, "max_per_node": f.spread.1},
+            "round_robin": {"pods_per_s": b.pods_per_s, "p50_ms": b.p50_ms, "p99_ms": b.p99_ms},
+            "target_pods_per_s": TARGET,
+        }),
+    )?;
     Ok(())
 }
