@@ -115,11 +115,16 @@ pub fn tcp_ask_from(ns: &Netns, addr: SocketAddr) -> Result<Answer> {
     in_netns(ns, move || tcp_ask(addr, Duration::from_secs(2)))?
 }
 
-/// Asks `to` `n` times from inside `ns` (1 s timeout each); the servers that answered.
-pub fn servers_seen(ns: &Netns, to: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
+/// Asks `to` `n` times from inside `ns` (`timeout` each); the servers that answered.
+pub fn servers_seen(
+    ns: &Netns,
+    to: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> std::collections::BTreeSet<String> {
     in_netns(ns, move || {
         (0..n)
-            .filter_map(|_| tcp_ask(to, Duration::from_secs(1)).ok())
+            .filter_map(|_| tcp_ask(to, timeout).ok())
             .map(|a| a.server)
             .collect()
     })

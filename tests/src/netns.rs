@@ -66,6 +66,18 @@ impl Netns {
         Ok(child)
     }
 
+    /// The names of this namespace's links that start with `prefix` (e.g. `fy`, ferry-cni's
+    /// host ends).
+    pub fn links(&self, prefix: &str) -> Result<Vec<String>> {
+        let out = self.exec("ip", &["-o", "link", "show"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with(prefix))
+            .collect())
+    }
+
     /// Runs a command in this namespace and returns its stdout.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         let out = self

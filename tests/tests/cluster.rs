@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{apply, eventually, Slot, TestKubelet, SHUTDOWN_DELAY};
 use ferry_testbed::controlplane::ControlPlane;
-use ferry_testbed::echo::tcp_ask;
+use ferry_testbed::echo::{servers_seen, tcp_ask};
 use ferry_testbed::netns::Netns;
 use ferry_testbed::{in_netns, Topology, ECHO_PORT};
 
@@ -25,13 +25,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Which servers answer `n` requests to the Service (failed requests are left out).
 fn servers(client: &Netns, n: usize) -> BTreeSet<String> {
     let to: SocketAddr = SocketAddrV4::new(VIP, 80).into();
-    in_netns(client, move || {
-        (0..n)
-            .filter_map(|_| tcp_ask(to, Duration::from_millis(500)).ok())
-            .map(|a| a.server)
-            .collect()
-    })
-    .unwrap()
+    servers_seen(client, to, n, Duration::from_millis(500))
 }
 
 /// Names of the pods of app=web that are Ready.

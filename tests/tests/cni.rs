@@ -125,12 +125,7 @@ impl Bed {
     }
 
     fn host_links(&self) -> Vec<String> {
-        let out = self.node.exec("ip", &["-o", "link", "show"]).unwrap();
-        out.lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .filter(|n| n.starts_with("fy"))
-            .collect()
+        self.node.links("fy").unwrap()
     }
 }
 
@@ -738,7 +733,7 @@ fn two_nodes_route_pods_and_services_across() {
     assert!(pb.update(&input(&eps)).unwrap());
     let to: SocketAddr = SocketAddrV4::new(vip, 80).into();
     assert_eq!(
-        servers_seen(&bed_a.pods[0], to, 24),
+        servers_seen(&bed_a.pods[0], to, 24, Duration::from_secs(1)),
         BTreeSet::from(["b0".to_string(), "b1".to_string()]),
         "the Service answers across nodes from both endpoints"
     );

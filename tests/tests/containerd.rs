@@ -66,15 +66,6 @@ impl Pods for Runtime {
     }
 }
 
-fn host_links(node: &Netns) -> Vec<String> {
-    let out = node.exec("ip", &["-o", "link", "show"]).unwrap();
-    out.lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        .filter(|n| n.starts_with("fy"))
-        .collect()
-}
-
 /// Pod sandboxes from containerd get addresses from ferry-cni, reach each other and a Service
 /// VIP through ferry-proxy's datapath; StopPodSandbox/RemovePodSandbox release the addresses,
 /// the host links and the namespaces.
@@ -104,7 +95,7 @@ fn containerd_runs_pod_sandboxes_through_ferry_cni() {
     let ips: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.1).collect();
     assert_eq!(ips.len(), 3, "addresses are unique: {ips:?}");
     assert_eq!(rt.dirs.allocations(), 3);
-    let links = host_links(&t.node);
+    let links = t.node.links("fy").unwrap();
     assert_eq!(links.len(), 3, "one host link per pod: {links:?}");
     for l in &links {
         assert!(
@@ -136,7 +127,7 @@ fn containerd_runs_pod_sandboxes_through_ferry_cni() {
         .update(&service("web", vip, 80, None, None, "", &eps))
         .unwrap());
     let to: SocketAddr = SocketAddrV4::new(vip, 80).into();
-    let servers = servers_seen(&client, to, 24);
+    let servers = servers_seen(&client, to, 24, Duration::from_secs(1));
     assert_eq!(servers, BTreeSet::from(["pod-0".into(), "pod-1".into()]));
 
     // Stop and remove: addresses, host links and namespaces go.
@@ -150,6 +141,6 @@ fn containerd_runs_pod_sandboxes_through_ferry_cni() {
         );
     }
     assert_eq!(rt.dirs.allocations(), 0, "every address is released");
-    assert_eq!(host_links(&t.node), Vec::<String>::new());
+    assert_eq!(t.node.links("fy").unwrap(), Vec::<String>::new());
     assert!(rt.block_on(rt.cri.clone().sandboxes()).unwrap().is_empty());
 }

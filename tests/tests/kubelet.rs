@@ -161,9 +161,19 @@ fn kubelet_runs_the_example_with_containerd() {
         .parse()
         .unwrap();
     let client = pod_netns(&dirs, "client");
-    let by_vip = servers_seen(&client, SocketAddrV4::new(vip, 80).into(), 40);
+    let by_vip = servers_seen(
+        &client,
+        SocketAddrV4::new(vip, 80).into(),
+        40,
+        Duration::from_secs(1),
+    );
     assert_eq!(by_vip, names, "the ClusterIP reaches every replica");
-    let by_node_port = servers_seen(&t.ext, SocketAddrV4::new(NODE_IP, 30080).into(), 40);
+    let by_node_port = servers_seen(
+        &t.ext,
+        SocketAddrV4::new(NODE_IP, 30080).into(),
+        40,
+        Duration::from_secs(1),
+    );
     assert_eq!(by_node_port, names, "the NodePort reaches every replica");
 
     // kubectl describe shows what users look for.
