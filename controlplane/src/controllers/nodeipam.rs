@@ -3,8 +3,8 @@
 //! range allocator does. A node keeps its CIDR for life; ferry-cni reads it to address
 //! the node's pods, and ferry-proxy routes to the other nodes' CIDRs.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
@@ -30,6 +30,28 @@ struct Ctx {
     nodes: Store<Node>,
     opts: Options,
     recorder: Recorder,
+    /// CIDRs this controller assigned that the cache may not show yet (node name → CIDR): the
+    /// watch delivers a node's new podCIDR some time after the patch returns, and the next
+    /// node's allocation must not hand out the same subnet meanwhile.
+    assigned: Mutex<BTreeMap<String, Ipv4Network>>,
+}
+
+/// Every CIDR in use: the cached nodes', plus this controller's assignments the cache has not
+/// caught up with (dropped once the cache shows the node's CIDR or no longer has the node).
+fn in_use(
+    nodes: &[Arc<Node>],
+    assigned: &mut BTreeMap<String, Ipv4Network>,
+) -> BTreeSet<Ipv4Network> {
+    assigned.retain(|name, _| {
+        nodes
+            .iter()
+            .any(|n| n.name_any() == *name && cidr_of(n).is_none())
+    });
+    nodes
+        .iter()
+        .filter_map(|n| cidr_of(n))
+        .chain(assigned.values().copied())
+        .collect()
 }
 
 /// The first `mask`-wide subnet of `cluster` that none of `used` overlaps.
@@ -58,12 +80,14 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, kube::Error
         return Ok(Action::await_change());
     }
     ctx.nodes.wait_until_ready().await.ok();
-    let used: BTreeSet<Ipv4Network> = ctx
-        .nodes
-        .state()
-        .iter()
-        .filter_map(|n| cidr_of(n))
-        .collect();
+    let used = {
+        let mut assigned = ctx.assigned.lock().expect("nodeipam lock");
+        if assigned.contains_key(&node.name_any()) {
+            // Assigned already; this copy of the node predates the patch.
+            return Ok(Action::await_change());
+        }
+        in_use(&ctx.nodes.state(), &mut assigned)
+    };
     let Some(cidr) = next_free(ctx.opts.cluster_cidr, ctx.opts.mask, &used) else {
         let msg = format!(
             "no /{} left in the cluster CIDR {} for node {}",
@@ -88,6 +112,10 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, kube::Error
             &Patch::Merge(&patch),
         )
         .await?;
+    ctx.assigned
+        .lock()
+        .expect("nodeipam lock")
+        .insert(node.name_any(), cidr);
     info!(node = %node.name_any(), %cidr, "pod CIDR assigned");
     ctx.recorder.normal(
         events::reference(&*node),
@@ -119,6 +147,7 @@ pub async fn run(client: Client, opts: Options) -> anyhow::Result<()> {
                     client,
                     nodes,
                     opts,
+                    assigned: Mutex::default(),
                 }),
             ),
     )
@@ -129,6 +158,41 @@ pub async fn run(client: Client, opts: Options) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(name: &str, cidr: Option<&str>) -> Arc<Node> {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: cidr.map(String::from),
+            ..Default::default()
+        });
+        Arc::new(n)
+    }
+
+    #[test]
+    fn assignments_count_until_the_cache_shows_them() {
+        let a: Ipv4Network = "10.244.0.0/24".parse().unwrap();
+        let b: Ipv4Network = "10.244.1.0/24".parse().unwrap();
+        let mut assigned = BTreeMap::from([("n1".to_string(), a)]);
+        // The cache has not seen n1's patch yet: n2 must not get n1's subnet.
+        let stale = [node("n1", None), node("n2", None)];
+        assert_eq!(in_use(&stale, &mut assigned), BTreeSet::from([a]));
+        assert_eq!(
+            next_free(
+                "10.244.0.0/16".parse().unwrap(),
+                24,
+                &in_use(&stale, &mut assigned)
+            ),
+            Some(b)
+        );
+        // Once the cache shows it, the cache is the record.
+        let fresh = [node("n1", Some("10.244.0.0/24")), node("n2", None)];
+        assert_eq!(in_use(&fresh, &mut assigned), BTreeSet::from([a]));
+        assert!(assigned.is_empty());
+        // A deleted node's pending assignment is released.
+        let mut assigned = BTreeMap::from([("gone".to_string(), b)]);
+        assert!(in_use(&fresh, &mut assigned).len() == 1 && assigned.is_empty());
+    }
 
     #[test]
     fn allocates_the_first_free_subnet() {
