@@ -1,6 +1,7 @@
 //! containerd for the tests: a directory layout of its own per test, and a guard that leaves
 //! nothing behind however the test ends: every sandbox is stopped and removed through CRI,
-//! then containerd (whoever started it), its shims and its mounts go, then the directories.
+//! then containerd (whoever started it), the CNI plugins it was running, its shims and its
+//! mounts go, then the directories.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -91,6 +92,10 @@ impl RuntimeDirs {
         .join();
         let config = self.layout.config_path().display().to_string();
         kill_matching(|c| c.starts_with("containerd") && c.contains(&config), true);
+        // CNI plugins containerd had running (a sandbox being created when it went) would
+        // otherwise recreate their state under `data` after it is removed.
+        let plugins = self.layout.cni_bin_dir.display().to_string();
+        kill_matching(|c| c.starts_with(&plugins), true);
         let socket = self.layout.socket.display().to_string();
         kill_matching(
             |c| c.contains("containerd-shim") && c.contains(&socket),
