@@ -30,9 +30,10 @@ struct Ctx {
     nodes: Store<Node>,
     opts: Options,
     recorder: Recorder,
-    /// CIDRs this controller assigned that the cache may not show yet (node name → CIDR): the
+    /// CIDRs this controller assigned that the cache may not show yet (node uid → CIDR): the
     /// watch delivers a node's new podCIDR some time after the patch returns, and the next
-    /// node's allocation must not hand out the same subnet meanwhile.
+    /// node's allocation must not hand out the same subnet meanwhile. Keyed by the node's uid:
+    /// a node deleted and created again under its name is a new node.
     assigned: Mutex<BTreeMap<String, Ipv4Network>>,
 }
 
@@ -42,10 +43,10 @@ fn in_use(
     nodes: &[Arc<Node>],
     assigned: &mut BTreeMap<String, Ipv4Network>,
 ) -> BTreeSet<Ipv4Network> {
-    assigned.retain(|name, _| {
+    assigned.retain(|uid, _| {
         nodes
             .iter()
-            .any(|n| n.name_any() == *name && cidr_of(n).is_none())
+            .any(|n| n.uid().as_ref() == Some(uid) && cidr_of(n).is_none())
     });
     nodes
         .iter()
@@ -82,7 +83,7 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, kube::Error
     ctx.nodes.wait_until_ready().await.ok();
     let used = {
         let mut assigned = ctx.assigned.lock().expect("nodeipam lock");
-        if assigned.contains_key(&node.name_any()) {
+        if node.uid().is_some_and(|uid| assigned.contains_key(&uid)) {
             // Assigned already; this copy of the node predates the patch.
             return Ok(Action::await_change());
         }
@@ -112,10 +113,12 @@ async fn reconcile(node: Arc<Node>, ctx: Arc<Ctx>) -> Result<Action, kube::Error
             &Patch::Merge(&patch),
         )
         .await?;
-    ctx.assigned
-        .lock()
-        .expect("nodeipam lock")
-        .insert(node.name_any(), cidr);
+    if let Some(uid) = node.uid() {
+        ctx.assigned
+            .lock()
+            .expect("nodeipam lock")
+            .insert(uid, cidr);
+    }
     info!(node = %node.name_any(), %cidr, "pod CIDR assigned");
     ctx.recorder.normal(
         events::reference(&*node),
@@ -162,6 +165,7 @@ mod tests {
     fn node(name: &str, cidr: Option<&str>) -> Arc<Node> {
         let mut n = Node::default();
         n.metadata.name = Some(name.into());
+        n.metadata.uid = Some(format!("uid-{name}"));
         n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
             pod_cidr: cidr.map(String::from),
             ..Default::default()
@@ -173,7 +177,7 @@ mod tests {
     fn assignments_count_until_the_cache_shows_them() {
         let a: Ipv4Network = "10.244.0.0/24".parse().unwrap();
         let b: Ipv4Network = "10.244.1.0/24".parse().unwrap();
-        let mut assigned = BTreeMap::from([("n1".to_string(), a)]);
+        let mut assigned = BTreeMap::from([("uid-n1".to_string(), a)]);
         // The cache has not seen n1's patch yet: n2 must not get n1's subnet.
         let stale = [node("n1", None), node("n2", None)];
         assert_eq!(in_use(&stale, &mut assigned), BTreeSet::from([a]));
@@ -190,8 +194,12 @@ mod tests {
         assert_eq!(in_use(&fresh, &mut assigned), BTreeSet::from([a]));
         assert!(assigned.is_empty());
         // A deleted node's pending assignment is released.
-        let mut assigned = BTreeMap::from([("gone".to_string(), b)]);
+        let mut assigned = BTreeMap::from([("uid-gone".to_string(), b)]);
         assert!(in_use(&fresh, &mut assigned).len() == 1 && assigned.is_empty());
+        // So is a node's that was deleted and created again under its name (a new uid).
+        let mut assigned = BTreeMap::from([("uid-n2-before".to_string(), b)]);
+        assert_eq!(in_use(&fresh, &mut assigned), BTreeSet::from([a]));
+        assert!(assigned.is_empty());
     }
 
     #[test]
