@@ -7,13 +7,17 @@
 //! - [`controllers`]: the controller manager's control loops (a client of the API);
 //! - [`scheduler`]: assigns pods to nodes;
 //! - [`leader`]: leader election on a Lease, so only one controller manager or scheduler acts;
-//! - [`events`]: Events as components report them.
+//! - [`events`]: Events as components report them;
+//! - [`files`]: state on disk readable by its owner only.
 
 pub mod api;
 pub mod controllers;
 pub mod events;
+pub mod files;
 pub mod leader;
 pub mod pki;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+
+pub use files::private_dir;

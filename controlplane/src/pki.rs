@@ -40,7 +40,7 @@ impl Ca {
     /// Loads the CA of `dir`, making one on first start.
     pub fn load_or_create(dir: &Path) -> Result<Ca> {
         let pki = dir.join("pki");
-        std::fs::create_dir_all(&pki)?;
+        crate::files::private_dir(&pki)?;
         let (crt, key) = (pki.join("ca.crt"), pki.join("ca.key"));
         if crt.exists() && key.exists() {
             let cert_pem = std::fs::read_to_string(&crt)?;

@@ -12,7 +12,7 @@
 //! empties the log.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::watch_buffer::spawn_fed;
 use super::{
     Event, EventKind, KeyValue, ListOptions, ListResult, Precondition, Revision, Store, StoreError,
     StoreResult, WatchStream,
@@ -430,7 +431,7 @@ fn write_snapshot(path: &Path, records: &[Record]) -> anyhow::Result<()> {
         r.encode(&mut buf);
     }
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f = crate::files::create_private(&tmp)?;
     f.write_all(&buf)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -487,7 +488,7 @@ pub fn snapshot_restore(file: &Path, dir: &Path, force: bool) -> anyhow::Result<
     let Some(Record::Header { revision, .. }) = recs.first() else {
         bail!("{} has no header", file.display());
     };
-    std::fs::create_dir_all(dir)?;
+    crate::files::private_dir(dir)?;
     let has_data = ["snapshot", "wal"]
         .iter()
         .any(|f| std::fs::metadata(dir.join(f)).is_ok_and(|m| m.len() > 0));
@@ -499,16 +500,14 @@ pub fn snapshot_restore(file: &Path, dir: &Path, force: bool) -> anyhow::Result<
     }
     let _lock = lock_dir(dir)?;
     write_snapshot(&dir.join("snapshot"), &recs)?;
-    File::create(dir.join("wal"))?.sync_all()?;
+    crate::files::create_private(&dir.join("wal"))?.sync_all()?;
     Ok(*revision)
 }
 
 fn lock_dir(dir: &Path) -> anyhow::Result<File> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("LOCK"))?;
+    let mut o = crate::files::private_options();
+    o.create(true).truncate(false).write(true);
+    let f = crate::files::open_private(&dir.join("LOCK"), &o)?;
     use std::os::fd::AsRawFd;
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
@@ -791,8 +790,8 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, recovering what the last process left.
     pub fn open(dir: &Path) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        crate::files::private_dir(dir)
+            .with_context(|| format!("preparing the data directory {}", dir.display()))?;
         let lock = lock_dir(dir)?;
         let (st, good) = recover(dir)?;
         info!(
@@ -802,11 +801,13 @@ impl EmbeddedStore {
             "embedded store recovered"
         );
         let wal_path = dir.join("wal");
-        let wal = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&wal_path)
-            .with_context(|| format!("opening {}", wal_path.display()))?;
+        let mut o = crate::files::private_options();
+        o.create(true).append(true);
+        let wal = crate::files::open_private(&wal_path, &o)?;
+        if let Ok(snap) = File::open(dir.join("snapshot")) {
+            use std::os::unix::fs::PermissionsExt;
+            snap.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
         // Cut off a torn tail so new records follow the last good one.
         wal.set_len(good)?;
         wal.sync_all()?;
@@ -974,11 +975,11 @@ impl Store for EmbeddedStore {
             (backlog, self.events.subscribe())
         };
         let prefix = prefix.to_string();
-        let stream = async_stream(move |tx| async move {
+        let stream = spawn_fed(move |tx| async move {
             let mut last = after;
             if !backlog.is_empty() {
                 last = backlog.last().unwrap().kv.mod_revision;
-                if tx.send(Ok(backlog)).await.is_err() {
+                if tx.send(Ok(backlog)).is_err() {
                     return;
                 }
             }
@@ -992,17 +993,17 @@ impl Store for EmbeddedStore {
                             .collect();
                         if let Some(e) = evs.last() {
                             last = e.kv.mod_revision;
-                            if tx.send(Ok(evs)).await.is_err() {
+                            if tx.send(Ok(evs)).is_err() {
                                 return;
                             }
+                        } else if tx.is_gone() {
+                            return;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(StoreError::Other(anyhow!(
-                                "watcher fell {n} batches behind; watch again from revision {last}"
-                            ))))
-                            .await;
+                        let _ = tx.send(Err(StoreError::Other(anyhow!(
+                            "watcher fell {n} batches behind; watch again from revision {last}"
+                        ))));
                         return;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -1045,17 +1046,6 @@ impl Store for EmbeddedStore {
     async fn compacted_revision(&self) -> StoreResult<Revision> {
         Ok(self.state.read().unwrap().compacted)
     }
-}
-
-/// A stream fed by a task: `f` gets the sending half of a small channel.
-pub(crate) fn async_stream<F, Fut>(f: F) -> WatchStream
-where
-    F: FnOnce(mpsc::Sender<StoreResult<Vec<Event>>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use etcd_client::{
 };
 use futures::StreamExt;
 
-use super::embedded::async_stream;
+use super::watch_buffer::spawn_fed;
 use super::{
     prefix_end, Event, EventKind, KeyValue, ListOptions, ListResult, Precondition, Revision, Store,
     StoreError, StoreResult, WatchStream,
@@ -409,7 +409,7 @@ fn watch_stream(
             })
             .collect()
     };
-    async_stream(move |tx| async move {
+    spawn_fed(move |tx| async move {
         let _watcher = watcher;
         while let Some(item) = stream.next().await {
             let out = match item {
@@ -426,7 +426,7 @@ fn watch_stream(
             if matches!(&out, Ok(v) if v.is_empty()) {
                 continue;
             }
-            if tx.send(out).await.is_err() || end {
+            if tx.send(out).is_err() || end {
                 return;
             }
         }

@@ -5,7 +5,9 @@
 //! commit, durable once acknowledged) and [`etcd::EtcdStore`] (etcd v3).
 
 pub mod embedded;
+pub mod encryption;
 pub mod etcd;
+pub mod watch_buffer;
 
 #[cfg(test)]
 pub mod conformance;
