@@ -200,9 +200,12 @@ async fn measure(
         node_ports: (30000, 32767),
         tokens: HashMap::new(),
         advertise: format!("127.0.0.1:{}", addr.port()),
+        limits: Default::default(),
+        node_authorizer: true,
     };
     let api = Api::new(store, cfg).await?;
-    let server = tokio::spawn(async move { server::serve(api, listener, &pki).await });
+    let server =
+        tokio::spawn(async move { server::serve(api, listener, &pki, Default::default()).await });
     let c = Client::new(dir, &url, true)?;
     let ns = |n: &str| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
     for n in ["bench", "watch"] {

@@ -208,9 +208,12 @@ async fn main() -> Result<()> {
         node_ports: (30000, 32767),
         tokens: HashMap::new(),
         advertise: format!("127.0.0.1:{}", addr.port()),
+        limits: Default::default(),
+        node_authorizer: true,
     };
     let api = ApiServer::new(store, cfg).await?;
-    let server = tokio::spawn(async move { server::serve(api, listener, &pki).await });
+    let server =
+        tokio::spawn(async move { server::serve(api, listener, &pki, Default::default()).await });
     let admin = client(&dir, "admin").await?;
     eprintln!("[bench scheduler] creating {NODES} nodes");
     make_nodes(&admin).await?;

@@ -150,6 +150,42 @@ struct ServeArgs {
     /// Store history older than this is compacted (watches from before it get 410 Gone).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     compaction_interval: Duration,
+    /// Reads in flight at once; more are answered 429 (watches are not counted).
+    #[arg(long, default_value_t = 400)]
+    max_requests_inflight: usize,
+    /// Writes in flight at once; more are answered 429.
+    #[arg(long, default_value_t = 200)]
+    max_mutating_requests_inflight: usize,
+    /// A request (other than a watch or a followed log) that takes longer gets 504.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Events one watcher may have waiting; a watcher that falls further behind is closed.
+    #[arg(long, default_value_t = 1000)]
+    watch_buffer_size: usize,
+    /// Bytes of object data one watcher may have waiting before it is closed.
+    #[arg(long, default_value_t = 64 << 20)]
+    watch_buffer_bytes: usize,
+    /// Open connections from one client address; more are closed at once.
+    #[arg(long, default_value_t = 2000)]
+    max_connections_per_client: usize,
+    /// Open connections in all (kept below the file descriptor limit).
+    #[arg(long, default_value_t = 10000)]
+    max_connections: usize,
+    /// A connection with nothing in flight for this long is closed.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    idle_connection_timeout: Duration,
+    /// A new connection must finish its TLS handshake, and then send its first request,
+    /// each within this.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Kubernetes' EncryptionConfiguration (aescbc, secretbox, identity): how Secrets (or the
+    /// resources it names) are encrypted in the store.
+    #[arg(long)]
+    encryption_provider_config: Option<PathBuf>,
+    /// Authorizers in order: Node (each node's kubelet reaches only its own node's objects)
+    /// and RBAC.
+    #[arg(long, default_value = "Node,RBAC", value_delimiter = ',')]
+    authorization_mode: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -308,13 +344,53 @@ async fn serve(a: ServeArgs) -> Result<()> {
             a.service_cluster_ip_range
         );
     }
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    if a.watch_buffer_size == 0 || a.watch_buffer_bytes == 0 {
+        bail!("--watch-buffer-size and --watch-buffer-bytes: give at least 1");
+    }
+    if a.max_requests_inflight == 0 || a.max_mutating_requests_inflight == 0 {
+        bail!("--max-requests-inflight and --max-mutating-requests-inflight: give at least 1");
+    }
+    let mut node_authorizer = false;
+    for m in &a.authorization_mode {
+        match m.as_str() {
+            "Node" => node_authorizer = true,
+            "RBAC" => {}
+            other => bail!("--authorization-mode: unknown mode \"{other}\"; use Node and/or RBAC"),
+        }
+    }
+    if !a.authorization_mode.iter().any(|m| m == "RBAC") {
+        bail!("--authorization-mode: RBAC is required (e.g. Node,RBAC)");
+    }
+    controlplane::store::watch_buffer::set_limits(controlplane::store::watch_buffer::WatchLimits {
+        events: a.watch_buffer_size,
+        bytes: a.watch_buffer_bytes,
+    });
+    controlplane::private_dir(&a.data_dir)?;
     let store: Arc<dyn Store> = if a.etcd_servers.is_empty() {
         embedded::EmbeddedStore::open(&a.data_dir.join("store"))?
     } else {
         info!(servers = ?a.etcd_servers, "using etcd");
         EtcdStore::connect(&a.etcd_servers).await?
+    };
+    let store: Arc<dyn Store> = match &a.encryption_provider_config {
+        Some(p) => {
+            use controlplane::store::encryption::{EncryptedStore, EncryptionConfig};
+            let cfg = EncryptionConfig::load(p)?;
+            info!(path = %p.display(), resources = ?cfg.resources(), "encrypting at rest");
+            let prefix_of = |name: &str| -> Result<String> {
+                let (plural, group) = name.split_once('.').unwrap_or((name, ""));
+                api::resources::RESOURCES
+                    .iter()
+                    .find(|r| r.plural == plural && r.group == group)
+                    .map(|r| r.prefix())
+                    .with_context(|| format!(
+                        "{}: resource \"{name}\" is not served; write e.g. secrets or deployments.apps",
+                        p.display()
+                    ))
+            };
+            Arc::new(EncryptedStore::new(store, cfg, prefix_of)?)
+        }
+        None => store,
     };
     let tokens = match &a.token_auth_file {
         Some(p) => auth::load_tokens(p)?,
@@ -350,6 +426,19 @@ async fn serve(a: ServeArgs) -> Result<()> {
         node_ports,
         tokens,
         advertise: format!("{host}:{}", addr.port()),
+        limits: api::RequestLimits {
+            max_requests_inflight: a.max_requests_inflight,
+            max_mutating_requests_inflight: a.max_mutating_requests_inflight,
+            request_timeout: a.request_timeout,
+        },
+        node_authorizer,
+    };
+    let conn_limits = server::ConnLimits {
+        handshake_timeout: a.handshake_timeout,
+        first_request_timeout: a.handshake_timeout,
+        idle_timeout: a.idle_connection_timeout,
+        max_per_client: a.max_connections_per_client,
+        max_total: a.max_connections,
     };
     api::log_start(&cfg);
     let api = Api::new(store.clone(), cfg).await?;
@@ -375,7 +464,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         a.data_dir.join("admin.kubeconfig").display()
     );
     tokio::select! {
-        r = server::serve(api, listener, &pki) => {
+        r = server::serve(api, listener, &pki, conn_limits) => {
             tracing::error!(result = ?r, "the API server stopped serving");
             r
         }

@@ -11,22 +11,11 @@ use super::resources::ResourceInfo;
 use super::selectors::{labels_of, LabelSelector};
 use super::status::FieldError;
 
-const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+pub const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
 const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
 const SVC_NAME_MSG: &str = "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')";
 
-pub fn is_dns1123_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
-}
+pub use super::metadata::{is_dns1123_label, is_dns1123_subdomain};
 
 fn is_dns1035_label(s: &str) -> bool {
     is_dns1123_label(s) && s.as_bytes()[0].is_ascii_lowercase()
@@ -58,42 +47,6 @@ pub fn validate_name(info: &ResourceInfo, name: &str) -> Vec<FieldError> {
             format!("\"{name}\""),
             msg,
         )]
-    }
-}
-
-fn validate_labels(obj: &Value, field: &str, errs: &mut Vec<FieldError>) {
-    if let Some(m) = obj.as_object() {
-        for (k, v) in m {
-            let name = k.rsplit('/').next().unwrap_or(k);
-            if name.is_empty()
-                || name.len() > 63
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                errs.push(FieldError::invalid(
-                    field,
-                    format!("\"{k}\""),
-                    "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-                ));
-            }
-            let v = v.as_str().unwrap_or_default();
-            let edges_ok = v.is_empty()
-                || (v.starts_with(|c: char| c.is_ascii_alphanumeric())
-                    && v.ends_with(|c: char| c.is_ascii_alphanumeric()));
-            if v.len() > 63
-                || !edges_ok
-                || !v
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                errs.push(FieldError::invalid(
-                    field,
-                    format!("\"{v}\""),
-                    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
-                ));
-            }
-        }
     }
 }
 
@@ -337,8 +290,9 @@ fn default_service(obj: &mut Value) {
 
 pub fn validate(info: &ResourceInfo, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
     let mut errs = Vec::new();
-    validate_labels(&obj["metadata"]["labels"], "metadata.labels", &mut errs);
+    super::metadata::validate_meta(obj, &mut errs);
     match (info.group, info.kind) {
+        ("", "ConfigMap" | "Secret") => super::metadata::validate_data(info.kind, obj, &mut errs),
         ("", "Service") => validate_service(obj, old, &mut errs),
         ("", "Pod") => {
             validate_pod_spec(&obj["spec"], "spec", &mut errs);
@@ -648,7 +602,7 @@ fn validate_service(obj: &Value, old: Option<&Value>, errs: &mut Vec<FieldError>
         }
     }
     let sel = &spec["selector"];
-    validate_labels(sel, "spec.selector", errs);
+    super::metadata::validate_labels(sel, "spec.selector", errs);
     if let Some(a) = spec["sessionAffinity"].as_str() {
         if !["None", "ClientIP"].contains(&a) {
             errs.push(FieldError::unsupported(

@@ -311,7 +311,7 @@ pub fn bootstrap_policy() -> Vec<Value> {
             json!([
             {"apiGroups": [""], "resources": ["nodes", "nodes/status"], "verbs": write},
             {"apiGroups": [""], "resources": ["pods", "pods/status"], "verbs": write},
-            {"apiGroups": [""], "resources": ["services", "endpoints", "configmaps", "secrets", "namespaces"], "verbs": read},
+            {"apiGroups": [""], "resources": ["services", "endpoints", "namespaces"], "verbs": read},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": write},
             {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]}]),

@@ -1,5 +1,5 @@
-//! Discovery (/api, /apis, group versions, /version) and the OpenAPI v3 documents kubectl
-//! reads to learn that the server validates fields itself (`fieldValidation` on PATCH).
+//! Discovery (/api, /apis, group versions, /version); the OpenAPI documents are in
+//! `openapi.rs`.
 
 use serde_json::{json, Value};
 
@@ -94,76 +94,5 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     };
     Some(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}),
-    )
-}
-
-fn gv_path(group: &str, version: &str) -> String {
-    if group.is_empty() {
-        format!("api/{version}")
-    } else {
-        format!("apis/{group}/{version}")
-    }
-}
-
-/// `/openapi/v3`: one document per group version.
-pub fn openapi_root() -> Value {
-    let mut paths = serde_json::Map::new();
-    let mut gvs = vec![("", "v1")];
-    gvs.extend(groups());
-    for (g, v) in gvs {
-        let p = gv_path(g, v);
-        paths.insert(
-            p.clone(),
-            json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={}", env!("CARGO_PKG_VERSION").replace('.', ""))}),
-        );
-    }
-    json!({"paths": paths})
-}
-
-/// The document of one group version: every operation on every resource, each PATCH and
-/// POST marked with the kind it takes and the `fieldValidation` parameter.
-pub fn openapi_gv(path: &str) -> Option<Value> {
-    let (group, version) = match path.trim_matches('/').split('/').collect::<Vec<_>>()[..] {
-        ["api", v] => ("", v),
-        ["apis", g, v] => (g, v),
-        _ => return None,
-    };
-    let rs = in_group_version(group, version);
-    if rs.is_empty() {
-        return None;
-    }
-    let params = json!([
-        {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-        {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-        {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}}]);
-    let mut paths = serde_json::Map::new();
-    for r in rs {
-        let gvk = json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
-        let base = format!("/{}", gv_path(group, version));
-        let (coll, item) = if r.namespaced {
-            (
-                format!("{base}/namespaces/{{namespace}}/{}", r.plural),
-                format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural),
-            )
-        } else {
-            (
-                format!("{base}/{}", r.plural),
-                format!("{base}/{}/{{name}}", r.plural),
-            )
-        };
-        let op = |id: &str| {
-            json!({"operationId": format!("{id}{}", r.kind), "parameters": params.clone(),
-                   "x-kubernetes-group-version-kind": gvk[0].clone(),
-                   "responses": {"200": {"description": "OK"}}})
-        };
-        paths.insert(coll, json!({"get": op("list"), "post": op("create")}));
-        paths.insert(
-            item,
-            json!({"get": op("read"), "put": op("replace"), "patch": op("patch"), "delete": op("delete")}),
-        );
-    }
-    Some(
-        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": KUBE_VERSION},
-                "paths": paths, "components": {"schemas": {}}}),
     )
 }

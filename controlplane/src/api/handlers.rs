@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use super::admission;
+use super::body::{parse_any, parse_object, Decoded};
 use super::patch::{self, PatchType};
 use super::resources::{self, ResourceInfo};
 use super::selectors::{labels_of, FieldSelector, LabelSelector};
@@ -31,6 +32,7 @@ pub async fn dispatch(
     headers: &HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    q.check_options(verb)?;
     let info = t.info;
     let ns = t.ns.clone();
     let sub = t.sub.as_deref();
@@ -71,7 +73,7 @@ pub async fn dispatch(
         ("list", None) => api.list(info, ns.as_deref(), &q, headers).await,
         ("watch", None) => watch::watch(api.clone(), info, ns, t.name, &q, headers).await,
         ("create", None) => {
-            let obj = parse_body(info, headers, &body)?;
+            let obj = parse_object(info, headers, &body).await?;
             let (out, warnings) = api.create_checked(info, ns.as_deref(), obj, &q).await?;
             Ok(with_warnings(
                 json_response(StatusCode::CREATED, &out),
@@ -79,7 +81,7 @@ pub async fn dispatch(
             ))
         }
         ("create", Some("binding")) => {
-            let b = parse_any(headers, &body)?;
+            let b = parse_any(headers, &body).await?.value;
             api.bind(
                 ns.as_deref().unwrap_or_default(),
                 t.name.as_deref().unwrap(),
@@ -97,7 +99,7 @@ pub async fn dispatch(
                 .as_deref()
                 .ok_or_else(|| ApiError::method_not_allowed("PUT needs an object name"))?;
             if sub == Some("scale") {
-                let s = parse_any(headers, &body)?;
+                let s = parse_any(headers, &body).await?.value;
                 let out = api
                     .set_scale(
                         info,
@@ -109,7 +111,7 @@ pub async fn dispatch(
                     .await?;
                 return Ok(json_response(StatusCode::OK, &out));
             }
-            let obj = parse_body(info, headers, &body)?;
+            let obj = parse_object(info, headers, &body).await?;
             let (out, warnings) = api
                 .update_checked(info, ns.as_deref(), name, obj, sub, &q)
                 .await?;
@@ -138,11 +140,7 @@ pub async fn dispatch(
             Ok(json_response(StatusCode::OK, &out))
         }
         ("delete", None) => {
-            let opts = if body.is_empty() {
-                json!({})
-            } else {
-                parse_any(headers, &body)?
-            };
+            let opts = delete_options(headers, &body).await?;
             let (out, gone) = api
                 .delete_object(info, ns.as_deref(), t.name.as_deref().unwrap(), &opts, &q)
                 .await?;
@@ -156,11 +154,12 @@ pub async fn dispatch(
             ))
         }
         ("deletecollection", None) => {
-            let opts = if body.is_empty() {
-                json!({})
-            } else {
-                parse_any(headers, &body)?
-            };
+            if info.plural == "namespaces" {
+                return Err(ApiError::method_not_allowed(
+                    "the server does not allow this method on the requested resource: delete namespaces one by one",
+                ));
+            }
+            let opts = delete_options(headers, &body).await?;
             let l = api.list_objects(info, ns.as_deref(), &q).await?;
             let mut n = 0;
             for obj in l.0 {
@@ -192,6 +191,23 @@ pub async fn dispatch(
     }
 }
 
+/// DeleteOptions from the body (or none); its dryRun must be `All` if given.
+async fn delete_options(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
+    if body.is_empty() {
+        return Ok(json!({}));
+    }
+    let opts = parse_any(headers, body).await?.value;
+    if let Some(d) = opts.get("dryRun") {
+        let ok = d
+            .as_array()
+            .is_some_and(|a| a.iter().all(|v| v.as_str() == Some("All")));
+        if !ok {
+            return Err(super::invalid_dry_run(&d.to_string()));
+        }
+    }
+    Ok(opts)
+}
+
 fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
     for w in warnings {
         if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\""))) {
@@ -199,57 +215,6 @@ fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
         }
     }
     r
-}
-
-/// The request body as JSON (or YAML, when so labelled), which must be an object.
-fn parse_any(headers: &HeaderMap, body: &[u8]) -> ApiResult<Value> {
-    let ct = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|c| c.to_str().ok())
-        .unwrap_or("application/json");
-    let v: Value = if ct.contains("yaml") {
-        serde_yaml::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}")))?
-    } else if ct.contains("protobuf") {
-        super::protobuf::decode(body).map_err(|e| {
-            ApiError::unsupported_media(format!(
-                "this protobuf body is not supported ({e}); send it as application/json"
-            ))
-        })?
-    } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?
-    };
-    if !v.is_object() {
-        return Err(ApiError::bad_request("the body must be a JSON object"));
-    }
-    Ok(v)
-}
-
-/// The body as an object of this resource: apiVersion and kind must match the path.
-fn parse_body(info: &ResourceInfo, headers: &HeaderMap, body: &[u8]) -> ApiResult<Value> {
-    let mut v = parse_any(headers, body)?;
-    let want_av = info.api_version();
-    match v["apiVersion"].as_str() {
-        None | Some("") => v["apiVersion"] = json!(want_av),
-        Some(av) if av != want_av => {
-            return Err(ApiError::bad_request(format!(
-                "the API version in the data ({av}) does not match the expected API version ({want_av})"
-            )))
-        }
-        _ => {}
-    }
-    match v["kind"].as_str() {
-        None | Some("") => v["kind"] = json!(info.kind),
-        Some(k) if k != info.kind => {
-            return Err(ApiError::bad_request(format!(
-                "the kind in the data ({k}) does not match the expected kind ({}): send it to the {} endpoint or fix `kind`",
-                info.kind, k.to_lowercase()
-            )))
-        }
-        _ => {}
-    }
-    Ok(v)
 }
 
 fn scale_of(info: &ResourceInfo, obj: &Value) -> Value {
@@ -279,6 +244,27 @@ fn scale_of(info: &ResourceInfo, obj: &Value) -> Value {
                      "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
         "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(0)},
         "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector}})
+}
+
+/// The namespaces the system lives in: never deleted (as Kubernetes' NamespaceLifecycle).
+pub const PROTECTED_NAMESPACES: [&str; 4] =
+    ["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// Largest stored object (etcd's default request limit, which Kubernetes objects live under).
+pub const MAX_OBJECT: usize = 1536 * 1024;
+
+fn check_object_size(bytes: &[u8]) -> ApiResult<()> {
+    if bytes.len() > MAX_OBJECT {
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!(
+                "Request entity too large: the object is {} bytes, the limit is {MAX_OBJECT}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The object as stored at revision `rv` (what a read would return).
@@ -355,7 +341,7 @@ impl Api {
         q: &Query,
     ) -> ApiResult<Listed> {
         let (ls, fs) = self.selectors(info, q)?;
-        let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let limit = q.count("limit")?.unwrap_or(0) as usize;
         let prefix = info.list_prefix(ns);
         let (mut rv, mut start) = match q.get("continue") {
             Some(tok) => {
@@ -504,6 +490,7 @@ impl Api {
         &self,
         info: &ResourceInfo,
         obj: Value,
+        duplicates: &[String],
         q: &Query,
     ) -> ApiResult<(Value, Vec<String>)> {
         let mut input = obj;
@@ -521,10 +508,11 @@ impl Api {
         })?;
         let unknown = resources::unknown_fields(&input, &out);
         let mut warnings = Vec::new();
-        if !unknown.is_empty() {
-            let msgs: Vec<String> = unknown
+        if !unknown.is_empty() || !duplicates.is_empty() {
+            let msgs: Vec<String> = duplicates
                 .iter()
-                .map(|f| format!("unknown field \"{f}\""))
+                .map(|f| format!("duplicate field \"{f}\""))
+                .chain(unknown.iter().map(|f| format!("unknown field \"{f}\"")))
                 .collect();
             match q.get("fieldValidation").unwrap_or("Warn") {
                 "Strict" => {
@@ -567,10 +555,18 @@ impl Api {
         &self,
         info: &ResourceInfo,
         ns: Option<&str>,
-        obj: Value,
+        body: Decoded,
         q: &Query,
     ) -> ApiResult<(Value, Vec<String>)> {
-        let (obj, warnings) = self.normalize(info, obj, q)?;
+        if body.value["metadata"]["resourceVersion"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty())
+        {
+            return Err(ApiError::bad_request(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
+        let (obj, warnings) = self.normalize(info, body.value, &body.duplicates, q)?;
         let dry = q.dry_run();
         Ok((self.create_object(info, ns, obj, dry).await?, warnings))
     }
@@ -646,6 +642,7 @@ impl Api {
             self.check_namespace(ns.unwrap_or_default()).await?;
         }
         let key = info.key(ns.unwrap_or_default(), &name);
+        check_object_size(&encode(&obj))?;
         if dry {
             if self.store.get(&key).await?.is_some() {
                 return Err(ApiError::already_exists(info.plural, info.group, &name));
@@ -801,11 +798,11 @@ impl Api {
         info: &ResourceInfo,
         ns: Option<&str>,
         name: &str,
-        obj: Value,
+        body: Decoded,
         sub: Option<&str>,
         q: &Query,
     ) -> ApiResult<(Value, Vec<String>)> {
-        let (obj, warnings) = self.normalize(info, obj, q)?;
+        let (obj, warnings) = self.normalize(info, body.value, &body.duplicates, q)?;
         if obj["metadata"]["name"].as_str().is_some_and(|n| n != name) {
             return Err(ApiError::bad_request(format!(
                 "the name of the object ({}) does not match the name on the URL ({name})",
@@ -950,11 +947,22 @@ impl Api {
         } else {
             Vec::new()
         };
+        let bytes = encode(&obj);
+        if let Err(e) = check_object_size(&bytes) {
+            for c in claims {
+                self.release(c).await;
+            }
+            return Err(e);
+        }
+        if bytes == cur_kv.value && claims.is_empty() {
+            // Nothing changed: no write, no new resourceVersion, no watch event.
+            return Ok(with_rv(obj, cur_rev));
+        }
         match self
             .store
             .put(
                 &key,
-                encode(&obj),
+                bytes,
                 Precondition::ModRevision(cur_rev),
                 cur_kv.lease,
             )
@@ -995,8 +1003,16 @@ impl Api {
         q: &Query,
     ) -> ApiResult<Value> {
         // The server retries a patch that lost a race, as Kubernetes does, unless the patch
-        // itself names the resource version it expects.
-        for attempt in 0..8 {
+        // itself names the resource version it expects. Concurrent patches of one object
+        // each win eventually; the request timeout bounds the loop.
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            if attempt > 3 {
+                // Many writers on one object: spread the retries out a little.
+                let ms = rand::random::<u64>() % (u64::from(attempt.min(20)) * 2);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             let (cur, kv) = self.get_object(info, ns, name).await?;
             if sub == Some("scale") {
                 let scale = scale_of(info, &cur);
@@ -1005,7 +1021,7 @@ impl Api {
                     .set_scale(info, ns, name, patched["spec"]["replicas"].as_i64(), None)
                     .await
                 {
-                    Err(e) if e.code == 409 && attempt < 7 => continue,
+                    Err(e) if e.code == 409 && e.reason == "Conflict" => continue,
                     other => return other,
                 }
             }
@@ -1019,23 +1035,30 @@ impl Api {
             {
                 return Err(ApiError::conflict(info.plural, info.group, name));
             }
-            let (obj, _) = self.normalize(info, patched, q)?;
+            // A patch cannot rename or re-home an object, nor give it another identity.
+            let errs: Vec<FieldError> = ["name", "namespace", "uid"]
+                .iter()
+                .filter(|f| patched["metadata"][**f] != cur["metadata"][**f])
+                .map(|f| {
+                    FieldError::invalid(
+                        format!("metadata.{f}"),
+                        format!("{}", patched["metadata"][*f]),
+                        "field is immutable",
+                    )
+                })
+                .collect();
+            if !errs.is_empty() {
+                return Err(ApiError::invalid(info.kind, info.group, name, errs));
+            }
+            let (obj, _) = self.normalize(info, patched, &[], q)?;
             match self
                 .update_object(info, ns, name, obj, &cur, &kv, sub, q.dry_run())
                 .await
             {
-                Err(e)
-                    if e.code == 409
-                        && e.reason == "Conflict"
-                        && attempt < 7
-                        && expected.is_none() =>
-                {
-                    continue
-                }
+                Err(e) if e.code == 409 && e.reason == "Conflict" && expected.is_none() => continue,
                 other => return other,
             }
         }
-        Err(ApiError::conflict(info.plural, info.group, name))
     }
 
     async fn set_scale(
@@ -1155,9 +1178,14 @@ impl Api {
                 ));
             }
         }
+        if info.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
+            return Err(ApiError::forbidden(format!(
+                "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+            )));
+        }
         let grace = opts["gracePeriodSeconds"]
             .as_i64()
-            .or(q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()));
+            .or(q.count("gracePeriodSeconds")?.map(|g| g as i64));
         let dry = q.dry_run() || opts["dryRun"].as_array().is_some_and(|d| !d.is_empty());
         for _ in 0..8 {
             let (cur, kv) = self.get_object(info, ns, name).await?;

@@ -8,9 +8,14 @@
 
 pub mod admission;
 pub mod auth;
+mod body;
 pub mod discovery;
 mod handlers;
+mod impersonation;
 mod logs;
+pub mod metadata;
+pub mod node;
+pub mod openapi;
 pub mod patch;
 mod protobuf;
 pub mod resources;
@@ -48,6 +53,31 @@ pub struct Config {
     pub tokens: HashMap<String, User>,
     /// host:port clients use, for discovery.
     pub advertise: String,
+    pub limits: RequestLimits,
+    /// Who is forbidden what, beyond RBAC: the node identities' limits.
+    pub node_authorizer: bool,
+}
+
+/// What requests may make the server hold (kube-apiserver's flags of the same names).
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    /// Reads in flight at once (`--max-requests-inflight`); more get 429.
+    pub max_requests_inflight: usize,
+    /// Writes in flight at once (`--max-mutating-requests-inflight`); more get 429.
+    pub max_mutating_requests_inflight: usize,
+    /// A request that is not a watch or a followed log must finish within this
+    /// (`--request-timeout`); it gets 504 otherwise.
+    pub request_timeout: Duration,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_requests_inflight: 400,
+            max_mutating_requests_inflight: 200,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 pub struct Api {
@@ -56,6 +86,8 @@ pub struct Api {
     rbac: RwLock<Rbac>,
     /// The lease events are attached to, and when it was granted (shared for a minute).
     event_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
+    reads_in_flight: Arc<tokio::sync::Semaphore>,
+    writes_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Events expire this long after they are written, as with Kubernetes' default --event-ttl.
@@ -69,9 +101,15 @@ impl Api {
     pub async fn new(store: Arc<dyn Store>, cfg: Config) -> anyhow::Result<Arc<Api>> {
         let api = Arc::new(Api {
             store,
-            cfg,
             rbac: RwLock::new(Rbac::default()),
             event_lease: Default::default(),
+            reads_in_flight: Arc::new(tokio::sync::Semaphore::new(
+                cfg.limits.max_requests_inflight.max(1),
+            )),
+            writes_in_flight: Arc::new(tokio::sync::Semaphore::new(
+                cfg.limits.max_mutating_requests_inflight.max(1),
+            )),
+            cfg,
         });
         api.bootstrap().await?;
         api.load_rbac().await?;
@@ -268,13 +306,61 @@ impl Query {
     pub fn get(&self, k: &str) -> Option<&str> {
         self.0.get(k).map(String::as_str).filter(|s| !s.is_empty())
     }
-    /// `dryRun=All`: admit and validate, write nothing.
+    /// `dryRun=All`: admit and validate, write nothing ([`Query::check_write_options`] has
+    /// refused any other value).
     pub fn dry_run(&self) -> bool {
         self.get("dryRun") == Some("All")
     }
+
+    /// Options take only the values Kubernetes defines: an unknown one is refused rather than
+    /// ignored (an unknown dryRun must never write).
+    pub fn check_options(&self, verb: &str) -> ApiResult<()> {
+        if matches!(verb, "list" | "watch" | "deletecollection") {
+            self.count("limit")?;
+            self.count("timeoutSeconds")?;
+        }
+        if !matches!(
+            verb,
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        ) {
+            return Ok(());
+        }
+        if let Some(d) = self.0.get("dryRun") {
+            if d != "All" {
+                return Err(invalid_dry_run(d));
+            }
+        }
+        if let Some(f) = self.0.get("fieldValidation") {
+            if !matches!(f.as_str(), "Ignore" | "Warn" | "Strict" | "") {
+                return Err(ApiError::bad_request(format!(
+                    "fieldValidation \"{f}\" is not supported: use Ignore, Warn or Strict"
+                )));
+            }
+        }
+        Ok(())
+    }
+    /// A parameter that must be a non-negative whole number if given (`limit`,
+    /// `timeoutSeconds`, `gracePeriodSeconds`).
+    pub fn count(&self, k: &str) -> ApiResult<Option<u64>> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "invalid value for {k}: {v:?}: must be a non-negative integer"
+                ))
+            }),
+        }
+    }
+
     pub fn flag(&self, k: &str) -> bool {
         matches!(self.get(k), Some("true") | Some("1"))
     }
+}
+
+fn invalid_dry_run(value: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "Invalid dry run value: {value:?}: the only supported value is \"All\" (nothing is written)"
+    ))
 }
 
 fn pct_decode(s: &str) -> String {
@@ -411,12 +497,62 @@ fn authenticate(api: &Api, headers: &HeaderMap, peer: &Peer) -> ApiResult<User> 
     peer.0.clone().ok_or_else(ApiError::unauthorized)
 }
 
+/// Watches and followed logs stream for as long as the client wants: no request timeout, no
+/// in-flight slot (as kube-apiserver's long-running requests).
+fn long_running(method: &Method, path: &str, q: Option<&str>) -> bool {
+    if method != Method::GET {
+        return false;
+    }
+    let q = Query::parse(q);
+    path.contains("/watch/") || q.flag("watch") || (path.ends_with("/log") && q.flag("follow"))
+}
+
 /// Every request comes here.
 pub async fn handle(api: Arc<Api>, peer: Peer, req: Request<Body>) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let started = std::time::Instant::now();
-    let resp = match serve(&api, &peer, req).await {
+    let health = matches!(
+        path.trim_end_matches('/'),
+        "/healthz" | "/livez" | "/readyz"
+    );
+    let resp = if health || long_running(&method, &path, req.uri().query()) {
+        serve(&api, &peer, req).await
+    } else {
+        let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let sem = if mutating {
+            &api.writes_in_flight
+        } else {
+            &api.reads_in_flight
+        };
+        match sem.clone().try_acquire_owned() {
+            Err(_) => {
+                debug!(%method, %path, "too many requests in flight");
+                let mut r = ApiError::new(
+                    429,
+                    "TooManyRequests",
+                    "Too many requests, please try again later.",
+                )
+                .into_response();
+                r.headers_mut()
+                    .insert("Retry-After", axum::http::HeaderValue::from_static("1"));
+                return r;
+            }
+            Ok(_permit) => {
+                match tokio::time::timeout(api.cfg.limits.request_timeout, serve(&api, &peer, req))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(ApiError::new(
+                        504,
+                        "Timeout",
+                        "Timeout: request did not complete within the allotted timeout",
+                    )),
+                }
+            }
+        }
+    };
+    let resp = match resp {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -425,7 +561,8 @@ pub async fn handle(api: Arc<Api>, peer: Peer, req: Request<Body>) -> Response {
 }
 
 async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Response> {
-    let user = authenticate(api, req.headers(), peer)?;
+    let real = authenticate(api, req.headers(), peer)?;
+    let user = impersonation::effective_user(api, real, req.headers())?;
     let path = req.uri().path().to_string();
     let q = Query::parse(req.uri().query());
     let target = parse_target(&path)?;
@@ -445,7 +582,31 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
     if t.info.plural == "namespaces" {
         attrs.namespace = attrs.name.clone();
     }
-    api.authorize(&user, &attrs)?;
+    let node = node::node_of(&user).filter(|_| api.cfg.node_authorizer);
+    match node {
+        Some(n) => {
+            let one = t
+                .name
+                .clone()
+                .or_else(|| node::single_name(q.get("fieldSelector")));
+            match node::authorize(api, n, &attrs, one.as_deref()).await {
+                node::Decision::Allow => {}
+                node::Decision::Deny(why) => {
+                    debug!(user = %user.name, verb, resource = %attrs.resource, why, "node authorizer denied");
+                    let mut e = ApiError::forbidden(format!(
+                        "{} ({why})",
+                        auth::forbidden_message(&user, &attrs)
+                    ));
+                    e.details = Some(
+                        json!({"name": attrs.name, "group": attrs.group, "kind": attrs.resource}),
+                    );
+                    return Err(e);
+                }
+                node::Decision::NoOpinion => api.authorize(&user, &attrs)?,
+            }
+        }
+        None => api.authorize(&user, &attrs)?,
+    }
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -465,6 +626,10 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
     } else {
         Bytes::new()
     };
+    if let Some(n) = node {
+        let proposed = node::proposed(api, &attrs, &parts.headers, &body).await?;
+        node::admit(api, &user, n, &attrs, proposed.as_ref()).await?;
+    }
     handlers::dispatch(api, verb, t, q, &parts.headers, body).await
 }
 
@@ -488,14 +653,14 @@ fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResul
         }
         "/api" => discovery::api_versions(&api.cfg.advertise),
         "/apis" => discovery::api_group_list(),
-        "/openapi/v3" => discovery::openapi_root(),
+        "/openapi/v3" => openapi::root(),
         p => {
             let segs: Vec<&str> = p.trim_matches('/').split('/').collect();
             let found = match segs.as_slice() {
                 ["api", v] => discovery::resource_list("", v),
                 ["apis", g] => discovery::api_group(g),
                 ["apis", g, v] => discovery::resource_list(g, v),
-                ["openapi", "v3", rest @ ..] => discovery::openapi_gv(&rest.join("/")),
+                ["openapi", "v3", rest @ ..] => openapi::group_version(&rest.join("/")),
                 _ => None,
             };
             found.ok_or_else(|| {

@@ -41,11 +41,7 @@ pub fn apply(kind: PatchType, target: &Value, patch: &[u8]) -> ApiResult<Value> 
             let p: json_patch::Patch = serde_json::from_slice(patch).map_err(|e| {
                 ApiError::bad_request(format!("the JSON patch is not a list of operations: {e}"))
             })?;
-            let mut out = target.clone();
-            json_patch::patch(&mut out, &p).map_err(|e| {
-                ApiError::new(422, "Invalid", format!("the JSON patch failed: {e}"))
-            })?;
-            Ok(out)
+            apply_json_patch(target, p)
         }
         PatchType::Strategic => {
             let p: Value = parse(patch)?;
@@ -59,6 +55,81 @@ pub fn apply(kind: PatchType, target: &Value, patch: &[u8]) -> ApiResult<Value> 
             Ok(out)
         }
     }
+}
+
+/// Most operations in one JSON patch (as Kubernetes).
+pub const MAX_JSON_PATCH_OPS: usize = 10_000;
+/// Most bytes that the `copy` operations of one JSON patch may add, together (as Kubernetes:
+/// the request body limit). Without it, a few `copy` ops of a map into itself double the
+/// object each time: a 2 KB patch could ask for gigabytes.
+pub const MAX_COPY_BYTES: usize = super::MAX_BODY;
+
+fn apply_json_patch(target: &Value, p: json_patch::Patch) -> ApiResult<Value> {
+    if p.0.len() > MAX_JSON_PATCH_OPS {
+        return Err(ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!(
+                "The request entity is too large: the JSON patch has {} operations, the limit is {MAX_JSON_PATCH_OPS}",
+                p.0.len()
+            ),
+        ));
+    }
+    let mut out = target.clone();
+    let mut copied = 0usize;
+    for op in p.0 {
+        if let json_patch::PatchOperation::Copy(c) = &op {
+            let budget = MAX_COPY_BYTES - copied;
+            let size = out
+                .pointer(c.from.as_str())
+                .map_or(0, |v| json_size_capped(v, budget + 1));
+            if size > budget {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "the JSON patch failed: unable to copy {}: the copy operations together would add more than {MAX_COPY_BYTES} bytes",
+                        c.from
+                    ),
+                ));
+            }
+            copied += size;
+        }
+        json_patch::patch(&mut out, &[op])
+            .map_err(|e| ApiError::new(422, "Invalid", format!("the JSON patch failed: {e}")))?;
+    }
+    Ok(out)
+}
+
+/// The size of `v` as compact JSON, counted no further than `cap`.
+fn json_size_capped(v: &Value, cap: usize) -> usize {
+    fn walk(v: &Value, n: &mut usize, cap: usize) {
+        if *n >= cap {
+            return;
+        }
+        match v {
+            Value::Null => *n += 4,
+            Value::Bool(b) => *n += if *b { 4 } else { 5 },
+            Value::Number(x) => *n += x.to_string().len(),
+            Value::String(s) => *n += s.len() + 2,
+            Value::Array(a) => {
+                *n += 2 + a.len().saturating_sub(1);
+                for x in a {
+                    walk(x, n, cap);
+                }
+            }
+            Value::Object(m) => {
+                *n += 2 + m.len().saturating_sub(1);
+                for (k, x) in m {
+                    *n += k.len() + 3;
+                    walk(x, n, cap);
+                }
+            }
+        }
+    }
+    let mut n = 0;
+    walk(v, &mut n, cap);
+    n.min(cap)
 }
 
 fn parse(patch: &[u8]) -> ApiResult<Value> {
@@ -268,6 +339,37 @@ fn merge_list(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn json_patch_copies_cannot_blow_up_the_object() {
+        let target = json!({"metadata": {"name": "c"}});
+        let mut ops = vec![json!({"op": "add", "path": "/metadata/annotations",
+            "value": {"a": "x".repeat(100)}})];
+        for i in 0..40 {
+            ops.push(json!({"op": "copy", "from": "/metadata/annotations",
+                "path": format!("/metadata/annotations/k{i}")}));
+        }
+        let body = serde_json::to_vec(&ops).unwrap();
+        assert!(body.len() < 4096);
+        let e = apply(PatchType::Json, &target, &body).unwrap_err();
+        assert_eq!(e.code, 422, "{}", e.message);
+        assert!(e.message.contains("copy"), "{}", e.message);
+        // A few honest copies still work.
+        let ok = json!([{"op": "add", "path": "/metadata/labels", "value": {"a": "b"}},
+            {"op": "copy", "from": "/metadata/labels", "path": "/metadata/annotations"}]);
+        let out = apply(PatchType::Json, &target, ok.to_string().as_bytes()).unwrap();
+        assert_eq!(out["metadata"]["annotations"]["a"], "b");
+        let many: Vec<Value> = (0..MAX_JSON_PATCH_OPS + 1)
+            .map(|_| json!({"op": "test", "path": "/metadata/name", "value": "c"}))
+            .collect();
+        let e = apply(
+            PatchType::Json,
+            &target,
+            &serde_json::to_vec(&many).unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 413);
+    }
 
     fn sm(target: Value, patch: Value) -> Value {
         apply(PatchType::Strategic, &target, patch.to_string().as_bytes()).unwrap()

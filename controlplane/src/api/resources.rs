@@ -25,6 +25,8 @@ pub struct ResourceInfo {
     pub fields: &'static [&'static str],
     /// Decodes into the typed object and back: errors name the field.
     pub normalize: fn(Value) -> Result<Value, String>,
+    /// The typed object's schema, for the OpenAPI documents.
+    pub schema: fn(&mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema,
 }
 
 impl ResourceInfo {
@@ -96,6 +98,12 @@ fn typed<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String> {
     serde_json::to_value(&t).map_err(|e| e.to_string())
 }
 
+fn schema_of<T: schemars::JsonSchema>(
+    g: &mut schemars::gen::SchemaGenerator,
+) -> schemars::schema::Schema {
+    g.subschema_for::<T>()
+}
+
 macro_rules! res {
     ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr,
      $short:expr, $sub:expr, $cat:expr, $fields:expr, $ty:ty) => {
@@ -111,6 +119,7 @@ macro_rules! res {
             categories: $cat,
             fields: $fields,
             normalize: typed::<$ty>,
+            schema: schema_of::<$ty>,
         }
     };
 }

@@ -76,8 +76,7 @@ pub async fn watch(
     let bookmarks = q.flag("allowWatchBookmarks");
     let initial_events = q.flag("sendInitialEvents");
     let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
+        .count("timeoutSeconds")?
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800 + rand::random::<u64>() % 1800));
     let rv_param = q.get("resourceVersion").map(String::from);
