@@ -152,6 +152,17 @@ impl ControlPlane {
         ])
     }
 
+    /// The server's resident memory, from /proc.
+    pub fn rss_mib(&self) -> f64 {
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("controlplane.log")
     }

@@ -531,34 +531,8 @@ fn bad_requests_get_status_bodies_that_name_the_problem() {
 
     // Raw HTTP: the Status body and code, for bodies kubectl would not send.
     let curl = |args: &[&str]| -> (u16, serde_json::Value) {
-        let pki = cp.dir.join("pki");
-        let cfg: serde_json::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig("admin")).unwrap())
-                .unwrap();
-        use base64::Engine as _;
-        let b = |k: &str| {
-            base64::engine::general_purpose::STANDARD
-                .decode(cfg["users"][0]["user"][k].as_str().unwrap())
-                .unwrap()
-        };
-        std::fs::write(cp.dir.join("c.pem"), b("client-certificate-data")).unwrap();
-        std::fs::write(cp.dir.join("k.pem"), b("client-key-data")).unwrap();
-        let out = Command::new("curl")
-            .args(["-s", "-w", "\n%{http_code}", "--cacert"])
-            .arg(pki.join("ca.crt"))
-            .arg("--cert")
-            .arg(cp.dir.join("c.pem"))
-            .arg("--key")
-            .arg(cp.dir.join("k.pem"))
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        (
-            code.parse().unwrap(),
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
+        let a = common::raw::curl(&cp, args);
+        (a.code, a.json())
     };
     let url = format!("{}/api/v1/namespaces/default/configmaps", cp.url);
     let post = |body: &str| {

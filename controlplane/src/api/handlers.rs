@@ -1025,7 +1025,13 @@ impl Api {
                     other => return other,
                 }
             }
-            let patched = patch::apply(kind, &cur, body)?;
+            // Patched without the current resourceVersion, so that one found afterwards is
+            // the patch's own precondition.
+            let mut base = cur.clone();
+            if let Some(m) = base["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            let patched = patch::apply(kind, &base, body)?;
             let expected = patched["metadata"]["resourceVersion"]
                 .as_str()
                 .map(String::from);

@@ -71,9 +71,9 @@ impl LabelSelector {
             } else if let Some((k, v)) = p.split_once('=') {
                 Req::Eq(k.trim().into(), v.trim().into())
             } else if let Some((k, rest)) = split_word(p, "notin") {
-                Req::NotIn(k, set(rest).ok_or_else(bad)?)
+                Req::NotIn(k, nonempty(set(rest).ok_or_else(bad)?)?)
             } else if let Some((k, rest)) = split_word(p, "in") {
-                Req::In(k, set(rest).ok_or_else(bad)?)
+                Req::In(k, nonempty(set(rest).ok_or_else(bad)?)?)
             } else {
                 Req::Exists(p.to_string())
             };
@@ -170,6 +170,16 @@ fn split_word(p: &str, word: &str) -> Option<(String, String)> {
         p[..i].trim().to_string(),
         p[i + 1 + word.len()..].trim().to_string(),
     ))
+}
+
+fn nonempty(values: Vec<String>) -> Result<Vec<String>, String> {
+    if values.is_empty() {
+        return Err(
+            "unable to parse requirement: for 'in', 'notin' operators, values set can't be empty"
+                .into(),
+        );
+    }
+    Ok(values)
 }
 
 fn set(rest: String) -> Option<Vec<String>> {

@@ -14,6 +14,7 @@
 #![allow(dead_code)] // each test file uses part of it
 
 pub mod containerd;
+pub mod raw;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
