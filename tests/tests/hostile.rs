@@ -285,34 +285,12 @@ fn deep_yaml_is_refused_and_health_stays_answered() {
     for i in 0..400 {
         block.push_str(&format!("{}k{i}:\n", " ".repeat(4 + i)));
     }
-    let f1 = cp.dir.join("flow.yaml");
-    let f2 = cp.dir.join("block.yaml");
-    std::fs::write(&f1, &flow).unwrap();
-    std::fs::write(&f2, &block).unwrap();
+    let yaml = "application/yaml";
     // Three at once, while health is asked.
-    let bodies = [f1.clone(), f2.clone(), f1.clone()];
     let answers: Vec<Answer> = std::thread::scope(|s| {
-        let hs: Vec<_> = bodies
-            .iter()
-            .map(|f| {
-                let at = format!("@{}", f.display());
-                let cp = &cp;
-                s.spawn(move || {
-                    curl_as(
-                        cp,
-                        "admin",
-                        &[
-                            "-X",
-                            "POST",
-                            "-H",
-                            "Content-Type: application/yaml",
-                            "--data-binary",
-                            &at,
-                            CM,
-                        ],
-                    )
-                })
-            })
+        let hs: Vec<_> = [&flow, &block, &flow]
+            .into_iter()
+            .map(|body| s.spawn(|| send(&cp, "admin", "POST", CM, yaml, body)))
             .collect();
         let health = curl(&cp, &["/readyz"]);
         assert_eq!(health.code, 200);
@@ -322,19 +300,8 @@ fn deep_yaml_is_refused_and_health_stays_answered() {
         expect(a, 400, "nested more than 100 levels");
     }
     // Ordinary YAML still works.
-    let a = curl_as(
-        &cp,
-        "admin",
-        &[
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/yaml",
-            "--data-binary",
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fine\ndata:\n  k: v\n",
-            CM,
-        ],
-    );
+    let fine = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fine\ndata:\n  k: v\n";
+    let a = send(&cp, "admin", "POST", CM, yaml, fine);
     assert_eq!(a.code, 201, "{}", a.text);
 }
 
@@ -1079,4 +1046,87 @@ fn reads_past_the_in_flight_limit_get_429_and_a_stuck_request_times_out() {
         expect(&a, 504, "did not complete within the allotted timeout");
     });
     assert_eq!(curl(&cp, &[CM]).code, 200, "the slot is free again");
+}
+
+/// schemathesis (installed by `cargo xtask setup`) generates requests from each OpenAPI
+/// document, valid and invalid, with a fixed seed, for a bounded time (`FERRY_FUZZ_SECONDS`
+/// in all, 90 by default): no answer may be a server error, and the server stays bounded.
+#[test]
+fn fuzzing_from_the_openapi_documents_finds_no_server_error() {
+    let budget: u64 = std::env::var("FERRY_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(90);
+    let cp = ControlPlane::start(&[]).unwrap();
+    let (cert, key) = common::raw::identity(&cp, "admin");
+    let root = curl(&cp, &["/openapi/v3"]).json();
+    let docs: Vec<String> = root["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| p["serverRelativeURL"].as_str().unwrap().to_string())
+        .collect();
+    assert!(docs.len() >= 5, "{root}");
+    let st = std::path::Path::new(ferry_testbed::controlplane::PYTHON_VENV).join("bin/st");
+    for doc in &docs {
+        // The core group has most operations: it gets half the time.
+        let secs = if doc.contains("/api/v1") {
+            budget / 2
+        } else {
+            (budget / 2 / (docs.len() as u64 - 1)).max(5)
+        };
+        let out = Command::new(&st)
+            .current_dir(&cp.dir)
+            .arg("run")
+            .arg(format!("{}{doc}", cp.url))
+            .arg("--tls-verify")
+            .arg(cp.dir.join("pki/ca.crt"))
+            .arg("--request-cert")
+            .arg(&cert)
+            .arg("--request-cert-key")
+            .arg(&key)
+            .args([
+                "--checks",
+                "not_a_server_error",
+                "--seed",
+                "20261129",
+                "--workers",
+                "1",
+            ])
+            .args([
+                "--max-examples",
+                "30",
+                "--request-timeout",
+                "20",
+                "--no-color",
+            ])
+            .args([
+                "--phases",
+                "coverage,fuzzing",
+                "--max-time",
+                &secs.to_string(),
+            ])
+            .output()
+            .expect("schemathesis is installed by cargo xtask setup");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        assert!(
+            out.status.success(),
+            "schemathesis found failures in {doc}:\n{}\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = text
+            .lines()
+            .find(|l| l.contains(" generated, "))
+            .unwrap_or_default();
+        eprintln!("{doc}: {}", summary.trim());
+        assert!(
+            summary.contains("passed"),
+            "{doc}: no test case ran:\n{text}"
+        );
+    }
+    let rss = cp.rss_mib();
+    assert!(rss < 1024.0, "the server holds {rss:.0} MiB after fuzzing");
+    assert_eq!(curl(&cp, &["/readyz"]).code, 200);
 }

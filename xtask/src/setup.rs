@@ -33,8 +33,13 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
 ];
 
-/// The Python `kubernetes` client the control plane's client tests run (pinned).
-const PYTHON_KUBERNETES: &str = "kubernetes==37.0.2";
+/// Python packages the tests run (pinned), with the module each is imported as: the
+/// `kubernetes` client of the control plane's client tests, and schemathesis, which fuzzes the
+/// API server from its OpenAPI documents.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("kubernetes==37.0.2", "kubernetes"),
+    ("schemathesis==4.32.5", "schemathesis"),
+];
 
 fn ok(program: &str, args: &[&str]) -> bool {
     Command::new(program)
@@ -60,11 +65,18 @@ fn missing_packages() -> Vec<&'static str> {
 
 use ferry_testbed::controlplane::PYTHON_VENV;
 
-fn python_client_ok() -> bool {
-    ok(
-        &format!("{PYTHON_VENV}/bin/python"),
-        &["-c", "import kubernetes"],
-    )
+/// The pinned packages not importable from the tests' virtual environment.
+fn missing_python() -> Vec<&'static str> {
+    PYTHON_PACKAGES
+        .iter()
+        .filter(|(_, module)| {
+            !ok(
+                &format!("{PYTHON_VENV}/bin/python"),
+                &["-c", &format!("import {module}")],
+            )
+        })
+        .map(|(pin, _)| *pin)
+        .collect()
 }
 
 fn home() -> String {
@@ -116,10 +128,9 @@ pub fn check() -> Result<()> {
     if !bpf_linker_ok() {
         missing.push("bpf-linker".into());
     }
-    if !python_client_ok() {
-        missing.push(format!(
-            "the Python client ({PYTHON_KUBERNETES}) in {PYTHON_VENV}"
-        ));
+    let py = missing_python();
+    if !py.is_empty() {
+        missing.push(format!("Python {} in {PYTHON_VENV}", py.join(" ")));
     }
     if !missing.is_empty() {
         bail!("missing: {}; run `cargo xtask setup`", missing.join(", "));
@@ -212,13 +223,18 @@ pub fn run() -> Result<()> {
             bail!("building bpf-linker failed");
         }
     }
-    if !python_client_ok() {
-        eprintln!("[setup] installing the Python {PYTHON_KUBERNETES} client into {PYTHON_VENV}");
-        sh("python3", &["-m", "venv", PYTHON_VENV])?;
-        sh(
-            &format!("{PYTHON_VENV}/bin/pip"),
-            &["install", "-q", PYTHON_KUBERNETES],
-        )?;
+    let py = missing_python();
+    if !py.is_empty() {
+        eprintln!(
+            "[setup] installing Python {} into {PYTHON_VENV}",
+            py.join(" ")
+        );
+        if !std::path::Path::new(&format!("{PYTHON_VENV}/bin/pip")).exists() {
+            sh("python3", &["-m", "venv", PYTHON_VENV])?;
+        }
+        let mut args = vec!["install", "-q"];
+        args.extend(py);
+        sh(&format!("{PYTHON_VENV}/bin/pip"), &args)?;
     }
     eprintln!("[setup] all set");
     Ok(())

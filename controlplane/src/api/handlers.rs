@@ -1,7 +1,6 @@
 //! The verbs: get, list, create, update, patch, delete, deletecollection (watch lives in
 //! `watch.rs`), with the subresources status, scale, binding and finalize.
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -202,7 +201,7 @@ async fn delete_options(headers: &HeaderMap, body: &Bytes) -> ApiResult<Value> {
             .as_array()
             .is_some_and(|a| a.iter().all(|v| v.as_str() == Some("All")));
         if !ok {
-            return Err(super::invalid_dry_run(&d.to_string()));
+            return Err(super::query::invalid_dry_run(&d.to_string()));
         }
     }
     Ok(opts)
@@ -678,117 +677,6 @@ impl Api {
                     }
                     e => Err(e.into()),
                 }
-            }
-        }
-    }
-
-    /// Cluster IP and node ports of a Service being created or updated (`old`): keeps what
-    /// the old object had, claims what is new; returns the claims made (released on failure).
-    async fn allocate_service(
-        &self,
-        obj: &mut Value,
-        old: Option<&Value>,
-        name: &str,
-    ) -> ApiResult<Vec<String>> {
-        let mut claims = Vec::new();
-        let spec = &mut obj["spec"];
-        let ty = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
-        let old_ip = old
-            .and_then(|o| o["spec"]["clusterIP"].as_str())
-            .map(String::from);
-        if ty != "ExternalName" {
-            match (spec["clusterIP"].as_str(), &old_ip) {
-                (Some("None"), _) => spec["clusterIPs"] = json!(["None"]),
-                (None | Some(""), Some(ip)) => {
-                    spec["clusterIP"] = json!(ip);
-                    spec["clusterIPs"] = json!([ip]);
-                }
-                (Some(ip), Some(o)) if ip == o => {}
-                (want, _) => {
-                    let want: Option<Ipv4Addr> = match want {
-                        None | Some("") => None,
-                        Some(s) => Some(s.parse().map_err(|_| {
-                            ApiError::invalid(
-                                "Service",
-                                "",
-                                name,
-                                vec![FieldError::invalid(
-                                    "spec.clusterIPs[0]",
-                                    format!("\"{s}\""),
-                                    "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
-                                )],
-                            )
-                        })?),
-                    };
-                    let ip = self.allocate_ip(want, name).await?;
-                    claims.push(Api::ip_key(&ip.to_string()));
-                    spec["clusterIP"] = json!(ip.to_string());
-                    spec["clusterIPs"] = json!([ip.to_string()]);
-                }
-            }
-        }
-        let needs_ports = ty == "NodePort" || ty == "LoadBalancer";
-        let old_ports: Vec<i64> = old
-            .map(|o| {
-                o["spec"]["ports"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p["nodePort"].as_i64())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(ports) = spec["ports"].as_array_mut() {
-            for (i, p) in ports.iter_mut().enumerate() {
-                if !needs_ports {
-                    continue;
-                }
-                let want = p["nodePort"].as_i64();
-                match want {
-                    Some(w) if old_ports.contains(&w) => {}
-                    _ => {
-                        let field = format!("spec.ports[{i}].nodePort");
-                        let got = match self
-                            .allocate_port(want.map(|w| w as u16), name, &field)
-                            .await
-                        {
-                            Ok(g) => g,
-                            Err(e) => {
-                                for c in &claims {
-                                    self.release(c.clone()).await;
-                                }
-                                return Err(e);
-                            }
-                        };
-                        claims.push(Api::port_key(got as i64));
-                        p["nodePort"] = json!(got);
-                    }
-                }
-            }
-        }
-        Ok(claims)
-    }
-
-    /// Releases what `old` held and `new` (if any) does not.
-    async fn release_service(&self, old: &Value, new: Option<&Value>) {
-        let ip = |v: &Value| v["spec"]["clusterIP"].as_str().map(String::from);
-        let ports = |v: &Value| -> Vec<i64> {
-            v["spec"]["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p["nodePort"].as_i64())
-                .collect()
-        };
-        if let Some(o) = ip(old).filter(|o| o != "None") {
-            if new.and_then(ip).as_deref() != Some(o.as_str()) {
-                self.release(Api::ip_key(&o)).await;
-            }
-        }
-        let keep = new.map(ports).unwrap_or_default();
-        for p in ports(old) {
-            if !keep.contains(&p) {
-                self.release(Api::port_key(p)).await;
             }
         }
     }

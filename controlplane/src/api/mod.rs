@@ -7,6 +7,7 @@
 //! without parsing them.
 
 pub mod admission;
+mod alloc;
 pub mod auth;
 mod body;
 pub mod discovery;
@@ -18,6 +19,7 @@ pub mod node;
 pub mod openapi;
 pub mod patch;
 mod protobuf;
+mod query;
 pub mod resources;
 pub mod selectors;
 pub mod status;
@@ -25,7 +27,6 @@ pub mod table;
 mod watch;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -38,8 +39,9 @@ use ipnetwork::Ipv4Network;
 use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
-use crate::store::{KeyValue, ListOptions, Precondition, Store, StoreError};
+use crate::store::{KeyValue, ListOptions, Store};
 use auth::{Attributes, Rbac, User};
+pub use query::Query;
 use resources::ResourceInfo;
 use status::{ApiError, ApiResult};
 
@@ -290,104 +292,6 @@ pub fn now_rfc3339() -> String {
 
 // ---------------------------------------------------------------------------------------
 // Requests
-
-/// Query parameters, decoded.
-pub struct Query(pub HashMap<String, String>);
-
-impl Query {
-    fn parse(q: Option<&str>) -> Query {
-        let mut m = HashMap::new();
-        for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            m.insert(pct_decode(k), pct_decode(v));
-        }
-        Query(m)
-    }
-    pub fn get(&self, k: &str) -> Option<&str> {
-        self.0.get(k).map(String::as_str).filter(|s| !s.is_empty())
-    }
-    /// `dryRun=All`: admit and validate, write nothing ([`Query::check_write_options`] has
-    /// refused any other value).
-    pub fn dry_run(&self) -> bool {
-        self.get("dryRun") == Some("All")
-    }
-
-    /// Options take only the values Kubernetes defines: an unknown one is refused rather than
-    /// ignored (an unknown dryRun must never write).
-    pub fn check_options(&self, verb: &str) -> ApiResult<()> {
-        if matches!(verb, "list" | "watch" | "deletecollection") {
-            self.count("limit")?;
-            self.count("timeoutSeconds")?;
-        }
-        if !matches!(
-            verb,
-            "create" | "update" | "patch" | "delete" | "deletecollection"
-        ) {
-            return Ok(());
-        }
-        if let Some(d) = self.0.get("dryRun") {
-            if d != "All" {
-                return Err(invalid_dry_run(d));
-            }
-        }
-        if let Some(f) = self.0.get("fieldValidation") {
-            if !matches!(f.as_str(), "Ignore" | "Warn" | "Strict" | "") {
-                return Err(ApiError::bad_request(format!(
-                    "fieldValidation \"{f}\" is not supported: use Ignore, Warn or Strict"
-                )));
-            }
-        }
-        Ok(())
-    }
-    /// A parameter that must be a non-negative whole number if given (`limit`,
-    /// `timeoutSeconds`, `gracePeriodSeconds`).
-    pub fn count(&self, k: &str) -> ApiResult<Option<u64>> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
-                ApiError::bad_request(format!(
-                    "invalid value for {k}: {v:?}: must be a non-negative integer"
-                ))
-            }),
-        }
-    }
-
-    pub fn flag(&self, k: &str) -> bool {
-        matches!(self.get(k), Some("true") | Some("1"))
-    }
-}
-
-fn invalid_dry_run(value: &str) -> ApiError {
-    ApiError::bad_request(format!(
-        "Invalid dry run value: {value:?}: the only supported value is \"All\" (nothing is written)"
-    ))
-}
-
-fn pct_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// What a resource path names.
 pub struct Target {
@@ -673,137 +577,6 @@ fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResul
         }
     };
     Ok(json_response(StatusCode::OK, &v))
-}
-
-// ---------------------------------------------------------------------------------------
-// Service cluster IPs and node ports: each allocation is a store key created only if absent,
-// so two concurrent creates can never get the same one.
-
-const IP_PREFIX: &str = "/registry/ranges/serviceips/";
-
-/// 422 for a Service whose requested cluster IP or node port cannot be had.
-fn alloc_error(owner: &str, field: &str, value: impl std::fmt::Display, why: &str) -> ApiError {
-    ApiError::invalid(
-        "Service",
-        "",
-        owner,
-        vec![status::FieldError::invalid(field, value, why)],
-    )
-}
-const PORT_PREFIX: &str = "/registry/ranges/servicenodeports/";
-
-impl Api {
-    async fn claim(&self, key: String, owner: &str) -> ApiResult<bool> {
-        match self
-            .store
-            .put(
-                &key,
-                Bytes::from(owner.to_string()),
-                Precondition::Absent,
-                0,
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(StoreError::AlreadyExists(_)) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub async fn release(&self, key: String) {
-        if let Err(e) = self.store.delete(&key, Precondition::None).await {
-            if !matches!(e, StoreError::NotFound(_)) {
-                warn!(key, error = %e, "releasing an allocation");
-            }
-        }
-    }
-
-    /// Claims `want` (if given) or a free address of the service CIDR.
-    pub async fn allocate_ip(&self, want: Option<Ipv4Addr>, owner: &str) -> ApiResult<Ipv4Addr> {
-        let net = self.cfg.service_cidr;
-        if let Some(ip) = want {
-            if !net.contains(ip) || ip == net.network() || ip == net.broadcast() {
-                return Err(alloc_error(
-                    owner,
-                    "spec.clusterIPs",
-                    format!("[]string{{\"{ip}\"}}"),
-                    &format!("failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {net}"),
-                ));
-            }
-            if self.claim(format!("{IP_PREFIX}{ip}"), owner).await? {
-                return Ok(ip);
-            }
-            return Err(alloc_error(
-                owner,
-                "spec.clusterIPs",
-                format!("[]string{{\"{ip}\"}}"),
-                &format!("failed to allocate IP {ip}: provided IP is already allocated"),
-            ));
-        }
-        let size = net.size() as u64;
-        let base = u32::from(net.network()) as u64;
-        let start = rand::random::<u64>() % size.max(1);
-        // Skip the network address, the broadcast address and .1 (kubernetes.default).
-        for i in 0..size {
-            let off = (start + i) % size;
-            if off < 2 || off == size - 1 {
-                continue;
-            }
-            let ip = Ipv4Addr::from((base + off) as u32);
-            if self.claim(format!("{IP_PREFIX}{ip}"), owner).await? {
-                return Ok(ip);
-            }
-        }
-        Err(ApiError::internal(format!(
-            "no free cluster IP left in {net}"
-        )))
-    }
-
-    pub async fn allocate_port(
-        &self,
-        want: Option<u16>,
-        owner: &str,
-        field: &str,
-    ) -> ApiResult<u16> {
-        let (lo, hi) = self.cfg.node_ports;
-        if let Some(p) = want {
-            if p < lo || p > hi {
-                return Err(alloc_error(
-                    owner,
-                    field,
-                    p,
-                    &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"),
-                ));
-            }
-            if self.claim(format!("{PORT_PREFIX}{p}"), owner).await? {
-                return Ok(p);
-            }
-            return Err(alloc_error(
-                owner,
-                field,
-                p,
-                "provided port is already allocated",
-            ));
-        }
-        let n = (hi - lo + 1) as u32;
-        let start = rand::random::<u32>() % n;
-        for i in 0..n {
-            let p = lo + ((start + i) % n) as u16;
-            if self.claim(format!("{PORT_PREFIX}{p}"), owner).await? {
-                return Ok(p);
-            }
-        }
-        Err(ApiError::internal(format!(
-            "no free node port left in {lo}-{hi}"
-        )))
-    }
-
-    pub fn ip_key(ip: &str) -> String {
-        format!("{IP_PREFIX}{ip}")
-    }
-    pub fn port_key(p: i64) -> String {
-        format!("{PORT_PREFIX}{p}")
-    }
 }
 
 pub fn log_start(cfg: &Config) {
