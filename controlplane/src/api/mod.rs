@@ -56,7 +56,8 @@ pub struct Config {
     /// host:port clients use, for discovery.
     pub advertise: String,
     pub limits: RequestLimits,
-    /// Who is forbidden what, beyond RBAC: the node identities' limits.
+    /// The Node authorizer and NodeRestriction for `system:node:<name>` users
+    /// (`--authorization-mode=Node,RBAC`).
     pub node_authorizer: bool,
 }
 
