@@ -4,7 +4,7 @@
 //! `fieldValidation=Strict`, a warning otherwise).
 
 use axum::http::HeaderMap;
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Value};
 
 use super::resources::ResourceInfo;
@@ -59,14 +59,14 @@ pub async fn parse_any(headers: &HeaderMap, body: &bytes::Bytes) -> ApiResult<De
             ))
         })?,
         Media::Json => {
-            let v = serde_json::from_slice(body)
+            let (v, duplicates) = parse_json(body)
                 .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-            if !Value::is_object(&v) {
+            if !v.is_object() {
                 return Err(ApiError::bad_request("the body must be a JSON object"));
             }
             return Ok(Decoded {
                 value: v,
-                duplicates: duplicate_keys(body),
+                duplicates,
             });
         }
     };
@@ -158,88 +158,96 @@ pub fn check_yaml_depth(body: &[u8]) -> ApiResult<()> {
     Ok(())
 }
 
-/// Paths (`metadata.labels.a`) of object keys that appear more than once in a JSON body.
-pub fn duplicate_keys(body: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
+/// Parses a JSON body in one pass, noting the paths (`metadata.labels.a`) of object keys that
+/// appear more than once (the last one wins, as in any JSON decoder).
+pub fn parse_json(body: &[u8]) -> Result<(Value, Vec<String>), serde_json::Error> {
+    let mut ctx = Ctx::default();
     let mut de = serde_json::Deserializer::from_slice(body);
-    let _ = Walk {
-        path: String::new(),
-        out: &mut out,
-    }
-    .deserialize(&mut de);
-    out
+    let v = Build { ctx: &mut ctx }.deserialize(&mut de)?;
+    de.end()?;
+    Ok((v, ctx.duplicates))
 }
 
-struct Walk<'a> {
-    path: String,
-    out: &'a mut Vec<String>,
+#[derive(Default)]
+struct Ctx {
+    /// Keys and indexes from the root to the value being built.
+    path: Vec<String>,
+    duplicates: Vec<String>,
 }
 
-impl<'de> DeserializeSeed<'de> for Walk<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+struct Build<'a> {
+    ctx: &'a mut Ctx,
+}
+
+impl<'de> DeserializeSeed<'de> for Build<'_> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Walk<'_> {
-    type Value = ();
+impl<'de> Visitor<'de> for Build<'_> {
+    type Value = Value;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
     }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
     }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
         loop {
-            let path = format!("{}[{i}]", self.path);
-            if seq
-                .next_element_seed(Walk {
-                    path,
-                    out: self.out,
-                })?
-                .is_none()
-            {
-                return Ok(());
+            self.ctx.path.push(format!("[{}]", out.len()));
+            let next = seq.next_element_seed(Build {
+                ctx: &mut *self.ctx,
+            });
+            self.ctx.path.pop();
+            match next? {
+                Some(v) => out.push(v),
+                None => return Ok(Value::Array(out)),
             }
-            i += 1;
         }
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = std::collections::HashSet::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
         while let Some(k) = map.next_key::<String>()? {
-            let path = if self.path.is_empty() {
-                k.clone()
-            } else {
-                format!("{}.{k}", self.path)
-            };
-            if !seen.insert(k) {
-                self.out.push(path);
-                map.next_value::<IgnoredAny>()?;
-                continue;
+            self.ctx.path.push(k);
+            let v = map.next_value_seed(Build {
+                ctx: &mut *self.ctx,
+            });
+            let k = self.ctx.path.pop().unwrap_or_default();
+            let v = v?;
+            if out.contains_key(&k) {
+                let mut p = String::new();
+                for seg in self.ctx.path.iter().chain(std::iter::once(&k)) {
+                    if !p.is_empty() && !seg.starts_with('[') {
+                        p.push('.');
+                    }
+                    p.push_str(seg);
+                }
+                self.ctx.duplicates.push(p);
             }
-            map.next_value_seed(Walk {
-                path,
-                out: self.out,
-            })?;
+            out.insert(k, v);
         }
-        Ok(())
+        Ok(Value::Object(out))
     }
 }
 
@@ -248,13 +256,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn duplicates_are_found_with_their_paths() {
-        let b = br#"{"metadata":{"name":"a","name":"b","labels":{"x":"1"}},"data":{"k":"1","k":"2"},"items":[{"a":1,"a":2}]}"#;
-        assert_eq!(
-            duplicate_keys(b),
-            vec!["metadata.name", "data.k", "items[0].a"]
+    fn duplicates_are_found_with_their_paths_in_the_one_parse() {
+        let b = br#"{"metadata":{"name":"a","name":"b","labels":{"x":"1"}},"data":{"k":"1","k":"2"},"items":[{"a":1,"a":2.5}]}"#;
+        let (v, dups) = parse_json(b).unwrap();
+        assert_eq!(dups, vec!["metadata.name", "data.k", "items[0].a"]);
+        assert_eq!(v, serde_json::from_slice::<Value>(b).unwrap());
+        let plain = br#"{"a":{"b":1},"c":{"b":[true,null,-3,"s"]}}"#;
+        let (v, dups) = parse_json(plain).unwrap();
+        assert!(dups.is_empty());
+        assert_eq!(v, serde_json::from_slice::<Value>(plain).unwrap());
+        assert!(parse_json(b"{} trailing").is_err());
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(
+            parse_json(deep.as_bytes()).is_err(),
+            "serde_json's depth limit holds"
         );
-        assert!(duplicate_keys(br#"{"a":{"b":1},"c":{"b":2}}"#).is_empty());
     }
 
     #[test]

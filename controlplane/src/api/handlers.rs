@@ -641,8 +641,8 @@ impl Api {
             self.check_namespace(ns.unwrap_or_default()).await?;
         }
         let key = info.key(ns.unwrap_or_default(), &name);
-        check_object_size(&encode(&obj))?;
         if dry {
+            check_object_size(&encode(&obj))?;
             if self.store.get(&key).await?.is_some() {
                 return Err(ApiError::already_exists(info.plural, info.group, &name));
             }
@@ -653,6 +653,13 @@ impl Api {
         } else {
             Vec::new()
         };
+        let bytes = encode(&obj);
+        if let Err(e) = check_object_size(&bytes) {
+            for c in claims {
+                self.release(c).await;
+            }
+            return Err(e);
+        }
         let lease = if info.kind == "Event" {
             self.event_lease().await?
         } else {
@@ -660,7 +667,7 @@ impl Api {
         };
         match self
             .store
-            .put(&key, encode(&obj), Precondition::Absent, lease)
+            .put(&key, bytes, Precondition::Absent, lease)
             .await
         {
             Ok((kv, _)) => {
@@ -901,7 +908,7 @@ impl Api {
                 let ms = rand::random::<u64>() % (u64::from(attempt.min(20)) * 2);
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
-            let (cur, kv) = self.get_object(info, ns, name).await?;
+            let (mut cur, kv) = self.get_object(info, ns, name).await?;
             if sub == Some("scale") {
                 let scale = scale_of(info, &cur);
                 let patched = patch::apply(kind, &scale, body)?;
@@ -914,12 +921,11 @@ impl Api {
                 }
             }
             // Patched without the current resourceVersion, so that one found afterwards is
-            // the patch's own precondition.
-            let mut base = cur.clone();
-            if let Some(m) = base["metadata"].as_object_mut() {
+            // the patch's own precondition (the revision to write over is `kv`'s).
+            if let Some(m) = cur["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
-            let patched = patch::apply(kind, &base, body)?;
+            let patched = patch::apply(kind, &cur, body)?;
             let expected = patched["metadata"]["resourceVersion"]
                 .as_str()
                 .map(String::from);
