@@ -15,6 +15,10 @@ pub mod names {
     pub const STATS: &str = "FERRY_STATS";
     pub const CONFIG: &str = "FERRY_CONFIG";
     pub const VETH_PEERS: &str = "FERRY_VETH_PEERS";
+    /// Every map of the datapath object: the daemon's tests check the object holds exactly these.
+    pub const MAPS: [&str; 8] = [
+        SERVICES, BACKENDS, REV_NAT, CONNTRACK, AFFINITY, STATS, CONFIG, VETH_PEERS,
+    ];
     /// The tc classifier attached to the ingress of pod and node interfaces.
     pub const PROG_INGRESS: &str = "ferry_ingress";
 }
@@ -60,8 +64,6 @@ impl ServiceKey {
 
 /// Service flag: ClientIP session affinity is on; `affinity_timeout` holds its seconds.
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 0;
-/// Service flag: the frontend is a NodePort (reported in stats and logs only).
-pub const SVC_FLAG_NODEPORT: u16 = 1 << 1;
 
 /// Value of the service map. In slot 0: `count`, `flags`, `rev_nat_id`, `affinity_timeout`.
 /// In slots 1..=count: `backend_id` (and `rev_nat_id`, repeated for convenience).
@@ -113,8 +115,45 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
-/// A TCP SYN was seen from the client (entry is in its opening phase).
-pub const CT_FLAG_SYN: u16 = 1 << 0;
+impl CtKey {
+    /// The key of a client's packets towards a frontend (as they arrive, before translation).
+    #[inline(always)]
+    pub const fn forward(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The key under which a backend's replies to a translated flow are found: from the
+    /// backend to the client as the backend saw it (the hairpin address for hairpin flows).
+    #[inline(always)]
+    pub const fn reply(
+        backend: u32,
+        backend_port: u16,
+        client: u32,
+        client_port: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            saddr: backend,
+            daddr: client,
+            sport: backend_port,
+            dport: client_port,
+            proto,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        }
+    }
+}
+
+// Bit 0 was "SYN seen": never read, so no longer written. An entry with neither of the next
+// two flags is a connection still opening.
 /// The connection is established (a non-SYN packet was seen after the SYN).
 pub const CT_FLAG_ESTABLISHED: u16 = 1 << 1;
 /// A FIN or RST was seen: the entry lives only for the short close timeout.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use proxy_common::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY};
 
-use crate::reconcile::DatapathMaps;
+use crate::maps::DatapathMaps;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
@@ -31,15 +31,7 @@ pub struct GcStats {
 
 /// The forward key a reply entry belongs to, given its frontend (from the rev-NAT map).
 fn forward_key_of(reply: &CtKey, v: &CtValue, frontend: (u32, u16)) -> CtKey {
-    CtKey {
-        saddr: v.nat_addr,
-        daddr: frontend.0,
-        sport: reply.dport,
-        dport: frontend.1,
-        proto: reply.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    }
+    CtKey::forward(v.nat_addr, frontend.0, reply.dport, frontend.1, reply.proto)
 }
 
 pub fn gc(maps: &mut dyn DatapathMaps, now: u64) -> Result<GcStats> {
@@ -83,7 +75,7 @@ pub fn gc(maps: &mut dyn DatapathMaps, now: u64) -> Result<GcStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconcile::tests::FakeMaps;
+    use crate::maps::fake::FakeMaps;
     use proxy_common::{RevNat, PROTO_TCP};
 
     #[test]

@@ -7,9 +7,12 @@ pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod links;
+pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod routes;
 pub mod source;
+#[doc(hidden)]
+pub mod testrun;
 pub mod view;

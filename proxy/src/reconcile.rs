@@ -17,64 +17,12 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context as _, Result};
 use proxy_common::{
-    limits, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue,
-    PROTO_UDP, SVC_FLAG_AFFINITY, SVC_FLAG_NODEPORT,
+    limits, Backend, RevNat, ServiceKey, ServiceValue, PROTO_UDP, SVC_FLAG_AFFINITY,
 };
 use tracing::{debug, info, warn};
 
+use crate::maps::{flush_affinity, flush_conntrack, DatapathMaps};
 use crate::model::{BackendAddr, DesiredState, Frontend, FrontendSpec, Proto};
-
-/// The datapath's maps, as the reconciler and the conntrack collector see them.
-/// `datapath::Maps` is the real implementation; unit tests use an in-memory one.
-pub trait DatapathMaps {
-    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()>;
-    fn delete_service(&mut self, key: ServiceKey) -> Result<()>;
-    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()>;
-    fn delete_backend(&mut self, id: u32) -> Result<()>;
-    fn set_rev_nat(&mut self, id: u16, rev: RevNat) -> Result<()>;
-    fn delete_rev_nat(&mut self, id: u16) -> Result<()>;
-    fn reset_stats(&mut self, id: u16) -> Result<()>;
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
-    fn backends(&self) -> Result<Vec<(u32, Backend)>>;
-    fn rev_nats(&self) -> Result<Vec<(u16, RevNat)>>;
-    fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>>;
-    fn delete_conntrack(&mut self, key: CtKey) -> Result<()>;
-    fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>>;
-    fn delete_affinity(&mut self, key: AffinityKey) -> Result<()>;
-}
-
-/// Deletes the conntrack entries `pred` selects; returns how many.
-pub fn flush_conntrack(
-    maps: &mut dyn DatapathMaps,
-    pred: impl Fn(&CtKey, &CtValue) -> bool,
-) -> Result<usize> {
-    let doomed: Vec<CtKey> = maps
-        .conntrack()?
-        .into_iter()
-        .filter(|(k, v)| pred(k, v))
-        .map(|(k, _)| k)
-        .collect();
-    for k in &doomed {
-        maps.delete_conntrack(*k)?;
-    }
-    Ok(doomed.len())
-}
-
-fn flush_affinity(
-    maps: &mut dyn DatapathMaps,
-    pred: impl Fn(&AffinityKey, &AffinityValue) -> bool,
-) -> Result<usize> {
-    let doomed: Vec<AffinityKey> = maps
-        .affinity()?
-        .into_iter()
-        .filter(|(k, v)| pred(k, v))
-        .map(|(k, _)| k)
-        .collect();
-    for k in &doomed {
-        maps.delete_affinity(*k)?;
-    }
-    Ok(doomed.len())
-}
 
 /// What one reconcile did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -151,9 +99,6 @@ fn header_for(spec: &FrontendSpec, rev_nat_id: u16, count: u16) -> ServiceValue 
     let mut flags = 0;
     if spec.affinity_timeout.is_some() {
         flags |= SVC_FLAG_AFFINITY;
-    }
-    if spec.nodeport {
-        flags |= SVC_FLAG_NODEPORT;
     }
     ServiceValue {
         backend_id: 0,
@@ -655,106 +600,11 @@ impl Reconciler {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::maps::fake::FakeMaps;
     use crate::model::Proto;
-
-    /// In-memory maps that also check, after every single write, the invariant a packet relies
-    /// on: every slot 1..=count of every header names an existing backend.
-    #[derive(Default)]
-    pub struct FakeMaps {
-        pub services: BTreeMap<ServiceKey, ServiceValue>,
-        pub backends: BTreeMap<u32, Backend>,
-        pub rev: BTreeMap<u16, RevNat>,
-        pub ct: Vec<(CtKey, CtValue)>,
-        pub aff: Vec<(AffinityKey, AffinityValue)>,
-        pub ops: u64,
-    }
-
-    impl FakeMaps {
-        fn check(&self) {
-            for (k, v) in &self.services {
-                if k.slot != 0 {
-                    continue;
-                }
-                assert!(
-                    self.rev.contains_key(&v.rev_nat_id),
-                    "header without rev-NAT entry"
-                );
-                for s in 1..=v.count {
-                    let slot = self
-                        .services
-                        .get(&ServiceKey { slot: s, ..*k })
-                        .expect("slot below count missing");
-                    assert!(
-                        self.backends.contains_key(&slot.backend_id),
-                        "slot names a missing backend"
-                    );
-                }
-            }
-        }
-    }
-
-    impl DatapathMaps for FakeMaps {
-        fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
-            self.services.insert(key, value);
-            self.ops += 1;
-            self.check();
-            Ok(())
-        }
-        fn delete_service(&mut self, key: ServiceKey) -> Result<()> {
-            self.services.remove(&key);
-            self.ops += 1;
-            self.check();
-            Ok(())
-        }
-        fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
-            self.backends.insert(id, backend);
-            self.ops += 1;
-            Ok(())
-        }
-        fn delete_backend(&mut self, id: u32) -> Result<()> {
-            self.backends.remove(&id);
-            self.ops += 1;
-            self.check();
-            Ok(())
-        }
-        fn set_rev_nat(&mut self, id: u16, rev: RevNat) -> Result<()> {
-            self.rev.insert(id, rev);
-            Ok(())
-        }
-        fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
-            self.rev.remove(&id);
-            self.check();
-            Ok(())
-        }
-        fn reset_stats(&mut self, _id: u16) -> Result<()> {
-            Ok(())
-        }
-        fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
-            Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
-        }
-        fn backends(&self) -> Result<Vec<(u32, Backend)>> {
-            Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
-        }
-        fn rev_nats(&self) -> Result<Vec<(u16, RevNat)>> {
-            Ok(self.rev.iter().map(|(k, v)| (*k, *v)).collect())
-        }
-        fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>> {
-            Ok(self.ct.clone())
-        }
-        fn delete_conntrack(&mut self, key: CtKey) -> Result<()> {
-            self.ct.retain(|(k, _)| *k != key);
-            Ok(())
-        }
-        fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
-            Ok(self.aff.clone())
-        }
-        fn delete_affinity(&mut self, key: AffinityKey) -> Result<()> {
-            self.aff.retain(|(k, _)| *k != key);
-            Ok(())
-        }
-    }
+    use proxy_common::{CtKey, CtValue};
 
     fn fe(i: u8, proto: Proto) -> Frontend {
         Frontend {

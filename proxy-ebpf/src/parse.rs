@@ -1,0 +1,107 @@
+//! Packet parsing: the offsets of the headers the datapath reads and writes, and the `Flow`
+//! (5-tuple, TCP flags, where the L4 header starts) of an IPv4 TCP/UDP packet.
+//!
+//! Everything the parser does not understand (non-IPv4, IPv6, other protocols, non-first
+//! fragments, headers cut short) yields no flow, and the packet passes untouched.
+
+use aya_ebpf::programs::TcContext;
+use proxy_common::{PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+pub const IP_TOS_OFF: usize = ETH_HLEN + 1;
+pub const IP_TOT_LEN_OFF: usize = ETH_HLEN + 2;
+const IP_FRAG_OFF: usize = ETH_HLEN + 6;
+pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
+const IP_PROTO_OFF: usize = ETH_HLEN + 9;
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+const TCP_CSUM_OFF: usize = 16;
+const TCP_FLAGS_OFF: usize = 13;
+const UDP_CSUM_OFF: usize = 6;
+pub const SPORT_OFF: usize = 0;
+pub const DPORT_OFF: usize = 2;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The parts of a packet the load balancer looks at. Addresses and ports in network order.
+pub struct Flow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub l4_off: usize,
+}
+
+impl Flow {
+    /// Offset of the L4 checksum.
+    #[inline(always)]
+    pub fn csum_off(&self) -> usize {
+        self.l4_off
+            + if self.proto == PROTO_TCP {
+                TCP_CSUM_OFF
+            } else {
+                UDP_CSUM_OFF
+            }
+    }
+
+    /// A TCP segment that opens a connection (SYN without ACK).
+    #[inline(always)]
+    pub fn is_tcp_open(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// A TCP segment that closes a connection (FIN or RST).
+    #[inline(always)]
+    pub fn is_tcp_close(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+}
+
+/// The flow of an IPv4 TCP/UDP packet; `Ok(None)` for traffic the load balancer leaves alone,
+/// `Err` when a header the packet claims to have is cut short.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
+    let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    if eth_proto != ETH_P_IP {
+        return Ok(None);
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    if vihl >> 4 != 4 {
+        return Ok(None);
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Ok(None);
+    }
+    let proto: u8 = ctx.load(IP_PROTO_OFF).map_err(|_| ())?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(None);
+    }
+    // Non-first fragments carry no ports: leave them alone.
+    let frag = u16::from_be(ctx.load::<u16>(IP_FRAG_OFF).map_err(|_| ())?);
+    if frag & 0x1fff != 0 {
+        return Ok(None);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    let tcp_flags = if proto == PROTO_TCP {
+        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).map_err(|_| ())?
+    } else {
+        0
+    };
+    Ok(Some(Flow {
+        saddr: ctx.load(IP_SRC_OFF).map_err(|_| ())?,
+        daddr: ctx.load(IP_DST_OFF).map_err(|_| ())?,
+        sport: ctx.load(l4_off + SPORT_OFF).map_err(|_| ())?,
+        dport: ctx.load(l4_off + DPORT_OFF).map_err(|_| ())?,
+        proto,
+        tcp_flags,
+        l4_off,
+    }))
+}
