@@ -23,7 +23,7 @@ use proxy_common::{
 use tracing::{debug, info};
 
 use crate::links::Link;
-use crate::reconcile::DatapathMaps;
+use crate::maps::DatapathMaps;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-ebpf"));
 
@@ -157,6 +157,27 @@ impl Datapath {
             .program_mut(names::PROG_INGRESS)
             .ok_or_else(|| anyhow!("program missing"))?
             .try_into()?)
+    }
+
+    /// Runs the program once per `repeat` on `packet` in the kernel (BPF_PROG_TEST_RUN), for
+    /// the datapath's unit tests and `cargo xtask bench prog`. The translated packet lands in
+    /// `out`; the result carries the tc verdict and the mean run time.
+    pub fn test_run(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<aya::programs::TestRunResult> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(out),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        self.program()?
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN of the datapath program")
     }
 
     fn link_pin(&self, ifname: &str) -> PathBuf {

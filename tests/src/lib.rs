@@ -13,6 +13,7 @@ pub mod cni;
 pub mod controlplane;
 pub mod echo;
 pub mod netns;
+pub mod packet;
 pub mod procs;
 
 use std::net::Ipv4Addr;

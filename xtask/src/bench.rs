@@ -33,6 +33,9 @@ pub enum Which {
     Scheduler(Opts),
     /// ferry-proxy fed from the API: EndpointSlice write to live map entry, 10,000 Services.
     Endpoints(Opts),
+    /// The datapath program alone: ns per packet for each path (new flow, established,
+    /// reply, non-service) against an empty tc program, measured with BPF_PROG_TEST_RUN.
+    Prog(Opts),
     /// ferry-cni against ptp + host-local: ADD and DEL latency for 100 pods.
     Cni(Opts),
     /// Pod startup on one node with containerd: create to Running and to Ready for 30 pods,
@@ -359,6 +362,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Controlplane(o) => return crate_bench("controlplane", "controlplane", o.quick),
         Which::Scheduler(o) => return crate_bench("controlplane", "scheduler", o.quick),
         Which::Endpoints(o) => return crate_bench("proxy", "endpoint_latency", o.quick),
+        Which::Prog(o) => return crate_bench("proxy", "prog", o.quick),
         Which::Cni(o) => return crate::bench_cni::run(o.quick),
         Which::Pods(o) => {
             crate::images::build()?;
