@@ -11,7 +11,6 @@ mod alloc;
 pub mod auth;
 mod body;
 pub mod discovery;
-mod handlers;
 mod impersonation;
 mod logs;
 pub mod metadata;
@@ -24,6 +23,7 @@ pub mod resources;
 pub mod selectors;
 pub mod status;
 pub mod table;
+mod verbs;
 mod watch;
 
 use std::collections::HashMap;
@@ -535,7 +535,11 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
         let proposed = node::proposed(api, &attrs, &parts.headers, &body).await?;
         node::admit(api, &user, n, &attrs, proposed.as_ref()).await?;
     }
-    handlers::dispatch(api, verb, t, q, &parts.headers, body).await
+    if verb == "watch" && t.sub.is_none() {
+        q.check_options(verb)?;
+        return watch::watch(api.clone(), t.info, t.ns, t.name, &q, &parts.headers).await;
+    }
+    verbs::dispatch(api, verb, t, q, &parts.headers, body).await
 }
 
 fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResult<Response> {

@@ -15,10 +15,10 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 
-use super::handlers::Listed;
 use super::resources::ResourceInfo;
 use super::selectors::{labels_of, FieldSelector, LabelSelector};
 use super::status::{ApiError, ApiResult};
+use super::verbs::Listed;
 use super::{decode, splice_rv, table, wants_table, Api, Query};
 use crate::store::{EventKind, KeyValue, StoreError};
 
