@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -17,9 +17,9 @@ use crate::conntrack;
 use crate::datapath::Datapath;
 use crate::links::{self, Globs, LinkEvent};
 use crate::metrics::{FrontendLabels, Metrics, ScrapeRequest};
-use crate::model::{desired_state, NodeInfo, Strictness};
+use crate::model::NodeInfo;
 use crate::reconcile::{Reconciler, SyncStats};
-use crate::source::{ServiceSource, Update};
+use crate::source::{Change, ServiceSource};
 use crate::view::LiveView;
 
 pub struct Config {
@@ -44,48 +44,34 @@ struct Daemon {
     metrics: Arc<Metrics>,
     node: NodeInfo,
     attached: BTreeSet<String>,
-    /// Services and slices from a live source, recomputed per Service.
+    /// Services and slices, recomputed per Service: the one cache of them.
     view: LiveView,
     /// The routes to other nodes' pod CIDRs last installed.
     node_routes: Option<std::collections::BTreeMap<ipnetwork::Ipv4Network, Ipv4Addr>>,
 }
 
 impl Daemon {
-    fn sync(&mut self, update: Update, source: &impl ServiceSource) -> Result<()> {
+    /// Takes the changes into the view and writes what the changed Services need. A Service
+    /// with invalid objects is reported and keeps what it had, without holding up the others;
+    /// the sync then counts as failed.
+    fn sync(&mut self, changes: Vec<Change>) -> Result<()> {
         let start = Instant::now();
-        let (stats, services, slices, recomputed) = match (source.strictness(), update) {
-            // A file is one document: all of it is valid, or none of it is applied.
-            (Strictness::File, Update::Snapshot(snapshot)) => {
-                let desired = desired_state(&snapshot, &self.node, Strictness::File)?;
-                let stats = self.reconciler.apply(&mut self.datapath.maps, &desired)?;
-                let n = snapshot.services.len();
-                (stats, n, snapshot.slices.len(), n)
-            }
-            // From the API: only the Services that changed are recomputed and written.
-            (_, update) => {
-                match update {
-                    Update::Snapshot(s) => self.view.replace_all(s),
-                    Update::Changes { changes, .. } => {
-                        for c in changes {
-                            self.view.change(c);
-                        }
-                    }
-                }
-                let (stats, recomputed) = self.sync_view()?;
-                (stats, self.view.services(), self.view.slices(), recomputed)
-            }
-        };
+        // After a complete list, frontends nobody names any more go too (also those a
+        // previous daemon installed).
+        let complete = changes.iter().any(Change::is_list);
+        for c in changes {
+            self.view.change(c);
+        }
+        let (stats, recomputed, invalid) = self.sync_view(complete)?;
         let took = start.elapsed();
+        let (services, slices) = (self.view.services(), self.view.slices());
         let m = &self.metrics;
         m.sync_duration.observe(took.as_secs_f64());
-        m.syncs.inc();
         m.map_writes.inc_by(stats.writes);
         m.last_sync_writes.set(stats.writes as i64);
         m.services.set(services as i64);
         m.frontends.set(self.reconciler.frontend_count() as i64);
         m.backends.set(self.reconciler.backend_count() as i64);
-        m.last_sync
-            .store(crate::metrics::unix_now(), Ordering::Relaxed);
         let level_info = recomputed == services || stats.frontends_removed > 0;
         macro_rules! report {
             ($lvl:ident) => {
@@ -108,23 +94,32 @@ impl Daemon {
         } else {
             report!(debug);
         }
+        if invalid > 0 {
+            bail!("{invalid} Service(s) not applied (errors above); the rest is in the datapath");
+        }
+        m.syncs.inc();
+        m.last_sync
+            .store(crate::metrics::unix_now(), Ordering::Relaxed);
         Ok(())
     }
 
-    /// Writes what the live view's changed Services need; a Service with invalid objects is
-    /// reported and keeps what it had, without holding up the others.
-    fn sync_view(&mut self) -> Result<(SyncStats, usize)> {
+    /// Writes what the view's changed Services need; returns the writes, the Services
+    /// recomputed and those refused.
+    fn sync_view(&mut self, complete: bool) -> Result<(SyncStats, usize, usize)> {
         let mut total = SyncStats::default();
-        let mut recomputed = 0;
+        let (mut recomputed, mut invalid) = (0, 0);
         // A delta can free a frontend another Service waits for: at most a few rounds.
-        for _ in 0..4 {
+        for round in 0..4 {
             let d = self.view.delta(&self.node);
             recomputed += d.recomputed;
             for ((ns, name), e) in &d.errors {
-                self.metrics.sync_errors.inc();
+                invalid += 1;
                 error!("Service {ns}/{name} not applied, it keeps its last good state: {e}");
             }
-            let stats =
+            let stats = if complete && round == 0 {
+                self.reconciler
+                    .apply(&mut self.datapath.maps, &self.view.installed())?
+            } else {
                 match self
                     .reconciler
                     .apply_delta(&mut self.datapath.maps, &d.removed, &d.upserts)
@@ -136,7 +131,8 @@ impl Daemon {
                         self.reconciler
                             .apply(&mut self.datapath.maps, &self.view.installed())?
                     }
-                };
+                }
+            };
             total.writes += stats.writes;
             total.frontends_changed += stats.frontends_changed;
             total.frontends_removed += stats.frontends_removed;
@@ -145,7 +141,7 @@ impl Daemon {
                 break;
             }
         }
-        Ok((total, recomputed))
+        Ok((total, recomputed, invalid))
     }
 
     fn link_event(&mut self, ev: LinkEvent, globs: &Globs) {
@@ -253,11 +249,20 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     loop {
         tokio::select! {
             update = source.next() => {
-                let nodes = update.as_ref().ok().and_then(|u| u.nodes().map(|n| n.to_vec()));
-                if let Err(e) = update.and_then(|u| d.sync(u, &source)) {
-                    d.metrics.sync_errors.inc();
-                    error!("input rejected, the datapath keeps its last good state: {e:#}");
-                }
+                let nodes = match update {
+                    Ok(u) => {
+                        if let Err(e) = d.sync(u.changes) {
+                            d.metrics.sync_errors.inc();
+                            error!("{e:#}");
+                        }
+                        u.nodes
+                    }
+                    Err(e) => {
+                        d.metrics.sync_errors.inc();
+                        error!("input rejected, the datapath keeps its last good state: {e:#}");
+                        None
+                    }
+                };
                 if let Some(nodes) = nodes {
                     let want = crate::routes::desired(&nodes, &d.node.name);
                     if d.node_routes.as_ref() != Some(&want) {

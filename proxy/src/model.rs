@@ -1,12 +1,12 @@
 //! From Kubernetes objects to the datapath's desired state.
 //!
-//! `Snapshot` holds v1 Services and discovery.k8s.io/v1 EndpointSlices as Kubernetes defines
-//! them (k8s-openapi types). `desired_state` validates them and computes, for every frontend
-//! (ClusterIP, externalIP, LoadBalancer IP or node address with a NodePort), the ordered list of
-//! backends the datapath must balance over, applying traffic policies, terminating-endpoint
-//! fallback and session affinity the way kube-proxy does.
+//! `service_desired` validates one v1 Service and its discovery.k8s.io/v1 EndpointSlices (as
+//! k8s-openapi defines them) and computes, for each of its frontends (ClusterIP, externalIP,
+//! LoadBalancer IP or node address with a NodePort), the ordered list of backends the datapath
+//! must balance over, applying traffic policies, terminating-endpoint fallback and session
+//! affinity the way kube-proxy does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -18,15 +18,6 @@ use proxy_common::{PROTO_TCP, PROTO_UDP};
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Kubernetes' default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
-
-/// Everything the daemon is told about Services (and the cluster's nodes, for routes to
-/// their pods), as one consistent view.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
-}
 
 /// Which node this daemon runs on: decides `Local` traffic policies and NodePort addresses.
 #[derive(Clone, Debug, Default)]
@@ -137,15 +128,6 @@ impl fmt::Display for ValidationError {
     }
 }
 
-/// How strictly EndpointSlices are checked against Services.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strictness {
-    /// A file is one consistent document: a slice naming a missing Service is an error.
-    File,
-    /// A live API may deliver a slice before its Service: such slices are ignored.
-    Live,
-}
-
 struct Errors(Vec<InvalidField>);
 
 impl Errors {
@@ -236,88 +218,6 @@ struct Endpoint {
 
 /// Endpoints of a Service, by (port name, protocol).
 type PortEndpoints = BTreeMap<(String, Proto), Vec<Endpoint>>;
-
-/// Validates the snapshot and computes every frontend's backends.
-pub fn desired_state(
-    snapshot: &Snapshot,
-    node: &NodeInfo,
-    strictness: Strictness,
-) -> Result<DesiredState, ValidationError> {
-    let mut errs = Errors(Vec::new());
-
-    // Services by namespace/name, for slice lookups.
-    let mut services = BTreeMap::new();
-    for svc in &snapshot.services {
-        let ns = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let obj = object_name("Service", Some(&ns), svc.metadata.name.as_ref());
-        let Some(name) = svc.metadata.name.clone() else {
-            errs.push(&obj, "metadata.name", "Required value: name is required");
-            continue;
-        };
-        if services.insert((ns, name), svc).is_some() {
-            errs.push(
-                &obj,
-                "metadata.name",
-                "Duplicate value: defined twice in the input",
-            );
-        }
-    }
-
-    // Endpoints per Service and port.
-    let mut endpoints: BTreeMap<(String, String), PortEndpoints> = BTreeMap::new();
-    for slice in &snapshot.slices {
-        let ns = slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let obj = object_name("EndpointSlice", Some(&ns), slice.metadata.name.as_ref());
-        let label = format!("metadata.labels[{SERVICE_NAME_LABEL}]");
-        let Some(svc_name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .cloned()
-        else {
-            errs.push(
-                &obj,
-                label,
-                "Required value: the label naming the slice's Service is missing",
-            );
-            continue;
-        };
-        if !services.contains_key(&(ns.clone(), svc_name.clone())) {
-            if strictness == Strictness::File {
-                errs.push(
-                    &obj,
-                    label,
-                    format!("Not found: Service {ns}/{svc_name} does not exist in the input; add it or fix the label"),
-                );
-            }
-            continue;
-        }
-        let per_service = endpoints.entry((ns.clone(), svc_name)).or_default();
-        add_slice_endpoints(slice, &obj, per_service, &mut errs);
-    }
-
-    let mut desired = DesiredState::new();
-    let empty = PortEndpoints::new();
-    for ((ns, name), svc) in &services {
-        let eps = endpoints.get(&(ns.clone(), name.clone())).unwrap_or(&empty);
-        add_service_frontends(ns, name, svc, eps, node, &mut errs, &mut desired);
-    }
-
-    if errs.0.is_empty() {
-        Ok(desired)
-    } else {
-        Err(ValidationError(errs.0))
-    }
-}
 
 /// Adds the endpoints of one slice to its Service's, by (port name, protocol).
 fn add_slice_endpoints(
@@ -658,109 +558,6 @@ fn select_endpoints(all: &[Endpoint], local_node: Option<&str>, proto: Proto) ->
     chosen.into_iter().collect()
 }
 
-/// Parses a multi-document YAML stream of Services and EndpointSlices (other kinds are skipped
-/// with a warning). Errors name the document and the field serde could not read.
-pub fn parse_yaml(text: &str) -> anyhow::Result<Snapshot> {
-    use serde::Deserialize;
-    let mut snap = Snapshot::default();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| anyhow::anyhow!("document {}: malformed YAML: {e}", i + 1))?;
-        if value.is_null() {
-            continue;
-        }
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let api = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .unwrap_or("<unnamed>")
-            .to_string();
-        match (api.as_str(), kind.as_str()) {
-            ("v1", "Service") => snap.services.push(
-                serde_yaml::from_value(value)
-                    .map_err(|e| anyhow::anyhow!("document {} (Service {name}): {e}", i + 1))?,
-            ),
-            ("discovery.k8s.io/v1", "EndpointSlice") => snap.slices.push(
-                serde_yaml::from_value(value)
-                    .map_err(|e| anyhow::anyhow!("document {} (EndpointSlice {name}): {e}", i + 1))?,
-            ),
-            ("v1", "Node") => snap.nodes.push(
-                serde_yaml::from_value(value)
-                    .map_err(|e| anyhow::anyhow!("document {} (Node {name}): {e}", i + 1))?,
-            ),
-            ("v1", "List") => {
-                let items = value.get("items").cloned().unwrap_or_default();
-                let text = serde_yaml::to_string(&items)?;
-                let items: Vec<serde_yaml::Value> = serde_yaml::from_str(&text)?;
-                for item in items {
-                    let one = parse_yaml(&serde_yaml::to_string(&item)?)?;
-                    snap.services.extend(one.services);
-                    snap.slices.extend(one.slices);
-                    snap.nodes.extend(one.nodes);
-                }
-            }
-            ("", _) | (_, "") => anyhow::bail!(
-                "document {}: apiVersion and kind are required (e.g. apiVersion: v1, kind: Service)",
-                i + 1
-            ),
-            _ => tracing::warn!(document = i + 1, %api, %kind, %name, "ignoring an object that is not a v1 Service, discovery.k8s.io/v1 EndpointSlice or v1 Node"),
-        }
-    }
-    Ok(snap)
-}
-
-/// Parses like `parse_yaml`, reusing the objects of documents whose text is unchanged since the
-/// last call (`cache` holds them by the hash of their text), so a one-line change to a file of
-/// 10,000 Services re-parses one document, not all of them.
-pub fn parse_yaml_incremental(
-    text: &str,
-    cache: &mut HashMap<u64, Snapshot>,
-) -> anyhow::Result<Snapshot> {
-    use std::hash::{Hash, Hasher};
-    let mut docs: Vec<&str> = Vec::new();
-    let mut start = 0;
-    let mut pos = 0;
-    for line in text.split_inclusive('\n') {
-        let l = line.trim_end();
-        if l == "---" || l.starts_with("--- ") {
-            docs.push(&text[start..pos]);
-            start = pos + line.len();
-        }
-        pos += line.len();
-    }
-    docs.push(&text[start..]);
-    let mut fresh = HashMap::with_capacity(docs.len());
-    let mut snap = Snapshot::default();
-    for (i, doc) in docs.iter().enumerate() {
-        if doc.trim().is_empty() {
-            continue;
-        }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        doc.hash(&mut h);
-        let key = h.finish();
-        let part = match cache.remove(&key).or_else(|| fresh.remove(&key)) {
-            Some(p) => p,
-            None => parse_yaml(doc).map_err(|e| anyhow::anyhow!("document {}: {e:#}", i + 1))?,
-        };
-        snap.services.extend(part.services.iter().cloned());
-        snap.slices.extend(part.slices.iter().cloned());
-        snap.nodes.extend(part.nodes.iter().cloned());
-        fresh.insert(key, part);
-    }
-    *cache = fresh;
-    Ok(snap)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -807,10 +604,17 @@ endpoints:
         }
     }
 
+    /// The frontends of the Service in `yaml` (a Service, then its slices).
+    fn desired(yaml: &str) -> Result<DesiredState, ValidationError> {
+        let mut docs = yaml.split("\n---\n");
+        let svc: Service = serde_yaml::from_str(docs.next().unwrap()).unwrap();
+        let slices: Vec<EndpointSlice> = docs.map(|d| serde_yaml::from_str(d).unwrap()).collect();
+        service_desired(&svc, &slices, &node())
+    }
+
     #[test]
     fn cluster_ip_and_nodeport_get_ready_backends_sorted() {
-        let snap = parse_yaml(WEB).unwrap();
-        let d = desired_state(&snap, &node(), Strictness::File).unwrap();
+        let d = desired(WEB).unwrap();
         let vip = Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 10),
             port: 80,
@@ -833,8 +637,7 @@ endpoints:
             "type: NodePort",
             "type: NodePort\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local",
         );
-        let snap = parse_yaml(&yaml).unwrap();
-        let d = desired_state(&snap, &node(), Strictness::File).unwrap();
+        let d = desired(&yaml).unwrap();
         let vip = Frontend {
             addr: Ipv4Addr::new(10, 96, 0, 10),
             port: 80,
@@ -846,7 +649,7 @@ endpoints:
             "- addresses: [10.244.1.3]\n",
             "- addresses: [10.244.1.3]\n  conditions: {ready: false}\n",
         );
-        let d = desired_state(&parse_yaml(&yaml).unwrap(), &node(), Strictness::File).unwrap();
+        let d = desired(&yaml).unwrap();
         assert_eq!(d[&vip].backends, vec![be(4)]);
     }
 
@@ -861,40 +664,18 @@ endpoints:
             ),
             ("protocol: TCP", "protocol: QUIC", "ports[0].protocol"),
             (
-                "kubernetes.io/service-name: web",
-                "kubernetes.io/service-name: nope",
-                "metadata.labels[kubernetes.io/service-name]",
+                "addresses: [10.244.1.2]",
+                "addresses: [10.244.1.x]",
+                "endpoints[1].addresses[0]",
             ),
         ];
         for (from, to, field) in cases {
-            let snap = parse_yaml(&WEB.replace(from, to)).unwrap();
-            let err = desired_state(&snap, &node(), Strictness::File).unwrap_err();
+            let err = desired(&WEB.replace(from, to)).unwrap_err();
             assert!(
                 err.0.iter().any(|e| e.field == field),
                 "{to}: expected {field} in {err}"
             );
         }
-        assert!(parse_yaml("apiVersion: v1\nkind: Service\n metadata: [").is_err());
-    }
-
-    #[test]
-    fn incremental_parse_reuses_unchanged_documents() {
-        let mut cache = HashMap::new();
-        let a = parse_yaml_incremental(WEB, &mut cache).unwrap();
-        assert_eq!((a.services.len(), a.slices.len(), cache.len()), (1, 1, 2));
-        let changed = WEB.replace("10.244.1.3", "10.244.1.9");
-        let b = parse_yaml_incremental(&changed, &mut cache).unwrap();
-        assert_eq!(b.services, a.services);
-        let addrs: Vec<&String> = b.slices[0]
-            .endpoints
-            .iter()
-            .flat_map(|e| &e.addresses)
-            .collect();
-        assert!(addrs.iter().any(|a| *a == "10.244.1.9"));
-        assert_eq!(cache.len(), 2);
-        // Errors still name the document.
-        let err = parse_yaml_incremental(&format!("{WEB}---\nkind: [\n"), &mut cache).unwrap_err();
-        assert!(err.to_string().contains("document 3"), "{err}");
     }
 
     #[test]
@@ -903,7 +684,7 @@ endpoints:
             "type: NodePort",
             "type: NodePort\n  sessionAffinity: ClientIP",
         );
-        let d = desired_state(&parse_yaml(&yaml).unwrap(), &node(), Strictness::File).unwrap();
+        let d = desired(&yaml).unwrap();
         assert!(d
             .values()
             .all(|s| s.affinity_timeout == Some(DEFAULT_AFFINITY_TIMEOUT)));

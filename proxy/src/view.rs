@@ -14,19 +14,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{
-    service_desired, DesiredState, Frontend, FrontendSpec, NodeInfo, Snapshot, ValidationError,
+    service_desired, DesiredState, Frontend, FrontendSpec, NodeInfo, ValidationError,
     SERVICE_NAME_LABEL,
 };
-
-/// (namespace, name)
-pub type Key = (String, String);
-
-/// One object that changed: its new state, or `None` when it was deleted.
-#[derive(Clone, Debug)]
-pub enum Change {
-    Service(Key, Option<Box<Service>>),
-    Slice(Key, Option<Box<EndpointSlice>>),
-}
+use crate::source::{key_of, Change, Key};
 
 /// What the maps must do to follow the changes since the last delta.
 #[derive(Debug, Default)]
@@ -50,13 +41,6 @@ pub struct LiveView {
     /// Services refused a frontend another Service holds: retried when it is let go.
     waiting: HashMap<Frontend, BTreeSet<Key>>,
     dirty: BTreeSet<Key>,
-}
-
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
 }
 
 fn service_of(slice_key: &Key, slice: &EndpointSlice) -> Option<Key> {
@@ -110,29 +94,32 @@ impl LiveView {
                     self.slices.insert(key, *new);
                 }
             }
-        }
-    }
-
-    /// Replaces everything with a complete view (first list, or a relist after the watch
-    /// lost its place): every Service old or new is recomputed.
-    pub fn replace_all(&mut self, snap: Snapshot) {
-        let old: Vec<Key> = self
-            .services
-            .keys()
-            .chain(self.owned.keys())
-            .cloned()
-            .collect();
-        self.dirty.extend(old);
-        self.services.clear();
-        self.slices.clear();
-        self.slices_of.clear();
-        for s in snap.services {
-            let k = key_of(&s.metadata);
-            self.change(Change::Service(k, Some(Box::new(s))));
-        }
-        for s in snap.slices {
-            let k = key_of(&s.metadata);
-            self.change(Change::Slice(k, Some(Box::new(s))));
+            // A complete list (first list, a relist after the watch lost its place, a file's
+            // first read): every Service old or new is recomputed.
+            Change::AllServices(all) => {
+                let old: Vec<Key> = self
+                    .services
+                    .keys()
+                    .chain(self.owned.keys())
+                    .cloned()
+                    .collect();
+                self.dirty.extend(old);
+                self.services.clear();
+                for s in all {
+                    let k = key_of(&s.metadata);
+                    self.dirty.insert(k.clone());
+                    self.services.insert(k, s);
+                }
+            }
+            Change::AllSlices(all) => {
+                self.dirty.extend(self.slices_of.keys().cloned());
+                self.slices.clear();
+                self.slices_of.clear();
+                for s in all {
+                    let k = key_of(&s.metadata);
+                    self.change(Change::Slice(k, Some(Box::new(s))));
+                }
+            }
         }
     }
 
