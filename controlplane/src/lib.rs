@@ -12,9 +12,7 @@
 
 pub mod api;
 pub mod controllers;
-pub mod events;
 pub mod files;
-pub mod leader;
 pub mod pki;
 pub mod scheduler;
 pub mod server;

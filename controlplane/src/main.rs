@@ -115,9 +115,9 @@ impl ElectionArgs {
         if self.leader_elect_lease_duration < Duration::from_secs(1) {
             bail!("--leader-elect-lease-duration: give at least 1s");
         }
-        let cfg = controlplane::leader::Config::new(lease)
+        let cfg = ferry_common::leader::Config::new(lease)
             .with_lease_duration(self.leader_elect_lease_duration);
-        controlplane::leader::run_as_leader(client, cfg, work).await
+        ferry_common::leader::run_as_leader(client, cfg, work).await
     }
 }
 

@@ -170,7 +170,7 @@ async fn main() -> Result<()> {
             tracing::error!("the kubelet's HTTP server stopped: {e}");
         }
     });
-    let events = controlplane::events::Recorder::new(client.clone(), "kubelet");
+    let events = ferry_common::events::Recorder::new(client.clone(), "kubelet");
     let k = Arc::new(Kubelet {
         events,
         client,

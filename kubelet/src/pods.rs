@@ -44,7 +44,7 @@ pub struct Kubelet {
     /// Per-pod directories: logs and emptyDir volumes.
     pub pods_dir: PathBuf,
     /// Events about pods (`kubectl describe pod`).
-    pub events: controlplane::events::Recorder,
+    pub events: ferry_common::events::Recorder,
 }
 
 /// Watches the pods bound to this node and keeps one worker per pod; removes sandboxes that
@@ -287,7 +287,7 @@ impl Worker {
     }
 
     fn event(&self, warning: bool, reason: &str, message: String) {
-        let pod = controlplane::events::reference(&self.pod);
+        let pod = ferry_common::events::reference(&self.pod);
         if warning {
             self.k.events.warning(pod, reason, message);
         } else {

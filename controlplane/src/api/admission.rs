@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashSet};
 use serde_json::{json, Map, Value};
 
 use super::resources::ResourceInfo;
-use super::selectors::{labels_of, LabelSelector};
 use super::status::FieldError;
+use ferry_common::selectors::{labels_of, LabelSelector};
 
 pub const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
 const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
@@ -394,7 +394,7 @@ pub fn validate(info: &ResourceInfo, obj: &Value, old: Option<&Value>) -> Vec<Fi
             let sched = obj["spec"]["schedule"].as_str().unwrap_or_default();
             if sched.is_empty() {
                 errs.push(FieldError::required("spec.schedule"));
-            } else if let Err(e) = crate::controllers::cronjob::Schedule::parse(sched) {
+            } else if let Err(e) = ferry_common::cron::Schedule::parse(sched) {
                 errs.push(FieldError::invalid(
                     "spec.schedule",
                     format!("\"{sched}\""),

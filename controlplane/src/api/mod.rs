@@ -20,7 +20,6 @@ pub mod patch;
 mod protobuf;
 mod query;
 pub mod resources;
-pub mod selectors;
 pub mod status;
 pub mod table;
 mod verbs;
@@ -284,12 +283,7 @@ pub fn decode(kv: &KeyValue) -> Value {
     v
 }
 
-pub fn now_rfc3339() -> String {
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
-        .unwrap_or(jiff::Timestamp::now())
-        .to_string()
-}
+pub use ferry_common::time::now_rfc3339;
 
 // ---------------------------------------------------------------------------------------
 // Requests

@@ -16,11 +16,11 @@ use serde_json::{json, Value};
 use std::collections::VecDeque;
 
 use super::resources::ResourceInfo;
-use super::selectors::{labels_of, FieldSelector, LabelSelector};
 use super::status::{ApiError, ApiResult};
 use super::verbs::Listed;
 use super::{decode, splice_rv, table, wants_table, Api, Query};
 use crate::store::{EventKind, KeyValue, StoreError};
+use ferry_common::selectors::{labels_of, FieldSelector, LabelSelector};
 
 /// Bookmarks go out this often to watchers that asked for them.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(15);

@@ -27,8 +27,8 @@ use tracing::{info, warn};
 use super::pods::{
     controller_ref, from_template, hash, is_active, is_ready, owned_by, Expectations,
 };
-use crate::api::selectors::LabelSelector;
 use crate::scheduler::framework::{node_constraints, NodeState};
+use ferry_common::selectors::LabelSelector;
 
 pub const REVISION_LABEL: &str = "controller-revision-hash";
 

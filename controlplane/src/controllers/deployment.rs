@@ -267,7 +267,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, kube::Er
         .and_then(|rs| rs.status.as_ref().map(|s| s.replicas))
         .unwrap_or(0);
     let complete = updated == want && total_pods == want && avail == want;
-    let now = crate::api::now_rfc3339();
+    let now = ferry_common::time::now_rfc3339();
     let status = json!({"status": {
         "observedGeneration": d.metadata.generation,
         "replicas": total_pods, "updatedReplicas": updated, "readyReplicas": ready,

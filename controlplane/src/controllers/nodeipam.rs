@@ -17,7 +17,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::events::{self, Recorder};
+use ferry_common::events::{self, Recorder};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Options {

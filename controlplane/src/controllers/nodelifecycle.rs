@@ -27,8 +27,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::events::{self, Recorder};
 use crate::scheduler::framework::tolerates;
+use ferry_common::events::{self, Recorder};
 
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";

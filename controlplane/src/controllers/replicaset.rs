@@ -27,7 +27,7 @@ use super::pods::{
     controller_of, controller_ref, from_template, is_active, is_ready, owned_by, random_suffix,
     Expectations,
 };
-use crate::api::selectors::LabelSelector;
+use ferry_common::selectors::LabelSelector;
 
 /// A kind that keeps a number of pods from a template.
 pub trait Replicated:

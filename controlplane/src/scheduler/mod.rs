@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::events::{self, Recorder};
+use ferry_common::events::{self, Recorder};
 use framework::{Demand, NodeState};
 
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";

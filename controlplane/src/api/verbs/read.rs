@@ -7,11 +7,11 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::api::resources::ResourceInfo;
-use crate::api::selectors::{labels_of, FieldSelector, LabelSelector};
 use crate::api::status::{ApiError, ApiResult};
 use crate::api::table;
 use crate::api::{decode, json_response, splice_rv, wants_table, Api, Query};
 use crate::store::{KeyValue, ListOptions, StoreError};
+use ferry_common::selectors::{labels_of, FieldSelector, LabelSelector};
 
 /// Decoded objects of a list, its revision and continue token.
 pub struct Listed(pub Vec<Value>, pub i64, pub Option<String>);
