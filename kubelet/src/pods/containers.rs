@@ -1,0 +1,446 @@
+//! A pod's containers: each one's slot (state, restarts, back-off, probes), its image, its
+//! CRI configuration (environment, mounts) and the step that starts, watches and restarts it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use k8s_openapi::api::core::v1::Container;
+use kube::ResourceExt;
+
+use crate::cri::v1 as cri;
+use crate::probe::Prober;
+
+use super::status::{nanos_to_time, now};
+use super::{
+    Worker, BACKOFF_BASE, BACKOFF_MAX, BACKOFF_RESET, CONTAINER_NAME, POD_NAME, POD_NAMESPACE,
+    POD_UID,
+};
+
+/// What a container is doing now, as the pod status reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum State {
+    Waiting { reason: String, message: String },
+    Running { started_at: String },
+    Terminated(Terminated),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Terminated {
+    pub(super) exit_code: i32,
+    pub(super) reason: String,
+    pub(super) message: String,
+    pub(super) started_at: String,
+    pub(super) finished_at: String,
+    pub(super) container_id: String,
+}
+
+/// One container of the pod (init or app) across its restarts.
+pub(super) struct Slot {
+    pub(super) spec: Container,
+    pub(super) id: Option<String>,
+    pub(super) restarts: i32,
+    /// Consecutive crashes, for the back-off (reset after a long run).
+    pub(super) crashes: u32,
+    pub(super) state: State,
+    pub(super) last: Option<Terminated>,
+    pub(super) backoff_until: Option<Instant>,
+    pub(super) image_ref: String,
+    /// Finished for good (an init container that succeeded, or an app container that will
+    /// not restart).
+    pub(super) done: bool,
+    pub(super) liveness: Option<Prober>,
+    pub(super) readiness: Option<Prober>,
+    pub(super) running_since: Option<Instant>,
+}
+
+impl Slot {
+    pub(super) fn new(spec: Container) -> Slot {
+        Slot {
+            spec,
+            id: None,
+            restarts: 0,
+            crashes: 0,
+            state: State::Waiting {
+                reason: "ContainerCreating".into(),
+                message: String::new(),
+            },
+            last: None,
+            backoff_until: None,
+            image_ref: String::new(),
+            done: false,
+            liveness: None,
+            readiness: None,
+            running_since: None,
+        }
+    }
+
+    pub(super) fn ready(&self) -> bool {
+        matches!(self.state, State::Running { .. }) && self.readiness.as_ref().is_none_or(|r| r.ok)
+    }
+
+    pub(super) fn wait(&mut self, reason: &str, message: String) {
+        self.state = State::Waiting {
+            reason: reason.into(),
+            message,
+        };
+    }
+
+    /// After a failure to start or a crash: wait before the next try.
+    pub(super) fn back_off(&mut self) {
+        self.crashes += 1;
+        let delay = if self.crashes <= 1 {
+            Duration::ZERO
+        } else {
+            (BACKOFF_BASE * 2u32.saturating_pow(self.crashes - 2)).min(BACKOFF_MAX)
+        };
+        self.backoff_until = Some(Instant::now() + delay);
+    }
+}
+
+impl Worker {
+    /// Env values: literals and the downward API fields a pod commonly reads.
+    pub(super) fn env(&self, c: &Container) -> Result<Vec<cri::KeyValue>, String> {
+        let ip = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.ip.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for e in c.env.iter().flatten() {
+            let value = if let Some(v) = &e.value {
+                v.clone()
+            } else if let Some(f) = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()) {
+                match f.field_path.as_str() {
+                    "metadata.name" => self.pod.name_any(),
+                    "metadata.namespace" => self.pod.namespace().unwrap_or_default(),
+                    "metadata.uid" => self.uid(),
+                    "spec.nodeName" => self.k.node_name.clone(),
+                    "spec.serviceAccountName" => self
+                        .pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_default(),
+                    "status.podIP" => ip.clone(),
+                    "status.hostIP" => self.k.node_ip.clone(),
+                    other => {
+                        return Err(format!(
+                            "env {:?}: fieldRef {other:?} is not supported by ferry-kubelet",
+                            e.name
+                        ))
+                    }
+                }
+            } else if e.value_from.is_some() {
+                return Err(format!(
+                    "env {:?}: only value and valueFrom.fieldRef are supported by ferry-kubelet",
+                    e.name
+                ));
+            } else {
+                String::new()
+            };
+            out.push(cri::KeyValue {
+                key: e.name.clone(),
+                value,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) fn container_config(&self, slot: &Slot) -> Result<cri::ContainerConfig, String> {
+        let c = &slot.spec;
+        let volumes = self.volumes()?;
+        let mut mounts = Vec::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let host = volumes.get(&m.name).ok_or_else(|| {
+                format!(
+                    "volumeMount {:?}: the pod has no volume of that name",
+                    m.name
+                )
+            })?;
+            mounts.push(cri::Mount {
+                container_path: m.mount_path.clone(),
+                host_path: host.display().to_string(),
+                readonly: m.read_only.unwrap_or(false),
+                ..Default::default()
+            });
+        }
+        let labels: HashMap<String, String> = [
+            (CONTAINER_NAME.to_string(), c.name.clone()),
+            (POD_UID.to_string(), self.uid()),
+            (POD_NAME.to_string(), self.pod.name_any()),
+            (
+                POD_NAMESPACE.to_string(),
+                self.pod.namespace().unwrap_or_default(),
+            ),
+        ]
+        .into();
+        Ok(cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: c.name.clone(),
+                attempt: slot.restarts as u32,
+            }),
+            image: Some(crate::cri::image_spec(
+                c.image.as_deref().unwrap_or_default(),
+            )),
+            command: c.command.clone().unwrap_or_default(),
+            args: c.args.clone().unwrap_or_default(),
+            working_dir: c.working_dir.clone().unwrap_or_default(),
+            envs: self.env(c)?,
+            mounts,
+            labels,
+            log_path: format!("{}/{}.log", c.name, slot.restarts),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(crate::resources::linux_resources(c)?),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Makes sure the image is on the node; false (and the slot waiting) when it is not.
+    pub(super) async fn ensure_image(&mut self, slot: &mut Slot) -> bool {
+        let image = slot.spec.image.clone().unwrap_or_default();
+        if image.is_empty() {
+            slot.wait("InvalidImageName", "the container names no image".into());
+            return false;
+        }
+        match self.cri.has_image(&image).await {
+            Ok(true) => {
+                if slot.restarts == 0 && slot.crashes == 0 {
+                    self.event(
+                        false,
+                        "Pulled",
+                        format!("Container image \"{image}\" already present on machine"),
+                    );
+                }
+                return true;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                slot.wait("ErrImagePull", format!("{e:#}"));
+                slot.back_off();
+                return false;
+            }
+        }
+        if slot.spec.image_pull_policy.as_deref() == Some("Never") {
+            slot.wait(
+                "ErrImageNeverPull",
+                format!("Container image {image:?} is not present with pull policy of Never"),
+            );
+            return false;
+        }
+        match self.cri.pull_image(&image).await {
+            Ok(_) => true,
+            Err(e) => {
+                let reason = if slot.crashes > 0 {
+                    "ImagePullBackOff"
+                } else {
+                    "ErrImagePull"
+                };
+                tracing::warn!(pod = %self.key, container = %slot.spec.name, "pulling {image}: {e:#}");
+                self.event(
+                    true,
+                    "Failed",
+                    format!("Failed to pull image \"{image}\": {e:#}"),
+                );
+                slot.wait(reason, format!("failed to pull image {image:?}: {e:#}"));
+                slot.back_off();
+                false
+            }
+        }
+    }
+
+    pub(super) async fn sync_container(&mut self, slot: &mut Slot, policy: &str) {
+        let Some(id) = slot.id.clone() else {
+            if slot.backoff_until.is_some_and(|t| Instant::now() < t) {
+                if let State::Waiting { reason, .. } = &slot.state {
+                    if reason == "ErrImagePull" {
+                        let image = slot.spec.image.clone().unwrap_or_default();
+                        slot.wait(
+                            "ImagePullBackOff",
+                            format!("Back-off pulling image {image:?}"),
+                        );
+                    }
+                }
+                return;
+            }
+            if !self.ensure_image(slot).await {
+                return;
+            }
+            let config = match self.container_config(slot) {
+                Ok(c) => c,
+                Err(msg) => {
+                    slot.wait("CreateContainerConfigError", msg);
+                    return;
+                }
+            };
+            let sandbox = self.sandbox.as_ref().expect("sandbox exists");
+            let (sid, sconfig) = (sandbox.id.clone(), sandbox.config.clone());
+            match self.cri.start_container(&sid, &sconfig, config).await {
+                Ok(id) => {
+                    tracing::info!(pod = %self.key, container = %slot.spec.name, id = %id, "container started");
+                    self.event(
+                        false,
+                        "Created",
+                        format!("Created container {}", slot.spec.name),
+                    );
+                    self.event(
+                        false,
+                        "Started",
+                        format!("Started container {}", slot.spec.name),
+                    );
+                    slot.id = Some(id);
+                    slot.state = State::Running { started_at: now() };
+                    slot.running_since = Some(Instant::now());
+                    new_probers(slot);
+                }
+                Err(e) => {
+                    self.event(true, "Failed", format!("Error: {e:#}"));
+                    slot.wait("RunContainerError", format!("{e:#}"));
+                    slot.back_off();
+                }
+            }
+            return;
+        };
+        let status = match self.cri.container_status(&id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pod = %self.key, container = %slot.spec.name, "{e:#}");
+                slot.id = None;
+                return;
+            }
+        };
+        slot.image_ref = status.image_ref.clone();
+        if status.state == cri::ContainerState::ContainerRunning as i32 {
+            slot.state = State::Running {
+                started_at: nanos_to_time(status.started_at),
+            };
+            slot.running_since.get_or_insert_with(Instant::now);
+            let ip = self
+                .sandbox
+                .as_ref()
+                .map(|s| s.ip.clone())
+                .unwrap_or_default();
+            if let Some(r) = slot.readiness.as_mut() {
+                if r.tick(&mut self.cri, &id, &ip, &slot.spec).await {
+                    tracing::info!(pod = %self.key, container = %slot.spec.name, ready = r.ok, "readiness changed: {}", r.message);
+                }
+                if r.failed_now {
+                    let msg = format!("Readiness probe failed: {}", r.message);
+                    self.event(true, "Unhealthy", msg);
+                }
+            }
+            if let Some(l) = slot.liveness.as_mut() {
+                l.tick(&mut self.cri, &id, &ip, &slot.spec).await;
+                let (failed_now, ok, message) = (l.failed_now, l.ok, l.message.clone());
+                if failed_now {
+                    self.event(
+                        true,
+                        "Unhealthy",
+                        format!("Liveness probe failed: {message}"),
+                    );
+                }
+                if !ok {
+                    self.event(
+                        false,
+                        "Killing",
+                        format!(
+                            "Container {} failed liveness probe, will be restarted",
+                            slot.spec.name
+                        ),
+                    );
+                    tracing::info!(pod = %self.key, container = %slot.spec.name,
+                        "liveness probe failed ({message}); restarting the container");
+                    let grace = self
+                        .pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.termination_grace_period_seconds)
+                        .unwrap_or(30);
+                    if let Err(e) = self.cri.stop_container(&id, grace).await {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+            }
+            return;
+        }
+        if status.state == cri::ContainerState::ContainerExited as i32
+            || status.state == cri::ContainerState::ContainerUnknown as i32
+        {
+            let t = Terminated {
+                exit_code: status.exit_code,
+                reason: if status.reason.is_empty() {
+                    if status.exit_code == 0 {
+                        "Completed"
+                    } else {
+                        "Error"
+                    }
+                    .into()
+                } else {
+                    status.reason.clone()
+                },
+                message: status.message.clone(),
+                started_at: nanos_to_time(status.started_at),
+                finished_at: nanos_to_time(status.finished_at),
+                container_id: format!("containerd://{id}"),
+            };
+            tracing::info!(pod = %self.key, container = %slot.spec.name, exit_code = t.exit_code, "container exited");
+            let ran = slot
+                .running_since
+                .take()
+                .map(|s| s.elapsed())
+                .unwrap_or_default();
+            if let Err(e) = self.cri.remove_container(&id).await {
+                tracing::warn!("{e:#}");
+            }
+            slot.id = None;
+            slot.liveness = None;
+            slot.readiness = None;
+            slot.last = Some(t.clone());
+            let restart = match policy {
+                "Always" => true,
+                "OnFailure" => t.exit_code != 0,
+                _ => false,
+            };
+            if restart {
+                if ran >= BACKOFF_RESET {
+                    slot.crashes = 0;
+                }
+                slot.restarts += 1;
+                slot.back_off();
+                let name = slot.spec.name.clone();
+                if slot.crashes > 1 {
+                    self.event(
+                        true,
+                        "BackOff",
+                        format!(
+                            "Back-off restarting failed container {name} in pod {}",
+                            self.pod.name_any()
+                        ),
+                    );
+                }
+                slot.wait(
+                    "CrashLoopBackOff",
+                    format!("back-off restarting failed container {name}"),
+                );
+            } else {
+                slot.done = true;
+                slot.state = State::Terminated(t);
+            }
+        }
+    }
+}
+
+pub(super) fn new_probers(slot: &mut Slot) {
+    slot.liveness = slot
+        .spec
+        .liveness_probe
+        .clone()
+        .map(|p| Prober::new(p, true));
+    slot.readiness = slot
+        .spec
+        .readiness_probe
+        .clone()
+        .map(|p| Prober::new(p, false));
+}

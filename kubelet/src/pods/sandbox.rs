@@ -1,0 +1,166 @@
+//! A pod's sandbox: its CRI configuration (DNS, ports, host network), its volumes, and
+//! creating it (CNI runs inside containerd) with a retry delay after a failure.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use kube::ResourceExt;
+
+use crate::cri::v1 as cri;
+
+use super::{Worker, POD_NAME, POD_NAMESPACE, POD_UID};
+
+pub(super) struct Sandbox {
+    pub(super) id: String,
+    pub(super) ip: String,
+    pub(super) config: cri::PodSandboxConfig,
+}
+
+impl Worker {
+    pub(super) fn host_network(&self) -> bool {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+    }
+
+    pub(super) fn sandbox_config(&self) -> Result<cri::PodSandboxConfig> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let mut port_mappings = Vec::new();
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            for p in c.ports.iter().flatten() {
+                if let Some(hp) = p.host_port.filter(|hp| *hp > 0) {
+                    port_mappings.push(cri::PortMapping {
+                        protocol: match p.protocol.as_deref() {
+                            Some("UDP") => cri::Protocol::Udp as i32,
+                            Some("SCTP") => cri::Protocol::Sctp as i32,
+                            _ => cri::Protocol::Tcp as i32,
+                        },
+                        container_port: p.container_port,
+                        host_port: hp,
+                        host_ip: p.host_ip.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        let labels: HashMap<String, String> = [
+            (POD_UID, self.uid()),
+            (POD_NAME, self.pod.name_any()),
+            (POD_NAMESPACE, self.pod.namespace().unwrap_or_default()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let hostname = spec.hostname.clone().unwrap_or_else(|| self.pod.name_any());
+        let network = if self.host_network() {
+            cri::NamespaceMode::Node
+        } else {
+            cri::NamespaceMode::Pod
+        };
+        Ok(cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: self.pod.name_any(),
+                uid: self.uid(),
+                namespace: self.pod.namespace().unwrap_or_default(),
+                attempt: 0,
+            }),
+            hostname: hostname.chars().take(63).collect(),
+            log_directory: self.pod_dir().join("logs").display().to_string(),
+            port_mappings,
+            labels,
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: network as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// emptyDir and hostPath volumes as host directories; other kinds are refused by name.
+    pub(super) fn volumes(&self) -> Result<HashMap<String, PathBuf>, String> {
+        let mut out = HashMap::new();
+        for v in self
+            .pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+        {
+            let path = if v.empty_dir.is_some() {
+                self.pod_dir().join("volumes").join(&v.name)
+            } else if let Some(h) = &v.host_path {
+                PathBuf::from(&h.path)
+            } else {
+                return Err(format!(
+                    "volume {:?}: only emptyDir and hostPath volumes are supported by ferry-kubelet",
+                    v.name
+                ));
+            };
+            out.insert(v.name.clone(), path);
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn ensure_sandbox(&mut self) -> bool {
+        if self.sandbox.is_some() {
+            return true;
+        }
+        if self.sandbox_retry.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        let result = async {
+            let volumes = self.volumes().map_err(anyhow::Error::msg)?;
+            for (name, path) in &volumes {
+                if path.starts_with(self.pod_dir()) {
+                    std::fs::create_dir_all(path)
+                        .with_context(|| format!("creating volume {name} at {}", path.display()))?;
+                }
+            }
+            let config = self.sandbox_config()?;
+            std::fs::create_dir_all(&config.log_directory)
+                .with_context(|| format!("creating {}", config.log_directory))?;
+            let id = self.cri.run_sandbox(config.clone()).await?;
+            let (status, _) = self.cri.sandbox_status(&id).await?;
+            let ip = if self.host_network() {
+                self.k.node_ip.clone()
+            } else {
+                status.network.map(|n| n.ip).unwrap_or_default()
+            };
+            anyhow::Ok(Sandbox { id, ip, config })
+        }
+        .await;
+        match result {
+            Ok(s) => {
+                tracing::info!(pod = %self.key, sandbox = %s.id, ip = %s.ip, "sandbox running");
+                self.sandbox = Some(s);
+                self.sandbox_error = None;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(pod = %self.key, "creating the pod sandbox: {e:#}");
+                self.event(
+                    true,
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {e:#}"),
+                );
+                self.sandbox_error = Some(format!("{e:#}"));
+                self.sandbox_retry = Some(Instant::now() + Duration::from_secs(2));
+                false
+            }
+        }
+    }
+}
