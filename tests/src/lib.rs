@@ -479,9 +479,23 @@ impl Proxy {
 
     /// `update`, also returning the time from the file's replacement to the daemon's answer.
     pub fn update_timed(&self, yaml: &str) -> Result<(bool, Duration)> {
+        self.stage(yaml)?;
+        self.apply_staged()
+    }
+
+    /// Writes `yaml` beside the services file, for `apply_staged` to put in place (so a
+    /// measurement can leave the writing of a large file out, as kube-proxy's rule files are
+    /// written before their clock starts).
+    pub fn stage(&self, yaml: &str) -> Result<()> {
+        std::fs::write(self.services_file.with_extension("tmp"), yaml)?;
+        Ok(())
+    }
+
+    /// Replaces the services file with the staged one and waits for the daemon's answer, as
+    /// `update_timed`.
+    pub fn apply_staged(&self) -> Result<(bool, Duration)> {
         let before = self.sync_counts()?;
         let tmp = self.services_file.with_extension("tmp");
-        std::fs::write(&tmp, yaml)?;
         let start = Instant::now();
         std::fs::rename(&tmp, &self.services_file)?;
         let deadline = start + Duration::from_secs(60);

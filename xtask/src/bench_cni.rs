@@ -136,7 +136,7 @@ pub fn run(quick: bool) -> Result<()> {
         f.add.p99_ms / r.add.p99_ms,
         f.del.p50_ms / r.del.p50_ms
     );
-    crate::bench::write_results(
+    crate::measure::write_results(
         "cni",
         &Report {
             pods,

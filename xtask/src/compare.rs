@@ -19,8 +19,8 @@ use ferry_testbed::{bin_path, pod_ip, Proxy, Topology, ECHO_PORT, NODE_IP};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::bench::{ferry_yaml, median, run_reps, vip, Load, Rng, RunInfo};
 use crate::kube_rules::{self, Svc};
+use crate::measure::{ferry_yaml, median, run_reps, vip, Load, Rng, RunInfo};
 
 /// Pods 0 and 1 serve every Service (M = 2); pod 2 is the endpoint added by the change test.
 const ENDPOINTS: usize = 2;
@@ -365,7 +365,7 @@ fn endpoint_change(
         Mode::NoProxy | Mode::Ipvs => bail!("no endpoint change for {mode:?}"),
     };
     let want = t.pods[NEW_ENDPOINT].name.clone();
-    let source = crate::bench::fresh_source(t, CLIENT)?.to_string();
+    let source = crate::measure::fresh_source(t, CLIENT)?.to_string();
     let target = format!("{}:{}", changed[k].vip, changed[k].port);
     let mut probe = t.pods[CLIENT].ns.spawn(
         Command::new(bin_path("ferry-loadgen")?)
@@ -384,13 +384,17 @@ fn endpoint_change(
             .stdout(Stdio::piped()),
     )?;
     std::thread::sleep(Duration::from_millis(300)); // the prober is connecting by now
+    if let (Apply::Ferry(yaml), Some(proxy)) = (&apply, p.proxy.as_ref()) {
+        // Written before the clock, like the other modes' rule files.
+        proxy.stage(yaml)?;
+    }
     let start_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as u64;
     let applied = match &apply {
-        Apply::Ferry(yaml) => p
+        Apply::Ferry(_) => p
             .proxy
             .as_ref()
             .context("Ferry is not running")
-            .and_then(|proxy| proxy.update(yaml).map(|_| ())),
+            .and_then(|proxy| proxy.apply_staged().map(|_| ())),
         Apply::Cmd(bin, args, _) => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             exec_bounded(t, bin, &args)
@@ -439,8 +443,37 @@ fn step(bar: &ProgressBar, msg: String) {
     bar.set_message(msg);
 }
 
-pub fn run(quick: bool) -> Result<()> {
-    let plan = if quick {
+/// `cargo xtask bench compare` options. With `--modes` or `--sizes`, only that part runs (to
+/// look closer at one row, e.g. repeated runs of one N) and the report is written as
+/// `compare-subset` beside the full one.
+#[derive(clap::Args, Clone)]
+pub struct CompareOpts {
+    /// A short run (about a minute) that shows the benchmark works; figures are noisier.
+    #[arg(long)]
+    quick: bool,
+    /// Only these modes: none, ferry, iptables-nft, nftables, iptables-legacy, ipvs.
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Only these numbers of Services (programming and data plane at each).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<usize>,
+}
+
+fn mode_named(name: &str) -> Result<Mode> {
+    Ok(match name {
+        "none" => Mode::NoProxy,
+        "ferry" => Mode::Ferry,
+        "iptables-nft" => Mode::IptablesNft,
+        "nftables" => Mode::Nftables,
+        "iptables-legacy" => Mode::IptablesLegacy,
+        "ipvs" => Mode::Ipvs,
+        other => bail!("--modes: unknown mode {other:?}; use none, ferry, iptables-nft, nftables, iptables-legacy or ipvs"),
+    })
+}
+
+pub fn run(opts: &CompareOpts) -> Result<()> {
+    let quick = opts.quick;
+    let mut plan = if quick {
         Plan {
             program_sizes: vec![100, 1_000],
             dataplane_sizes: vec![1, 1_000],
@@ -459,6 +492,17 @@ pub fn run(quick: bool) -> Result<()> {
             concurrency: 4,
         }
     };
+    let subset = !opts.modes.is_empty() || !opts.sizes.is_empty();
+    if !opts.sizes.is_empty() {
+        if opts.sizes.iter().any(|n| *n == 0 || *n > 60_000) {
+            bail!("--sizes: each must be between 1 and 60000");
+        }
+        plan.program_sizes = opts.sizes.clone();
+        plan.dataplane_sizes = opts.sizes.clone();
+        if !opts.sizes.contains(&plan.change_at) {
+            plan.change_at = *opts.sizes.iter().max().unwrap_or(&plan.change_at);
+        }
+    }
     let mut sizes: Vec<usize> = plan
         .program_sizes
         .iter()
@@ -468,7 +512,14 @@ pub fn run(quick: bool) -> Result<()> {
     sizes.sort_unstable();
     sizes.dedup();
 
-    let modes: Vec<Mode> = Mode::ALL.to_vec();
+    let modes: Vec<Mode> = if opts.modes.is_empty() {
+        Mode::ALL.to_vec()
+    } else {
+        opts.modes
+            .iter()
+            .map(|m| mode_named(m))
+            .collect::<Result<_>>()?
+    };
     let mut unavailable = Vec::new();
     let runnable: Vec<Mode> = modes
         .iter()
@@ -627,7 +678,11 @@ pub fn run(quick: bool) -> Result<()> {
         unavailable,
         results,
     };
-    let dir = crate::bench::write_results("compare", &report, &markdown(&report))?;
+    if subset {
+        crate::measure::write_results("compare-subset", &report, &markdown(&report))?;
+        return Ok(());
+    }
+    let dir = crate::measure::write_results("compare", &report, &markdown(&report))?;
     crate::charts::compare(&report_series(&report), &dir)?;
     eprintln!("[bench] wrote bench/results/compare-connrate.png and compare-programming.png");
     Ok(())

@@ -14,11 +14,13 @@
 
 mod bench;
 mod bench_cni;
+mod bench_datapath;
 mod charts;
 mod compare;
 mod demo;
 mod images;
 mod kube_rules;
+mod measure;
 mod setup;
 mod up;
 
