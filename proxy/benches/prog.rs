@@ -41,6 +41,20 @@ struct Path {
     ns: Vec<f64>,
 }
 
+/// Runs `one` (given the run's number) `runs` times; its nanoseconds, and progress on stderr.
+fn sample(
+    name: &'static str,
+    runs: usize,
+    mut one: impl FnMut(usize) -> Result<u64>,
+) -> Result<Path> {
+    let mut ns = Vec::with_capacity(runs);
+    for i in 0..runs {
+        ns.push(one(i)? as f64);
+    }
+    eprintln!("[bench prog] {name}: done");
+    Ok(Path { name, ns })
+}
+
 fn summary(ns: &mut [f64]) -> (f64, f64, f64) {
     ns.sort_by(f64::total_cmp);
     let mean = ns.iter().sum::<f64>() / ns.len() as f64;
@@ -77,68 +91,43 @@ fn main() -> Result<()> {
 
     // The floor, on the same kind of packet.
     let syn = packet::tcp(client(0), (VIP, 80), Tcp::Syn, &[]);
-    let mut ns = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        ns.push(floor.run(&syn)? as f64);
-    }
-    paths.push(Path {
-        name: "empty tc program (floor)",
-        ns,
-    });
+    paths.push(sample("empty tc program (floor)", runs, |_| {
+        floor.run(&syn)
+    })?);
 
     // New flows: one fresh tuple per run.
-    let mut ns = Vec::with_capacity(runs);
-    for i in 0..runs {
-        let p = packet::tcp(client(i), (VIP, 80), Tcp::Syn, &[]);
-        let out = bed.run(&p)?;
+    paths.push(sample("new flow (pick, track, DNAT)", runs, |i| {
+        let out = bed.run(&packet::tcp(client(i), (VIP, 80), Tcp::Syn, &[]))?;
         ensure!(out.verdict == 0, "new flow {i}: verdict {}", out.verdict);
-        ns.push(out.ns as f64);
-    }
-    eprintln!("[bench prog] new flows done");
-    paths.push(Path {
-        name: "new flow (pick, track, DNAT)",
-        ns,
-    });
+        Ok(out.ns)
+    })?);
 
     // Established: the first client's flow again and again.
     let c = client(0);
     let ack = packet::tcp(c, (VIP, 80), Tcp::Ack, b"GET / HTTP/1.1\r\n\r\n");
     let first = packet::read(&bed.run(&ack)?.packet)?;
     ensure!(first.dst.0 == BACKEND.0, "established flow not translated");
-    let mut ns = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        ns.push(bed.run(&ack)?.ns as f64);
-    }
-    paths.push(Path {
-        name: "established flow (conntrack hit, DNAT)",
-        ns,
-    });
+    paths.push(sample(
+        "established flow (conntrack hit, DNAT)",
+        runs,
+        |_| Ok(bed.run(&ack)?.ns),
+    )?);
 
     // Replies of that flow.
     let reply = packet::tcp(first.dst, c, Tcp::Ack, b"HTTP/1.1 200 OK\r\n\r\n");
     let seen = packet::read(&bed.run(&reply)?.packet)?;
     ensure!(seen.src == (VIP, 80), "reply not translated: {seen:?}");
-    let mut ns = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        ns.push(bed.run(&reply)?.ns as f64);
-    }
-    paths.push(Path {
-        name: "reply (rev-NAT)",
-        ns,
-    });
+    paths.push(sample("reply (rev-NAT)", runs, |_| {
+        Ok(bed.run(&reply)?.ns)
+    })?);
 
     // Traffic for no Service.
     let other = packet::tcp(c, (Ipv4Addr::new(10, 244, 50, 50), 80), Tcp::Ack, &[]);
-    let mut ns = Vec::with_capacity(runs);
-    for _ in 0..runs {
+    paths.push(sample("non-service (all lookups miss)", runs, |_| {
         let out = bed.run(&other)?;
         ensure!(out.packet == other, "non-service packet changed");
-        ns.push(out.ns as f64);
-    }
-    paths.push(Path {
-        name: "non-service (all lookups miss)",
-        ns,
-    });
+        Ok(out.ns)
+    })?);
 
     let mut rows = Vec::new();
     for p in &mut paths {

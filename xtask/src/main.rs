@@ -104,7 +104,9 @@ pub fn target_dir(profile: &str) -> PathBuf {
     base.join(profile)
 }
 
-/// Builds the binaries in release mode and points the test bed at them.
+/// Builds the binaries in release mode and points the test bed at them, except where a
+/// `FERRY_*_BIN` is set already (to measure another build of one binary, e.g. the one before a
+/// change, against the rest).
 pub fn build_release() -> Result<()> {
     sh("cargo", &["build", "--release", "--bins"])?;
     let dir = target_dir("release");
@@ -116,7 +118,10 @@ pub fn build_release() -> Result<()> {
         ("FERRY_KUBELET_BIN", "ferry-kubelet"),
         ("FERRY_CONTROLPLANE_BIN", "ferry-controlplane"),
     ] {
-        std::env::set_var(var, dir.join(bin));
+        match std::env::var_os(var) {
+            Some(given) => eprintln!("[xtask] {var} given: {}", given.to_string_lossy()),
+            None => std::env::set_var(var, dir.join(bin)),
+        }
     }
     Ok(())
 }
