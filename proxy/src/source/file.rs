@@ -343,22 +343,23 @@ impl Index {
 }
 
 /// The documents of a multi-document YAML stream, as text: split at lines that are `---`
-/// (optionally followed by a space and more). Searches for the marker, not line by line.
+/// (optionally followed by a space and more). The marker is searched for (SIMD memmem), not
+/// line by line; every offset it yields is an ASCII byte, so the slices are valid `str`s.
 fn split_documents(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
     let mut docs = Vec::new();
     let mut start = 0;
-    for (at, _) in text.match_indices("---") {
-        let line_start = at == 0 || text.as_bytes()[at - 1] == b'\n';
-        let rest = &text.as_bytes()[at + 3..];
-        let line_end = rest
-            .first()
+    for at in memchr::memmem::find_iter(bytes, b"---") {
+        let line_start = at == 0 || bytes[at - 1] == b'\n';
+        let line_end = bytes
+            .get(at + 3)
             .is_none_or(|c| matches!(c, b'\n' | b'\r' | b' '));
         if !(line_start && line_end) || at < start {
             continue;
         }
         docs.push(&text[start..at]);
         // The next document starts after the marker's line.
-        start = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
+        start = memchr::memchr(b'\n', &bytes[at..]).map_or(text.len(), |n| at + n + 1);
     }
     docs.push(&text[start..]);
     docs
@@ -522,6 +523,15 @@ endpoints: [{addresses: [10.244.1.3]}]
         let err = src.read(&format!("{moved}---\nkind: [\n")).unwrap_err();
         assert!(format!("{err:#}").contains("document 3"), "{err:#}");
         assert!(src.read(&moved).unwrap().changes.is_empty());
+    }
+
+    #[test]
+    fn documents_split_at_marker_lines_only() {
+        let text = "---\na: 1\n--- # two\nb: '---'\nc: ----\n---\r\nd: 4\n---";
+        assert_eq!(
+            split_documents(text),
+            ["", "a: 1\n", "b: '---'\nc: ----\n", "d: 4\n", ""]
+        );
     }
 
     #[test]
