@@ -10,6 +10,7 @@ use crate::api::status::{ApiError, ApiResult, FieldError};
 use crate::api::{encode, now_rfc3339, Api, Query};
 use crate::store::{Precondition, StoreError};
 
+use super::hooks::Hooks;
 use super::{check_object_size, random_suffix, with_rv};
 
 impl Api {
@@ -74,14 +75,13 @@ impl Api {
             m.remove("resourceVersion");
         }
         // Status is the system's: a create starts without one (defaults add pods' phase).
-        if info.has_status() || info.plural == "namespaces" {
+        let hooks = Hooks::of(info);
+        if hooks.strips_status_on_create(info) {
             if let Some(m) = obj.as_object_mut() {
                 m.remove("status");
             }
         }
-        if info.plural != "namespaces" && info.plural != "nodes" && obj.get("spec").is_some()
-            || info.group == "apps"
-        {
+        if hooks.counts_generations(info, &obj) {
             obj["metadata"]["generation"] = json!(1);
         }
         admission::default(info, &mut obj);
@@ -111,11 +111,7 @@ impl Api {
             }
             return Ok(obj);
         }
-        let claims = if info.kind == "Service" && info.group.is_empty() {
-            self.allocate_service(&mut obj, None, &name).await?
-        } else {
-            Vec::new()
-        };
+        let claims = hooks.claim(self, &mut obj, None, None, &name).await?;
         let bytes = encode(&obj);
         if let Err(e) = check_object_size(&bytes) {
             for c in claims {
@@ -123,11 +119,7 @@ impl Api {
             }
             return Err(e);
         }
-        let lease = if info.kind == "Event" {
-            self.event_lease().await?
-        } else {
-            0
-        };
+        let lease = hooks.lease(self).await?;
         match self
             .store
             .put(&key, bytes, Precondition::Absent, lease)

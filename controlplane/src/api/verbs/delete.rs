@@ -11,7 +11,7 @@ use crate::api::status::{ApiError, ApiResult, FieldError};
 use crate::api::{decode, encode, Api, Query};
 use crate::store::{KeyValue, Precondition, StoreError};
 
-use super::PROTECTED_NAMESPACES;
+use super::hooks::Hooks;
 
 impl Api {
     /// Deletes an object, or marks it terminating when finalizers (or graceful pod
@@ -42,7 +42,8 @@ impl Api {
                 ));
             }
         }
-        if info.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
+        let hooks = Hooks::of(info);
+        if hooks.protected(name) {
             return Err(ApiError::forbidden(format!(
                 "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
             )));
@@ -82,14 +83,8 @@ impl Api {
                 }
                 _ => {}
             }
-            let is_ns = info.plural == "namespaces";
-            let graceful_pod = info.plural == "pods"
-                && obj["spec"]["nodeName"]
-                    .as_str()
-                    .is_some_and(|n| !n.is_empty())
-                && grace != Some(0)
-                && obj["status"]["phase"] != "Succeeded"
-                && obj["status"]["phase"] != "Failed";
+            let is_ns = hooks.finalized_in_background();
+            let graceful_pod = hooks.graceful_delete(&obj, grace);
             if finalizers.is_empty() && !graceful_pod && !is_ns {
                 match self
                     .store
@@ -171,9 +166,7 @@ impl Api {
     }
 
     pub(super) async fn after_delete(&self, info: &ResourceInfo, obj: &Value) {
-        if info.kind == "Service" && info.group.is_empty() {
-            self.release_service(obj, None).await;
-        }
+        Hooks::of(info).removed(self, obj).await;
     }
 
     /// The namespace finalizer as a task (boxed: it deletes objects, which may start it).
@@ -201,10 +194,9 @@ impl Api {
                         .unwrap_or_default()
                         .to_string();
                     // Pods go at once: no kubelet is asked to stop them gracefully here.
-                    let opts = json!({"propagationPolicy": "Background", "gracePeriodSeconds": if info.plural == "pods" && round > 30 { 0 } else { 30 }});
-                    if obj["metadata"]["deletionTimestamp"].is_null()
-                        || (info.plural == "pods" && round > 30)
-                    {
+                    let forced = Hooks::of(info).forced_after(round);
+                    let opts = json!({"propagationPolicy": "Background", "gracePeriodSeconds": if forced { 0 } else { 30 }});
+                    if obj["metadata"]["deletionTimestamp"].is_null() || forced {
                         let _ = self.delete_object(info, Some(ns), &name, &opts, &q).await;
                     }
                 }

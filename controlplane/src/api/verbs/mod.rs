@@ -4,10 +4,13 @@
 
 mod create;
 mod delete;
+mod hooks;
 mod read;
 mod update;
 
 pub use read::Listed;
+
+use hooks::Hooks;
 
 use std::sync::Arc;
 
@@ -153,7 +156,7 @@ pub async fn dispatch(
             ))
         }
         ("deletecollection", None) => {
-            if info.plural == "namespaces" {
+            if Hooks::of(info).finalized_in_background() {
                 return Err(ApiError::method_not_allowed(
                     "the server does not allow this method on the requested resource: delete namespaces one by one",
                 ));
@@ -218,7 +221,7 @@ fn with_warnings(mut r: Response, warnings: &[String]) -> Response {
 
 fn scale_of(info: &ResourceInfo, obj: &Value) -> Value {
     let sel = &obj["spec"]["selector"];
-    let selector = if info.kind == "ReplicationController" {
+    let selector = if Hooks::of(info).selector_is_a_map() {
         sel.as_object()
             .map(|m| {
                 m.iter()
@@ -244,10 +247,6 @@ fn scale_of(info: &ResourceInfo, obj: &Value) -> Value {
         "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(0)},
         "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector}})
 }
-
-/// The namespaces the system lives in: never deleted (as Kubernetes' NamespaceLifecycle).
-pub const PROTECTED_NAMESPACES: [&str; 4] =
-    ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// Largest stored object (etcd's default request limit, which Kubernetes objects live under).
 pub const MAX_OBJECT: usize = 1536 * 1024;

@@ -10,6 +10,7 @@ use crate::api::status::{ApiError, ApiResult, FieldError};
 use crate::api::{decode, encode, now_rfc3339, Api, Query};
 use crate::store::{KeyValue, Precondition, StoreError};
 
+use super::hooks::Hooks;
 use super::{check_object_size, scale_of, spec_part, with_rv};
 
 impl Api {
@@ -82,7 +83,7 @@ impl Api {
                 }
                 if sub == Some("finalize") {
                     o["status"] = cur["status"].clone();
-                } else if info.plural == "namespaces" {
+                } else if Hooks::of(info).spec_only_through_finalize() {
                     // spec.finalizers change only through /finalize.
                     o["spec"] = cur["spec"].clone();
                 }
@@ -111,19 +112,9 @@ impl Api {
             obj["metadata"]["generation"] =
                 json!(obj["metadata"]["generation"].as_i64().unwrap_or(0) + 1);
         }
-        let is_service = info.kind == "Service" && info.group.is_empty();
-        if is_service && sub.is_none() {
-            // Carry the allocated IP over before validating immutability.
-            if obj["spec"]["clusterIP"]
-                .as_str()
-                .is_none_or(|s| s.is_empty())
-            {
-                if let Some(ip) = cur["spec"]["clusterIP"].as_str() {
-                    obj["spec"]["clusterIP"] = json!(ip);
-                    obj["spec"]["clusterIPs"] = cur["spec"]["clusterIPs"].clone();
-                }
-            }
-        }
+        let hooks = Hooks::of(info);
+        // Carry what was allocated over before validating immutability.
+        hooks.carry_over(&mut obj, cur, sub);
         let errs = admission::validate(info, &obj, Some(cur));
         if !errs.is_empty() {
             return Err(ApiError::invalid(info.kind, info.group, name, errs));
@@ -137,13 +128,9 @@ impl Api {
         }
         // A terminating object whose last finalizer went is deleted now; a pod only when it
         // has no grace period left (a kubelet is stopping the others).
-        let no_grace = cur["metadata"]["deletionGracePeriodSeconds"]
-            .as_i64()
-            .unwrap_or(0)
-            == 0;
         if cur["metadata"]["deletionTimestamp"].is_string()
             && finalizers_empty
-            && (info.plural != "pods" || no_grace)
+            && hooks.removed_when_finalized(cur)
         {
             return match self
                 .store
@@ -162,11 +149,7 @@ impl Api {
                 Err(e) => Err(e.into()),
             };
         }
-        let claims = if is_service && sub.is_none() {
-            self.allocate_service(&mut obj, Some(cur), name).await?
-        } else {
-            Vec::new()
-        };
+        let claims = hooks.claim(self, &mut obj, Some(cur), sub, name).await?;
         let bytes = encode(&obj);
         if let Err(e) = check_object_size(&bytes) {
             for c in claims {
@@ -189,9 +172,7 @@ impl Api {
             .await
         {
             Ok((kv, _)) => {
-                if is_service && sub.is_none() {
-                    self.release_service(cur, Some(&obj)).await;
-                }
+                hooks.updated(self, cur, &obj, sub).await;
                 Ok(with_rv(obj, kv.mod_revision))
             }
             Err(e) => {
