@@ -495,9 +495,23 @@ impl Proxy {
     /// `update_timed`.
     pub fn apply_staged(&self) -> Result<(bool, Duration)> {
         let before = self.sync_counts()?;
-        let tmp = self.services_file.with_extension("tmp");
         let start = Instant::now();
+        self.put_staged()?;
+        self.answer(before, start)
+    }
+
+    /// Puts the staged file in place and returns at once; `answer` then waits for the daemon
+    /// (a measurement that decides its end by other means, such as a prober, keeps the
+    /// `/healthz` polling out of its window).
+    pub fn put_staged(&self) -> Result<()> {
+        let tmp = self.services_file.with_extension("tmp");
         std::fs::rename(&tmp, &self.services_file)?;
+        Ok(())
+    }
+
+    /// Waits until the daemon has taken the input put in place at `start` (counts as they were
+    /// before it): `true` when it synced, `false` when it refused it.
+    pub fn answer(&self, before: (u64, u64), start: Instant) -> Result<(bool, Duration)> {
         let deadline = start + Duration::from_secs(60);
         loop {
             let now = self.sync_counts()?;

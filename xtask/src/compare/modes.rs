@@ -323,17 +323,22 @@ pub(super) fn endpoint_change(
             .stdout(Stdio::piped()),
     )?;
     std::thread::sleep(Duration::from_millis(300)); // the prober is connecting by now
+    let mut counts = None;
     if let (Apply::Ferry(yaml), Some(proxy)) = (&apply, p.proxy.as_ref()) {
         // Written before the clock, like the other modes' rule files.
         proxy.stage(yaml)?;
+        counts = Some(proxy.sync_counts()?);
     }
+    let start = Instant::now();
     let start_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as u64;
     let applied = match &apply {
         Apply::Ferry(_) => p
             .proxy
             .as_ref()
             .context("Ferry is not running")
-            .and_then(|proxy| proxy.apply_staged().map(|_| ())),
+            // Only the rename: the prober ends the measurement, and polling the daemon's
+            // /healthz meanwhile would take CPU from it. Its answer is checked afterwards.
+            .and_then(|proxy| proxy.put_staged()),
         Apply::Cmd(bin, args, _) => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             exec_bounded(t, bin, &args)
@@ -345,6 +350,12 @@ pub(super) fn endpoint_change(
         return Err(e);
     }
     let out = probe.wait_with_output()?;
+    if let (Some(proxy), Some(before)) = (p.proxy.as_ref(), counts) {
+        let (synced, _) = proxy.answer(before, start)?;
+        if !synced {
+            bail!("ferry-proxy refused the changed Services");
+        }
+    }
     if let Apply::Cmd(_, _, f) = apply {
         std::fs::remove_file(f).ok();
     }
