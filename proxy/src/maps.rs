@@ -33,32 +33,30 @@ pub fn flush_conntrack(
     maps: &mut dyn DatapathMaps,
     pred: impl Fn(&CtKey, &CtValue) -> bool,
 ) -> Result<usize> {
-    let doomed: Vec<CtKey> = maps
-        .conntrack()?
-        .into_iter()
-        .filter(|(k, v)| pred(k, v))
-        .map(|(k, _)| k)
-        .collect();
-    for k in &doomed {
-        maps.delete_conntrack(*k)?;
-    }
-    Ok(doomed.len())
+    let entries = maps.conntrack()?;
+    flush(entries, pred, |k| maps.delete_conntrack(k))
 }
 
+/// Deletes the session-affinity entries `pred` selects; returns how many.
 pub fn flush_affinity(
     maps: &mut dyn DatapathMaps,
     pred: impl Fn(&AffinityKey, &AffinityValue) -> bool,
 ) -> Result<usize> {
-    let doomed: Vec<AffinityKey> = maps
-        .affinity()?
-        .into_iter()
-        .filter(|(k, v)| pred(k, v))
-        .map(|(k, _)| k)
-        .collect();
-    for k in &doomed {
-        maps.delete_affinity(*k)?;
+    let entries = maps.affinity()?;
+    flush(entries, pred, |k| maps.delete_affinity(k))
+}
+
+fn flush<K, V>(
+    entries: Vec<(K, V)>,
+    pred: impl Fn(&K, &V) -> bool,
+    mut delete: impl FnMut(K) -> Result<()>,
+) -> Result<usize> {
+    let mut n = 0;
+    for (k, _) in entries.into_iter().filter(|(k, v)| pred(k, v)) {
+        delete(k)?;
+        n += 1;
     }
-    Ok(doomed.len())
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -7,21 +7,21 @@
 //! changed and hands over only their objects, and deletions for the keys that disappeared:
 //! a one-line change to a file of 10,000 Services costs one document, not the file.
 //!
-//! A file is one consistent document: an EndpointSlice naming a Service the file does not
-//! define, or an object defined twice, rejects the whole read (the daemon keeps its state).
+//! Reading the YAML itself is `yaml.rs`'s. A file is one consistent document: an EndpointSlice
+//! naming a Service the file does not define, or an object defined twice, rejects the whole
+//! read (the daemon keeps its state).
 
 use std::collections::{HashMap, HashSet};
-
-use nohash_hasher::{IntMap, IntSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use xxhash_rust::xxh3::xxh3_64;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
+use nohash_hasher::{IntMap, IntSet};
+use xxhash_rust::xxh3::xxh3_64;
 
+use super::yaml::{parse_document, split_documents};
 use super::{key_of, Change, Key, ServiceSource, Update};
 use crate::model::SERVICE_NAME_LABEL;
 
@@ -61,14 +61,6 @@ enum Kind {
 struct Document {
     objects: Vec<(Kind, Key)>,
     slice_services: Vec<(Key, Option<Key>)>,
-    nodes: Vec<Node>,
-}
-
-/// The objects of one document, parsed.
-#[derive(Default)]
-struct Parsed {
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
     nodes: Vec<Node>,
 }
 
@@ -342,85 +334,6 @@ impl Index {
     }
 }
 
-/// The documents of a multi-document YAML stream, as text: split at lines that are `---`
-/// (optionally followed by a space and more). The marker is searched for (SIMD memmem), not
-/// line by line; every offset it yields is an ASCII byte, so the slices are valid `str`s.
-fn split_documents(text: &str) -> Vec<&str> {
-    let bytes = text.as_bytes();
-    let mut docs = Vec::new();
-    let mut start = 0;
-    for at in memchr::memmem::find_iter(bytes, b"---") {
-        let line_start = at == 0 || bytes[at - 1] == b'\n';
-        let line_end = bytes
-            .get(at + 3)
-            .is_none_or(|c| matches!(c, b'\n' | b'\r' | b' '));
-        if !(line_start && line_end) || at < start {
-            continue;
-        }
-        docs.push(&text[start..at]);
-        // The next document starts after the marker's line.
-        start = memchr::memchr(b'\n', &bytes[at..]).map_or(text.len(), |n| at + n + 1);
-    }
-    docs.push(&text[start..]);
-    docs
-}
-
-/// Parses one YAML document: a v1 Service, a discovery.k8s.io/v1 EndpointSlice, a v1 Node or
-/// a v1 List of them (other kinds are skipped with a warning). Errors name the object and the
-/// field serde could not read.
-fn parse_document(doc: &str) -> Result<Parsed> {
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(doc).map_err(|e| anyhow!("malformed YAML: {e}"))?;
-    let mut out = Parsed::default();
-    parse_value(value, &mut out)?;
-    Ok(out)
-}
-
-fn parse_value(value: serde_yaml::Value, out: &mut Parsed) -> Result<()> {
-    if value.is_null() {
-        return Ok(());
-    }
-    let field = |f: &str| {
-        value
-            .get(f)
-            .and_then(|k| k.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (api, kind) = (field("apiVersion"), field("kind"));
-    let name = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("<unnamed>")
-        .to_string();
-    match (api.as_str(), kind.as_str()) {
-        ("v1", "Service") => out
-            .services
-            .push(serde_yaml::from_value(value).with_context(|| format!("(Service {name})"))?),
-        ("discovery.k8s.io/v1", "EndpointSlice") => out.slices.push(
-            serde_yaml::from_value(value).with_context(|| format!("(EndpointSlice {name})"))?,
-        ),
-        ("v1", "Node") => out
-            .nodes
-            .push(serde_yaml::from_value(value).with_context(|| format!("(Node {name})"))?),
-        ("v1", "List") => {
-            if let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned() {
-                for item in items {
-                    parse_value(item, out)?;
-                }
-            }
-        }
-        ("", _) | (_, "") => {
-            bail!("apiVersion and kind are required (e.g. apiVersion: v1, kind: Service)")
-        }
-        _ => {
-            tracing::warn!(%api, %kind, %name, "ignoring an object that is not a v1 Service, discovery.k8s.io/v1 EndpointSlice or v1 Node")
-        }
-    }
-    Ok(())
-}
-
 impl ServiceSource for FileSource {
     async fn next(&mut self) -> Result<Update> {
         loop {
@@ -523,15 +436,6 @@ endpoints: [{addresses: [10.244.1.3]}]
         let err = src.read(&format!("{moved}---\nkind: [\n")).unwrap_err();
         assert!(format!("{err:#}").contains("document 3"), "{err:#}");
         assert!(src.read(&moved).unwrap().changes.is_empty());
-    }
-
-    #[test]
-    fn documents_split_at_marker_lines_only() {
-        let text = "---\na: 1\n--- # two\nb: '---'\nc: ----\n---\r\nd: 4\n---";
-        assert_eq!(
-            split_documents(text),
-            ["", "a: 1\n", "b: '---'\nc: ----\n", "d: 4\n", ""]
-        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub mod api;
 pub mod file;
+mod yaml;
 
 pub use api::ApiSource;
 pub use file::FileSource;
