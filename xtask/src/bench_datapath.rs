@@ -18,7 +18,7 @@ use ferry_testbed::{pod_ip, Topology, ECHO_PORT};
 use serde::Serialize;
 
 use crate::measure::{
-    ferry_yaml, loadgen, median, run_reps, vip, write_results, Load, Reps, Rng, RunInfo,
+    bench_svc, ferry_yaml, loadgen, median, run_reps, vip, write_results, Load, Reps, Rng, RunInfo,
 };
 
 use crate::kube_rules::Svc;
@@ -51,13 +51,8 @@ struct Report {
 /// test bed's backend pods; otherwise at distinct addresses (a worst case for the backend map).
 fn services_yaml(n: usize, eps: usize, real: bool) -> String {
     let svcs: Vec<Svc> = (0..n)
-        .map(|i| Svc {
-            ns: "bench".into(),
-            name: format!("svc-{i}"),
-            port_name: "http".into(),
-            vip: vip(i),
-            port: 80,
-            endpoints: (0..eps)
+        .map(|i| {
+            let endpoints = (0..eps)
                 .map(|j| {
                     let addr = if real {
                         pod_ip(j % BACKENDS)
@@ -68,7 +63,8 @@ fn services_yaml(n: usize, eps: usize, real: bool) -> String {
                     };
                     (addr, ECHO_PORT)
                 })
-                .collect(),
+                .collect();
+            bench_svc(i, endpoints)
         })
         .collect();
     ferry_yaml(&svcs)

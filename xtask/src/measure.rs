@@ -76,6 +76,18 @@ impl Rng {
     }
 }
 
+/// Service `i` of a benchmark: `bench/svc-<i>`, port 80 ("http") on `vip(i)`.
+pub fn bench_svc(i: usize, endpoints: Vec<(Ipv4Addr, u16)>) -> Svc {
+    Svc {
+        ns: "bench".into(),
+        name: format!("svc-{i}"),
+        port_name: "http".into(),
+        vip: vip(i),
+        port: 80,
+        endpoints,
+    }
+}
+
 pub fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32)
 }

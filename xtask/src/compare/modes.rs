@@ -10,7 +10,7 @@ use ferry_testbed::{bin_path, pod_ip, Proxy, Topology, ECHO_PORT, NODE_IP};
 use serde::Serialize;
 
 use crate::kube_rules::{self, Svc};
-use crate::measure::{ferry_yaml, vip};
+use crate::measure::{bench_svc, ferry_yaml};
 
 /// Pods 0 and 1 serve every Service (M = 2); pod 2 is the endpoint added by the change test.
 pub(super) const ENDPOINTS: usize = 2;
@@ -80,14 +80,7 @@ impl Mode {
 
 pub(super) fn svc_list(n: usize) -> Vec<Svc> {
     (0..n)
-        .map(|i| Svc {
-            ns: "bench".into(),
-            name: format!("svc-{i}"),
-            port_name: "http".into(),
-            vip: vip(i),
-            port: 80,
-            endpoints: (0..ENDPOINTS).map(|j| (pod_ip(j), ECHO_PORT)).collect(),
-        })
+        .map(|i| bench_svc(i, (0..ENDPOINTS).map(|j| (pod_ip(j), ECHO_PORT)).collect()))
         .collect()
 }
 
