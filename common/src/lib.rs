@@ -1,10 +1,12 @@
 //! What several of Ferry's binaries use and none of them owns: the event recorder, leader
-//! election over a Lease, label and field selectors, cron schedules and API time stamps.
+//! election over a Lease, label and field selectors, cron schedules, API time stamps and how a
+//! binary reports its error.
 //! Small on purpose: it depends on the Kubernetes client and types, never on a component, so
 //! `ferry-kubelet` records events without linking the API server.
 
 pub mod cron;
 pub mod events;
+pub mod exit;
 pub mod leader;
 pub mod selectors;
 pub mod time;

@@ -76,7 +76,11 @@ async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    ferry_common::exit::exit_code(run().await)
+}
+
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

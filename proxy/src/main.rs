@@ -54,7 +54,11 @@ struct Args {
     cleanup: bool,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    ferry_common::exit::exit_code(run())
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {

@@ -174,8 +174,12 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    exit_code(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
         Cmd::Setup => setup::run(),
         Cmd::Build => {
             setup::check()?;
@@ -220,6 +224,18 @@ fn main() -> Result<()> {
             setup::check()?;
             build_release()?;
             bench::run(which)
+        }
+    }
+}
+
+/// Errors reach the user as one line per cause, without a backtrace (even when the environment
+/// asks for one: that is for panics).
+fn exit_code(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
 }
