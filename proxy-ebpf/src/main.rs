@@ -4,7 +4,8 @@
 //! This file holds only the steps of a packet's way; each concern has its module:
 //! `parse` (headers and the flow), `conntrack` (entries, lookup, refresh), `lb` (frontend and
 //! backend choice, affinity), `nat` (translation and checksums), `forward` (FIB and redirect),
-//! `metrics` (counters), `maps` (the maps and the daemon's configuration).
+//! `metrics` (counters), `maps` (the maps and the daemon's configuration), `reject` (the
+//! ICMP answer for a Service without endpoints).
 #![no_std]
 #![no_main]
 
@@ -15,6 +16,7 @@ mod maps;
 mod metrics;
 mod nat;
 mod parse;
+mod reject;
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -64,6 +66,10 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     //    reply comes back through this program.
     if let Some(head) = lb::frontend(&flow) {
         let rev_nat_id = head.rev_nat_id;
+        if head.count == 0 {
+            // No endpoint: refused at once, as kube-proxy does.
+            return Ok(reject::port_unreachable(ctx, &flow));
+        }
         let Some(backend) = lb::select(&flow, head, now) else {
             return Ok(TC_ACT_SHOT);
         };

@@ -16,6 +16,11 @@ use proxy_common::{PROTO_TCP, PROTO_UDP};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label is served by another proxy (kube-proxy's rule: any value, since
+/// Ferry, like kube-proxy by default, has no name of its own).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// A Service with this label is not proxied (it may still have a cluster IP).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Kubernetes' default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
@@ -310,6 +315,11 @@ fn add_service_frontends(
     let Some(spec) = svc.spec.as_ref() else {
         return;
     };
+    if let Some(labels) = svc.metadata.labels.as_ref() {
+        if labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL) {
+            return;
+        }
+    }
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
         return;
@@ -675,6 +685,22 @@ endpoints:
                 err.0.iter().any(|e| e.field == field),
                 "{to}: expected {field} in {err}"
             );
+        }
+    }
+
+    #[test]
+    fn services_labelled_for_another_proxy_or_headless_are_skipped() {
+        assert!(!desired(WEB).unwrap().is_empty());
+        for label in [
+            "service.kubernetes.io/service-proxy-name: other",
+            "service.kubernetes.io/service-proxy-name: ''",
+            "service.kubernetes.io/headless: ''",
+        ] {
+            let yaml = WEB.replace(
+                "metadata: {name: web, namespace: default}",
+                &format!("metadata: {{name: web, namespace: default, labels: {{{label}}}}}"),
+            );
+            assert!(desired(&yaml).unwrap().is_empty(), "{label}");
         }
     }
 

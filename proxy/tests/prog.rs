@@ -14,6 +14,7 @@ use proxy_common::{
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -229,14 +230,33 @@ fn nodeport_frontend_on_a_node_address() {
 }
 
 #[test]
-fn service_without_endpoints_refuses_new_flows() {
+fn service_without_endpoints_answers_port_unreachable() {
     let mut bed = bed();
     bed.add_service(&svc(VIP, 80, PROTO_TCP), &[]).unwrap();
-    let out = bed
-        .run(&packet::tcp((CLIENT, 45_000), (VIP, 80), Tcp::Syn, &[]))
-        .unwrap();
-    assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert!(conntrack(&bed).is_empty());
+    bed.add_service(&svc(VIP, 53, PROTO_UDP), &[]).unwrap();
+    let c = (CLIENT, 45_000);
+    for (what, p) in [
+        ("SYN", packet::tcp(c, (VIP, 80), Tcp::Syn, &[])),
+        ("UDP", packet::udp(c, (VIP, 53), &[7; 300])),
+        ("empty UDP", packet::udp(c, (VIP, 53), &[])),
+    ] {
+        let out = bed.run(&p).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}: sent back");
+        assert_eq!(out.packet.len(), 14 + 56, "{what}");
+        let u = packet::read_unreachable(&out.packet).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(
+            (u.src, u.dst),
+            (VIP, CLIENT),
+            "{what}: from the frontend to the client"
+        );
+        assert_eq!(u.quoted.src, c, "{what}: quotes the client's packet");
+        assert_eq!(u.quoted.dst.0, VIP, "{what}");
+        assert!(u.turned_around, "{what}: MACs swapped");
+    }
+    assert!(conntrack(&bed).is_empty(), "a refused flow is not tracked");
+    // A packet with IP options cannot be quoted in the fixed layout: dropped as before.
+    let opts = packet::tcp_with_ip_options(c, (VIP, 80), &[1, 1, 1, 1]);
+    assert_eq!(bed.run(&opts).unwrap().verdict, TC_ACT_SHOT);
 }
 
 #[test]

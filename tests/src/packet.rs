@@ -156,6 +156,62 @@ pub fn read(packet: &[u8]) -> Result<Seen> {
     })
 }
 
+/// An ICMP "port unreachable" the program answered with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreachable {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// The quoted original: its addresses and ports.
+    pub quoted: Seen,
+    /// The Ethernet header went back where the packet came from (MACs swapped).
+    pub turned_around: bool,
+}
+
+/// Reads an ICMP destination unreachable / port unreachable to the sender of a packet built
+/// here, checking both checksums, and the quoted header and ports of the original.
+pub fn read_unreachable(packet: &[u8]) -> Result<Unreachable> {
+    let sliced = SlicedPacket::from_ethernet(packet).map_err(|e| anyhow!("unparsable: {e}"))?;
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+        bail!("not IPv4");
+    };
+    let header = ip.header().to_header();
+    if header.header_checksum != header.calc_header_checksum() {
+        bail!("IP header checksum wrong");
+    }
+    let Some(TransportSlice::Icmpv4(icmp)) = &sliced.transport else {
+        bail!("not ICMP");
+    };
+    use etherparse::icmpv4::DestUnreachableHeader;
+    use etherparse::Icmpv4Type;
+    if icmp.icmp_type() != Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port) {
+        bail!("not port unreachable: {:?}", icmp.icmp_type());
+    }
+    let want = icmp.icmp_type().calc_checksum(icmp.payload());
+    if icmp.checksum() != want {
+        bail!(
+            "ICMP checksum {:#06x}, should be {want:#06x}",
+            icmp.checksum()
+        );
+    }
+    let q = icmp.payload();
+    if q.len() != 28 {
+        bail!("quotes {} bytes, not the IPv4 header and 8 more", q.len());
+    }
+    let quoted_ip = Ipv4Header::from_slice(q)
+        .map_err(|e| anyhow!("quoted header: {e}"))?
+        .0;
+    let port = |i: usize| u16::from_be_bytes([q[20 + i], q[21 + i]]);
+    Ok(Unreachable {
+        src: Ipv4Addr::from(header.source),
+        dst: Ipv4Addr::from(header.destination),
+        quoted: Seen {
+            src: (Ipv4Addr::from(quoted_ip.source), port(0)),
+            dst: (Ipv4Addr::from(quoted_ip.destination), port(2)),
+        },
+        turned_around: packet[..6] == SRC_MAC && packet[6..12] == DST_MAC,
+    })
+}
+
 /// The UDP checksum field of a packet built by `udp` (no IP options).
 pub fn udp_checksum(packet: &[u8]) -> u16 {
     u16::from_be_bytes([packet[14 + 20 + 6], packet[14 + 20 + 7]])

@@ -419,3 +419,66 @@ fn a_pod_created_after_start_is_attached_and_served() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn service_without_endpoints_refuses_at_once_and_labels_opt_out() {
+    use std::io::ErrorKind;
+    let mut t = cluster();
+    let proxy = t.start_proxy(&web("", &[])).unwrap();
+    // TCP and connected UDP from a pod, TCP from outside to the NodePort: "connection
+    // refused", from the ICMP port unreachable the datapath answers with (a drop would end
+    // in the 2 s timeout instead).
+    let (tcp, udp) = in_netns(&t.pods[3].ns, || {
+        let tcp = std::net::TcpStream::connect_timeout(&vip(80), Duration::from_secs(2))
+            .map(|_| ())
+            .map_err(|e| e.kind());
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.connect(vip(53)).unwrap();
+        s.send(b"anyone?").unwrap();
+        let udp = s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| e.kind());
+        (tcp, udp)
+    })
+    .unwrap();
+    assert_eq!(
+        tcp,
+        Err(ErrorKind::ConnectionRefused),
+        "TCP to the ClusterIP"
+    );
+    assert_eq!(udp, Err(ErrorKind::ConnectionRefused), "connected UDP");
+    let np: SocketAddr = SocketAddrV4::new(NODE_IP, 30080).into();
+    let outside = in_netns(&t.ext, move || {
+        std::net::TcpStream::connect_timeout(&np, Duration::from_secs(2)).map_err(|e| e.kind())
+    })
+    .unwrap();
+    assert_eq!(
+        outside.err(),
+        Some(ErrorKind::ConnectionRefused),
+        "NodePort"
+    );
+
+    // With endpoints it serves; labelled for another proxy or headless, Ferry lets it be
+    // (nothing answers for the ClusterIP), and serves it again once the label is gone.
+    let good = web("", &backends(3));
+    assert!(proxy.update(&good).unwrap());
+    assert_eq!(tcp_servers(&t, 3, vip(80), 3).len(), 3);
+    for label in [
+        "service.kubernetes.io/service-proxy-name: other",
+        "service.kubernetes.io/headless: \"\"",
+    ] {
+        let labelled = good.replacen(
+            "metadata:\n  name: web\n",
+            &format!("metadata:\n  name: web\n  labels:\n    {label}\n"),
+            1,
+        );
+        assert_ne!(labelled, good, "the label went in");
+        assert!(proxy.update(&labelled).unwrap());
+        let reached = in_netns(&t.pods[3].ns, || {
+            tcp_ask(vip(80), Duration::from_millis(300)).is_ok()
+        })
+        .unwrap();
+        assert!(!reached, "{label}: the ClusterIP still answers");
+        assert!(proxy.update(&good).unwrap());
+        assert_eq!(tcp_servers(&t, 3, vip(80), 3).len(), 3, "{label} removed");
+    }
+}
