@@ -199,7 +199,7 @@ async fn measure(
         service_cidr: "10.96.0.0/12".parse()?,
         node_ports: (30000, 32767),
         tokens: HashMap::new(),
-        advertise: format!("127.0.0.1:{}", addr.port()),
+        advertise: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, addr.port()),
         limits: Default::default(),
         node_authorizer: true,
     };

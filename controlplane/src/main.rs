@@ -129,6 +129,11 @@ struct ServeArgs {
     /// Address and port of the HTTPS API.
     #[arg(long, default_value = "127.0.0.1:6443")]
     bind_address: SocketAddr,
+    /// The address other members of the cluster reach this server at: the endpoint of the
+    /// `kubernetes` Service and discovery's server address (default: the bind address's; a
+    /// loopback address gives the Service no endpoint, as pods could not reach it).
+    #[arg(long)]
+    advertise_address: Option<std::net::Ipv4Addr>,
     /// Use etcd v3 at these URLs (comma-separated) instead of the embedded store.
     #[arg(long, value_delimiter = ',')]
     etcd_servers: Vec<String>,
@@ -404,6 +409,16 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", a.bind_address))?;
     let addr = listener.local_addr()?;
+    let advertise = match (a.advertise_address, addr.ip()) {
+        (Some(ip), _) => ip,
+        (None, std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => ip,
+        (None, std::net::IpAddr::V4(_)) => std::net::Ipv4Addr::LOCALHOST,
+        (None, std::net::IpAddr::V6(_)) => {
+            bail!("--bind-address {addr}: give --advertise-address, an IPv4 address pods reach the API at")
+        }
+    };
+    let advertise = std::net::SocketAddrV4::new(advertise, addr.port());
+    // Kubeconfigs name the address this server listens on.
     let host = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else {
@@ -417,6 +432,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
         "kubernetes.default".to_string(),
         "kubernetes.default.svc".to_string(),
         host.clone(),
+        advertise.ip().to_string(),
+        api::kubernetes_service::service_ip(a.service_cluster_ip_range).to_string(),
     ];
     names.extend(a.tls_san.iter().cloned());
     names.sort();
@@ -429,7 +446,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         service_cidr: a.service_cluster_ip_range,
         node_ports,
         tokens,
-        advertise: format!("{host}:{}", addr.port()),
+        advertise,
         limits: api::RequestLimits {
             max_requests_inflight: a.max_requests_inflight,
             max_mutating_requests_inflight: a.max_mutating_requests_inflight,

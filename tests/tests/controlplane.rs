@@ -476,9 +476,6 @@ fn grant_viewer(cp: &ControlPlane) {
 fn kubectl_scenario_on_the_embedded_store() {
     let (_dir, tokens) = tokens_file();
     let cp = ControlPlane::start(&["--token-auth-file", &tokens]).unwrap();
-    // The default Service the kubectl scenario tries to delete as the viewer.
-    cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: kubernetes, namespace: default}\nspec: {ports: [{port: 443}]}\n"));
     grant_viewer(&cp);
     kubectl_scenario(&cp, true);
 }
@@ -492,6 +489,179 @@ fn kubectl_scenario_on_etcd() {
     drop(cp);
     drop(etcd);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_kubernetes_service_and_type_changes_follow_kubernetes() {
+    // Advertised at a documentation address: written into the endpoints, never connected to.
+    let cp = ControlPlane::start(&["--advertise-address", "192.0.2.10"]).unwrap();
+    let get = |what: &[&str], path: &str| {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        let jp = format!("jsonpath={path}");
+        args.extend_from_slice(&["-o", &jp]);
+        cp.ok(&args).unwrap()
+    };
+    let svc = ["-n", "default", "svc", "kubernetes"];
+    assert_eq!(
+        get(&svc, "{.spec.clusterIP} {.spec.ports[0].name} {.spec.ports[0].port} {.spec.ports[0].targetPort}"),
+        format!("10.96.0.1 https 443 {}", cp.port)
+    );
+    let eps = ["-n", "default", "endpoints", "kubernetes"];
+    assert_eq!(
+        get(
+            &eps,
+            "{.subsets[0].addresses[0].ip} {.subsets[0].ports[0].port}"
+        ),
+        format!("192.0.2.10 {}", cp.port)
+    );
+    let slice = ["-n", "default", "endpointslices", "kubernetes"];
+    assert_eq!(
+        get(
+            &slice,
+            "{.metadata.labels.kubernetes\\.io/service-name} {.endpoints[0].addresses[0]}"
+        ),
+        "kubernetes 192.0.2.10"
+    );
+    // Deleted or changed, it comes back as the server wants it.
+    cp.ok(&["-n", "default", "delete", "endpointslice", "kubernetes"])
+        .unwrap();
+    cp.ok(&[
+        "-n",
+        "default",
+        "patch",
+        "svc",
+        "kubernetes",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/ports/0/port","value":8443}]"#,
+    ])
+    .unwrap();
+    eventually("the kubernetes Service put back", || {
+        cp.ok(&[
+            "-n",
+            "default",
+            "get",
+            "svc",
+            "kubernetes",
+            "-o",
+            "jsonpath={.spec.ports[0].port}",
+        ])
+        .is_ok_and(|p| p == "443")
+            && cp
+                .ok(&[
+                    "-n",
+                    "default",
+                    "get",
+                    "endpointslice",
+                    "kubernetes",
+                    "-o",
+                    "name",
+                ])
+                .is_ok()
+    });
+
+    // NodePort -> ExternalName releases the cluster IP and the node port: both can be had
+    // again at once.
+    let apply =
+        |yaml: &str| cp.kubectl_as(&cp.kubeconfig("admin"), &["apply", "-f", "-"], Some(yaml));
+    let np = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.7.7\n  ports: [{port: 80, nodePort: 30777}]\n";
+    let o = apply(np);
+    assert!(o.status.success(), "{}", stderr(&o));
+    cp.ok(&[
+        "-n",
+        "default",
+        "patch",
+        "svc",
+        "web",
+        "-p",
+        r#"{"spec":{"type":"ExternalName","externalName":"example.org"}}"#,
+    ])
+    .unwrap();
+    assert_eq!(
+        get(
+            &["-n", "default", "svc", "web"],
+            "{.spec.type} {.spec.clusterIP} {.spec.ports[0].nodePort}"
+        ),
+        "ExternalName  "
+    );
+    let o = apply(&np.replace("name: web", "name: web2"));
+    assert!(
+        o.status.success(),
+        "the released IP and port are free again: {}",
+        stderr(&o)
+    );
+    // ExternalName with a cluster IP is refused, the field named.
+    let o = cp.kubectl(&[
+        "-n",
+        "default",
+        "patch",
+        "svc",
+        "web",
+        "-p",
+        r#"{"spec":{"clusterIP":"10.96.7.8"}}"#,
+    ]);
+    expect_err(
+        &o,
+        "spec.clusterIPs: Forbidden: may not be set for ExternalName services",
+    );
+    // NodePort -> ClusterIP releases the node port only.
+    cp.ok(&[
+        "-n",
+        "default",
+        "patch",
+        "svc",
+        "web2",
+        "-p",
+        r#"{"spec":{"type":"ClusterIP"}}"#,
+    ])
+    .unwrap();
+    assert_eq!(
+        get(
+            &["-n", "default", "svc", "web2"],
+            "{.spec.clusterIP} {.spec.ports[0].nodePort}"
+        ),
+        "10.96.7.7 "
+    );
+    let o = apply(
+        &np.replace("name: web", "name: web3")
+            .replace("clusterIP: 10.96.7.7", "clusterIP: 10.96.7.9"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A LoadBalancer keeping traffic local gets a health check node port, released with it.
+    let lb = "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  ports: [{port: 80}]\n";
+    let o = apply(lb);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let hc: u16 = get(
+        &["-n", "default", "svc", "lb"],
+        "{.spec.healthCheckNodePort}",
+    )
+    .parse()
+    .unwrap();
+    assert!((30000..=32767).contains(&hc));
+    cp.ok(&[
+        "-n",
+        "default",
+        "patch",
+        "svc",
+        "lb",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
+    ])
+    .unwrap();
+    assert_eq!(
+        get(
+            &["-n", "default", "svc", "lb"],
+            "{.spec.healthCheckNodePort}"
+        ),
+        ""
+    );
+    let o = apply(&format!("apiVersion: v1\nkind: Service\nmetadata: {{name: hc, namespace: default}}\nspec:\n  type: NodePort\n  ports: [{{port: 80, nodePort: {hc}}}]\n"));
+    assert!(
+        o.status.success(),
+        "the health check port was released: {}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -541,6 +541,25 @@ fn validate_service(obj: &Value, old: Option<&Value>, errs: &mut Vec<FieldError>
     if ty == "ExternalName" && spec["externalName"].as_str().unwrap_or_default().is_empty() {
         errs.push(FieldError::required("spec.externalName"));
     }
+    let has = |f: &str| match &spec[f] {
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        _ => false,
+    };
+    if ty == "ExternalName" && (has("clusterIP") || has("clusterIPs")) {
+        errs.push(FieldError::forbidden(
+            "spec.clusterIPs",
+            "may not be set for ExternalName services",
+        ));
+    }
+    let local_lb = ty == "LoadBalancer" && spec["externalTrafficPolicy"] == "Local";
+    if !spec["healthCheckNodePort"].is_null() && !local_lb {
+        errs.push(FieldError::invalid(
+            "spec.healthCheckNodePort",
+            spec["healthCheckNodePort"].to_string(),
+            "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
+        ));
+    }
     let mut names = HashSet::new();
     let mut seen = HashSet::new();
     for (i, p) in ports.iter().enumerate() {

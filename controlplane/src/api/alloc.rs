@@ -1,6 +1,7 @@
 //! Service cluster IPs and node ports: each allocation is a store key created only if absent,
 //! so two concurrent creates can never get the same one; a Service's update keeps what it had,
-//! claims what is new, and releases what it no longer names.
+//! claims what is new, and releases what it no longer names. A change of type drops what the
+//! new type does not use (as Kubernetes' `dropTypeDependentFields`), so it is released.
 
 use std::net::Ipv4Addr;
 
@@ -139,6 +140,74 @@ impl Api {
     }
 }
 
+fn needs_cluster_ip(spec: &Value) -> bool {
+    spec["type"].as_str() != Some("ExternalName")
+}
+
+fn needs_node_ports(spec: &Value) -> bool {
+    matches!(spec["type"].as_str(), Some("NodePort" | "LoadBalancer"))
+}
+
+/// A LoadBalancer Service keeping external traffic on the node gets a port where each node
+/// says whether it has endpoints (Kubernetes allocates it for no other type).
+fn needs_health_check_port(spec: &Value) -> bool {
+    spec["type"] == "LoadBalancer" && spec["externalTrafficPolicy"] == "Local"
+}
+
+fn node_ports(spec: &Value) -> Vec<i64> {
+    spec["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["nodePort"].as_i64())
+        .collect()
+}
+
+/// An update of a Service (`new`, before validation) against the stored one: keeps the cluster
+/// IP the update leaves out, and drops the cluster IP, node ports and health check port that
+/// the new type does not use, unless the update changed them itself (then validation says why
+/// they cannot stay).
+pub(crate) fn carry_over_service(new: &mut Value, old: &Value) {
+    let (o, n) = (&old["spec"], &mut new["spec"]);
+    if !n.is_object() {
+        return;
+    }
+    if needs_cluster_ip(n) {
+        if n["clusterIP"].as_str().is_none_or(str::is_empty) {
+            if let Some(ip) = o["clusterIP"].as_str() {
+                n["clusterIP"] = json!(ip);
+                n["clusterIPs"] = o["clusterIPs"].clone();
+            }
+        }
+    } else if needs_cluster_ip(o) {
+        let same = |f: &str| n[f].is_null() || n[f] == o[f];
+        if same("clusterIP") && same("clusterIPs") {
+            let spec = n.as_object_mut().expect("checked above");
+            for f in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+                spec.remove(f);
+            }
+        }
+    }
+    if needs_node_ports(o)
+        && !needs_node_ports(n)
+        && node_ports(n).iter().all(|p| node_ports(o).contains(p))
+    {
+        for p in n["ports"].as_array_mut().into_iter().flatten() {
+            if let Some(p) = p.as_object_mut() {
+                p.remove("nodePort");
+            }
+        }
+    }
+    if needs_health_check_port(o)
+        && !needs_health_check_port(n)
+        && n["healthCheckNodePort"] == o["healthCheckNodePort"]
+    {
+        if let Some(spec) = n.as_object_mut() {
+            spec.remove("healthCheckNodePort");
+        }
+    }
+}
+
 impl Api {
     /// Cluster IP and node ports of a Service being created or updated (`old`): keeps what
     /// the old object had, claims what is new; returns the claims made (released on failure).
@@ -150,11 +219,10 @@ impl Api {
     ) -> ApiResult<Vec<String>> {
         let mut claims = Vec::new();
         let spec = &mut obj["spec"];
-        let ty = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
         let old_ip = old
             .and_then(|o| o["spec"]["clusterIP"].as_str())
             .map(String::from);
-        if ty != "ExternalName" {
+        if needs_cluster_ip(spec) {
             match (spec["clusterIP"].as_str(), &old_ip) {
                 (Some("None"), _) => spec["clusterIPs"] = json!(["None"]),
                 (None | Some(""), Some(ip)) => {
@@ -185,17 +253,8 @@ impl Api {
                 }
             }
         }
-        let needs_ports = ty == "NodePort" || ty == "LoadBalancer";
-        let old_ports: Vec<i64> = old
-            .map(|o| {
-                o["spec"]["ports"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p["nodePort"].as_i64())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let needs_ports = needs_node_ports(spec);
+        let old_ports: Vec<i64> = old.map(|o| node_ports(&o["spec"])).unwrap_or_default();
         if let Some(ports) = spec["ports"].as_array_mut() {
             for (i, p) in ports.iter_mut().enumerate() {
                 if !needs_ports {
@@ -224,6 +283,28 @@ impl Api {
                 }
             }
         }
+        if needs_health_check_port(spec) {
+            let want = spec["healthCheckNodePort"].as_i64();
+            let had = old.and_then(|o| o["spec"]["healthCheckNodePort"].as_i64());
+            if want.is_none() || want != had {
+                let field = "spec.healthCheckNodePort";
+                match self
+                    .allocate_port(want.map(|w| w as u16), name, field)
+                    .await
+                {
+                    Ok(got) => {
+                        claims.push(Api::port_key(got as i64));
+                        spec["healthCheckNodePort"] = json!(got);
+                    }
+                    Err(e) => {
+                        for c in &claims {
+                            self.release(c.clone()).await;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
         Ok(claims)
     }
 
@@ -231,12 +312,9 @@ impl Api {
     pub(super) async fn release_service(&self, old: &Value, new: Option<&Value>) {
         let ip = |v: &Value| v["spec"]["clusterIP"].as_str().map(String::from);
         let ports = |v: &Value| -> Vec<i64> {
-            v["spec"]["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p["nodePort"].as_i64())
-                .collect()
+            let mut ports = node_ports(&v["spec"]);
+            ports.extend(v["spec"]["healthCheckNodePort"].as_i64());
+            ports
         };
         if let Some(o) = ip(old).filter(|o| o != "None") {
             if new.and_then(ip).as_deref() != Some(o.as_str()) {

@@ -12,6 +12,7 @@ pub mod auth;
 mod body;
 pub mod discovery;
 mod impersonation;
+pub mod kubernetes_service;
 mod logs;
 pub mod metadata;
 pub mod node;
@@ -52,8 +53,9 @@ pub struct Config {
     pub node_ports: (u16, u16),
     /// Bearer tokens from the token file.
     pub tokens: HashMap<String, User>,
-    /// host:port clients use, for discovery.
-    pub advertise: String,
+    /// The address and port clients use: discovery's server address, and the endpoint of the
+    /// `kubernetes` Service.
+    pub advertise: std::net::SocketAddrV4,
     pub limits: RequestLimits,
     /// The Node authorizer and NodeRestriction for `system:node:<name>` users
     /// (`--authorization-mode=Node,RBAC`).
@@ -117,6 +119,10 @@ impl Api {
         api.load_rbac().await?;
         let weak = Arc::downgrade(&api);
         tokio::spawn(async move { watch_rbac(weak).await });
+        api.reconcile_kubernetes_service()
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the kubernetes Service: {}", e.message))?;
+        tokio::spawn(kubernetes_service::keep(Arc::downgrade(&api)));
         Ok(api)
     }
 
@@ -554,7 +560,7 @@ fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResul
         "/healthz" | "/livez" | "/readyz" => {
             return Ok((StatusCode::OK, "ok").into_response());
         }
-        "/api" => discovery::api_versions(&api.cfg.advertise),
+        "/api" => discovery::api_versions(&api.cfg.advertise.to_string()),
         "/apis" => discovery::api_group_list(),
         "/openapi/v3" => openapi::root(),
         p => {

@@ -130,19 +130,10 @@ impl Hooks {
     }
 
     /// Before validating an update: a Service keeps its allocated cluster IP when the update
-    /// leaves it out.
+    /// leaves it out, and drops what its new type no longer uses.
     pub(super) fn carry_over(self, obj: &mut Value, cur: &Value, sub: Option<&str>) {
-        if self != Hooks::Service || sub.is_some() {
-            return;
-        }
-        if obj["spec"]["clusterIP"]
-            .as_str()
-            .is_none_or(|s| s.is_empty())
-        {
-            if let Some(ip) = cur["spec"]["clusterIP"].as_str() {
-                obj["spec"]["clusterIP"] = serde_json::json!(ip);
-                obj["spec"]["clusterIPs"] = cur["spec"]["clusterIPs"].clone();
-            }
+        if self == Hooks::Service && sub.is_none() {
+            crate::api::alloc::carry_over_service(obj, cur);
         }
     }
 

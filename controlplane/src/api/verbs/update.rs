@@ -55,7 +55,7 @@ impl Api {
 
     /// Admission and the compare-and-swap write of a changed object.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn update_object(
+    pub(crate) async fn update_object(
         &self,
         info: &ResourceInfo,
         ns: Option<&str>,
