@@ -12,3 +12,4 @@ pub mod pods;
 pub mod probe;
 pub mod resources;
 pub mod server;
+pub mod services;

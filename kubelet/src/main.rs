@@ -175,8 +175,10 @@ async fn run() -> Result<()> {
         }
     });
     let events = ferry_common::events::Recorder::new(client.clone(), "kubelet");
+    let services = kubelet::services::Services::watch(client.clone());
     let k = Arc::new(Kubelet {
         events,
+        services,
         client,
         cri: cri.clone(),
         node_name: a.node_name,

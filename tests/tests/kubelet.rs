@@ -149,8 +149,17 @@ fn kubelet_runs_the_example_with_containerd() {
     let names: BTreeSet<String> = pods.iter().map(|p| p.0.clone()).collect();
 
     // A client pod (busybox, not behind the Service) asks the ClusterIP; the outside host
-    // asks the NodePort. Every replica answers, by its own name.
-    apply(&cp, &busybox_pod("client", "{}", "sleep 3600", ""));
+    // asks the NodePort. Every replica answers, by its own name. The client prints the
+    // Service variables it was started with.
+    apply(
+        &cp,
+        &busybox_pod(
+            "client",
+            "{}",
+            "env | grep -E '^(KUBERNETES|HELLO)_' | sort; sleep 3600",
+            "",
+        ),
+    );
     eventually("the client pod runs", Duration::from_secs(60), || {
         cp.ok(&["get", "pod", "client", "-o", "jsonpath={.status.phase}"])
             .is_ok_and(|s| s == "Running")
@@ -168,6 +177,21 @@ fn kubelet_runs_the_example_with_containerd() {
         Duration::from_secs(1),
     );
     assert_eq!(by_vip, names, "the ClusterIP reaches every replica");
+    let env = cp.ok(&["logs", "client"]).unwrap();
+    for want in [
+        "KUBERNETES_SERVICE_HOST=10.96.0.1".to_string(),
+        "KUBERNETES_SERVICE_PORT=443".into(),
+        "KUBERNETES_SERVICE_PORT_HTTPS=443".into(),
+        "KUBERNETES_PORT=tcp://10.96.0.1:443".into(),
+        format!("HELLO_SERVICE_HOST={vip}"),
+        "HELLO_SERVICE_PORT_HTTP=80".into(),
+        format!("HELLO_PORT_80_TCP_ADDR={vip}"),
+    ] {
+        assert!(
+            env.lines().any(|l| l == want),
+            "{want} missing from:\n{env}"
+        );
+    }
     let by_node_port = servers_seen(
         &t.ext,
         SocketAddrV4::new(NODE_IP, 30080).into(),
@@ -281,7 +305,11 @@ spec:
         || cp.ok(&["logs", "flaky"]).is_ok_and(|l| l == "started\n"),
     );
     let tail = cp.ok(&["logs", "client", "--tail=1"]).unwrap();
-    assert_eq!(tail, "", "the client pod prints nothing");
+    assert_eq!(
+        tail,
+        env.lines().last().unwrap().to_string() + "\n",
+        "the last line only"
+    );
     // Limits reach the container's cgroup (runc mounts the container's own cgroup there).
     apply(
         &cp,

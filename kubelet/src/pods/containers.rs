@@ -99,7 +99,8 @@ impl Slot {
 }
 
 impl Worker {
-    /// Env values: literals and the downward API fields a pod commonly reads.
+    /// Env values: the Services' variables, then the container's own (which win): literals
+    /// and the downward API fields a pod commonly reads.
     pub(super) fn env(&self, c: &Container) -> Result<Vec<cri::KeyValue>, String> {
         let ip = self
             .sandbox
@@ -144,7 +145,23 @@ impl Worker {
                 value,
             });
         }
-        Ok(out)
+        let links = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let ns = self.pod.namespace().unwrap_or_default();
+        let mut services = self.k.services.env(&ns, links);
+        for kv in &out {
+            services.remove(&kv.key);
+        }
+        let mut all: Vec<cri::KeyValue> = services
+            .into_iter()
+            .map(|(key, value)| cri::KeyValue { key, value })
+            .collect();
+        all.extend(out);
+        Ok(all)
     }
 
     pub(super) fn container_config(&self, slot: &Slot) -> Result<cri::ContainerConfig, String> {

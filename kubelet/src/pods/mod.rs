@@ -77,11 +77,14 @@ pub struct Kubelet {
     pub pods_dir: PathBuf,
     /// Events about pods (`kubectl describe pod`).
     pub events: ferry_common::events::Recorder,
+    /// The Services, for the containers' service variables.
+    pub services: crate::services::Services,
 }
 
 /// Watches the pods bound to this node and keeps one worker per pod; removes sandboxes that
 /// belong to no pod (left by pods deleted while the kubelet was down).
 pub async fn run(k: Arc<Kubelet>) -> Result<()> {
+    k.services.ready(Duration::from_secs(10)).await;
     let api: Api<Pod> = Api::all(k.client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", k.node_name));
     let mut events = watcher(api, config).boxed();
