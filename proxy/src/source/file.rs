@@ -28,9 +28,9 @@ use crate::model::SERVICE_NAME_LABEL;
 pub struct FileSource {
     path: PathBuf,
     stamp: Option<Stamp>,
-    /// The hash of the last content read (or why it could not be read), so each change is
-    /// reported once.
-    last: Option<Result<u64, String>>,
+    /// The document hashes of the last content read (or why it could not be read), so each
+    /// change is reported once.
+    last: Option<Result<Vec<u64>, String>>,
     poll: Duration,
     changed: Arc<tokio::sync::Notify>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -113,25 +113,34 @@ impl FileSource {
         Ok(w)
     }
 
-    async fn stamp(&self) -> Option<Stamp> {
+    /// The file's stamp, and its content when the stamp is not `known` (one trip to the
+    /// blocking pool for both).
+    async fn fetch(
+        &self,
+        known: Option<Stamp>,
+    ) -> (Option<Stamp>, Option<Result<Vec<u8>, String>>) {
         use std::os::unix::fs::MetadataExt;
-        let m = tokio::fs::metadata(&self.path).await.ok()?;
-        Some(Stamp {
-            modified: m.modified().ok(),
-            len: m.len(),
-            inode: m.ino(),
-        })
+        let path = self.path.clone();
+        let work = move || {
+            let stamp = std::fs::metadata(&path).ok().map(|m| Stamp {
+                modified: m.modified().ok(),
+                len: m.len(),
+                inode: m.ino(),
+            });
+            if known.is_some() && stamp == known {
+                return (stamp, None);
+            }
+            (stamp, Some(std::fs::read(&path).map_err(|e| e.to_string())))
+        };
+        tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|e| (None, Some(Err(format!("reading: {e}")))))
     }
 
     /// Turns a new content into the changes since the last accepted one. A document at the
     /// place it had costs a hash; only documents that moved, came or went are looked up, and
     /// only new ones parsed. Nothing changes unless the whole content is accepted.
-    fn read(&mut self, text: &str) -> Result<Update> {
-        let docs: Vec<&str> = split_documents(text)
-            .into_iter()
-            .filter(|d| !d.trim().is_empty())
-            .collect();
-        let order: Vec<u64> = docs.iter().map(|d| xxh3_64(d.as_bytes())).collect();
+    fn read(&mut self, docs: &[&[u8]], order: Vec<u64>) -> Result<Update> {
         // Places where the new file differs from the last (usually few).
         let differ: Vec<usize> = (0..order.len().max(self.order.len()))
             .filter(|&i| order.get(i) != self.order.get(i))
@@ -164,7 +173,10 @@ impl FileSource {
             if self.docs.contains_key(&hash) {
                 continue; // moved, not changed
             }
-            let parsed = parse_document(doc).map_err(|e| anyhow!("document {}: {e:#}", i + 1))?;
+            let parsed = std::str::from_utf8(doc)
+                .map_err(|e| anyhow!("not UTF-8: {e}"))
+                .and_then(parse_document)
+                .map_err(|e| anyhow!("document {}: {e:#}", i + 1))?;
             let mut d = Document {
                 nodes: parsed.nodes,
                 ..Default::default()
@@ -334,25 +346,40 @@ impl Index {
     }
 }
 
+/// The non-empty documents of a content, and the hash of each.
+fn documents(content: &[u8]) -> (Vec<&[u8]>, Vec<u64>) {
+    let docs: Vec<&[u8]> = split_documents(content)
+        .into_iter()
+        .filter(|d| !d.trim_ascii().is_empty())
+        .collect();
+    let hashes = docs.iter().map(|d| xxh3_64(d)).collect();
+    (docs, hashes)
+}
+
 impl ServiceSource for FileSource {
     async fn next(&mut self) -> Result<Update> {
         loop {
-            let stamp = self.stamp().await;
-            if self.last.is_none() || stamp != self.stamp || stamp.is_none() {
-                let content = tokio::fs::read(&self.path).await.map_err(|e| e.to_string());
-                // No await from here on: state changes only once the content is in hand, so a
-                // cancelled call (by `select!`) loses nothing.
+            let known = self.last.is_some().then_some(self.stamp).flatten();
+            let (stamp, content) = self.fetch(known).await;
+            // No await from here on: state changes only once the content is in hand, so a
+            // cancelled call (by `select!`) loses nothing.
+            if let Some(content) = content {
                 self.stamp = stamp;
-                let seen = content.as_ref().map(|c| xxh3_64(c)).map_err(Clone::clone);
+                let start = std::time::Instant::now();
+                // Each document is known by its hash: the same hashes are the same content.
+                let (docs, seen) = match &content {
+                    Ok(c) => {
+                        let (docs, hashes) = documents(c);
+                        (docs, Ok(hashes))
+                    }
+                    Err(e) => (Vec::new(), Err(e.clone())),
+                };
                 // A missing or unreadable file is reported once per change, like bad content.
                 if self.last.as_ref() != Some(&seen) {
-                    self.last = Some(seen);
-                    let start = std::time::Instant::now();
-                    let content = content.map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
-                    let text = String::from_utf8(content)
-                        .with_context(|| format!("{}: not UTF-8", self.path.display()))?;
+                    self.last = Some(seen.clone());
+                    let order = seen.map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
                     let update = self
-                        .read(&text)
+                        .read(&docs, order)
                         .with_context(|| format!("{}", self.path.display()))?;
                     tracing::debug!(
                         documents = self.docs.len(),
@@ -375,6 +402,13 @@ mod tests {
     use std::task::Poll;
 
     use super::*;
+
+    impl FileSource {
+        fn read_text(&mut self, text: &str) -> Result<Update> {
+            let (docs, hashes) = documents(text.as_bytes());
+            self.read(&docs, hashes)
+        }
+    }
 
     fn svc(name: &str) -> String {
         format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n")
@@ -413,29 +447,35 @@ endpoints: [{addresses: [10.244.1.3]}]
     #[test]
     fn a_reread_hands_over_only_what_changed() {
         let mut src = FileSource::new(PathBuf::from("/nonexistent/services.yaml"));
-        let first = src.read(WEB).unwrap();
+        let first = src.read_text(WEB).unwrap();
         assert_eq!(names(&first), ["services 1", "slices 1"]);
         let moved = WEB.replace("10.244.1.3", "10.244.1.9");
-        assert_eq!(names(&src.read(&moved).unwrap()), ["+slice web-1"]);
-        assert!(src.read(&moved).unwrap().changes.is_empty());
+        assert_eq!(names(&src.read_text(&moved).unwrap()), ["+slice web-1"]);
+        assert!(src.read_text(&moved).unwrap().changes.is_empty());
         let grown = format!("{moved}---\n{}", svc("extra"));
-        assert_eq!(names(&src.read(&grown).unwrap()), ["+svc extra"]);
-        assert_eq!(names(&src.read(&moved).unwrap()), ["-svc extra"]);
+        assert_eq!(names(&src.read_text(&grown).unwrap()), ["+svc extra"]);
+        assert_eq!(names(&src.read_text(&moved).unwrap()), ["-svc extra"]);
         // Documents that only move cost nothing; one repeated, moved or not, is refused.
         let mut parts: Vec<&str> = grown.split("---\n").collect();
         parts.reverse();
-        assert_eq!(names(&src.read(&grown).unwrap()), ["+svc extra"]);
-        assert!(src.read(&parts.join("---\n")).unwrap().changes.is_empty());
+        assert_eq!(names(&src.read_text(&grown).unwrap()), ["+svc extra"]);
+        assert!(src
+            .read_text(&parts.join("---\n"))
+            .unwrap()
+            .changes
+            .is_empty());
         let repeated = format!("{}---\n{}", parts.join("---\n"), parts[0]);
-        let err = format!("{:#}", src.read(&repeated).unwrap_err());
+        let err = format!("{:#}", src.read_text(&repeated).unwrap_err());
         assert!(err.contains("defined twice"), "{err}");
         let first_again = format!("{}---\n{}", parts.join("---\n"), parts[2]);
-        assert!(src.read(&first_again).is_err());
-        assert_eq!(names(&src.read(&moved).unwrap()), ["-svc extra"]);
+        assert!(src.read_text(&first_again).is_err());
+        assert_eq!(names(&src.read_text(&moved).unwrap()), ["-svc extra"]);
         // Errors name the document, and leave the known state as it was.
-        let err = src.read(&format!("{moved}---\nkind: [\n")).unwrap_err();
+        let err = src
+            .read_text(&format!("{moved}---\nkind: [\n"))
+            .unwrap_err();
         assert!(format!("{err:#}").contains("document 3"), "{err:#}");
-        assert!(src.read(&moved).unwrap().changes.is_empty());
+        assert!(src.read_text(&moved).unwrap().changes.is_empty());
     }
 
     #[test]
@@ -445,7 +485,7 @@ endpoints: [{addresses: [10.244.1.3]}]
             "kubernetes.io/service-name: web",
             "kubernetes.io/service-name: nope",
         );
-        let err = format!("{:#}", src.read(&orphan).unwrap_err());
+        let err = format!("{:#}", src.read_text(&orphan).unwrap_err());
         assert!(
             err.contains("metadata.labels[kubernetes.io/service-name]") && err.contains("nope"),
             "{err}"
@@ -457,22 +497,25 @@ endpoints: [{addresses: [10.244.1.3]}]
                 .unwrap()
                 .replace("10.96.0.10", "10.96.0.11")
         );
-        let err = format!("{:#}", src.read(&twice).unwrap_err());
+        let err = format!("{:#}", src.read_text(&twice).unwrap_err());
         assert!(err.contains("defined twice"), "{err}");
         // Accepted, then the Service goes while its slice stays: refused, state kept.
-        assert_eq!(names(&src.read(WEB).unwrap()), ["services 1", "slices 1"]);
+        assert_eq!(
+            names(&src.read_text(WEB).unwrap()),
+            ["services 1", "slices 1"]
+        );
         let slice_only = WEB.split("---\n").nth(1).unwrap();
-        let err = format!("{:#}", src.read(slice_only).unwrap_err());
+        let err = format!("{:#}", src.read_text(slice_only).unwrap_err());
         assert!(err.contains("EndpointSlices still name it"), "{err}");
-        assert!(src.read(WEB).unwrap().changes.is_empty());
+        assert!(src.read_text(WEB).unwrap().changes.is_empty());
         // Both go together: two deletions.
         let none = "# nothing\n";
         assert_eq!(
-            names(&src.read(none).unwrap()),
+            names(&src.read_text(none).unwrap()),
             ["-svc web", "-slice web-1"]
         );
         assert!(src
-            .read("apiVersion: v1\nkind: Service\n metadata: [")
+            .read_text("apiVersion: v1\nkind: Service\n metadata: [")
             .is_err());
     }
 

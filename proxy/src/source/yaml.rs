@@ -14,11 +14,12 @@ pub(super) struct Parsed {
     pub(super) nodes: Vec<Node>,
 }
 
-/// The documents of a multi-document YAML stream, as text: split at lines that are `---`
+/// The documents of a multi-document YAML stream, as bytes: split at lines that are `---`
 /// (optionally followed by a space and more). The marker is searched for (SIMD memmem), not
-/// line by line; every offset it yields is an ASCII byte, so the slices are valid `str`s.
-pub(super) fn split_documents(text: &str) -> Vec<&str> {
-    let bytes = text.as_bytes();
+/// line by line, and the text is not checked for UTF-8 here: only the documents that get
+/// parsed are (a change to one document of a large file costs that document).
+pub(super) fn split_documents(bytes: &[u8]) -> Vec<&[u8]> {
+    let text = bytes;
     let mut docs = Vec::new();
     let mut start = 0;
     for at in memchr::memmem::find_iter(bytes, b"---") {
@@ -100,9 +101,10 @@ mod tests {
     #[test]
     fn documents_split_at_marker_lines_only() {
         let text = "---\na: 1\n--- # two\nb: '---'\nc: ----\n---\r\nd: 4\n---";
-        assert_eq!(
-            split_documents(text),
-            ["", "a: 1\n", "b: '---'\nc: ----\n", "d: 4\n", ""]
-        );
+        let docs: Vec<&str> = split_documents(text.as_bytes())
+            .into_iter()
+            .map(|d| std::str::from_utf8(d).unwrap())
+            .collect();
+        assert_eq!(docs, ["", "a: 1\n", "b: '---'\nc: ----\n", "d: 4\n", ""]);
     }
 }

@@ -1,7 +1,9 @@
 //! `ferry-loadgen`: a bounded load generator for the echo protocol.
 //! - `crr`: one request per TCP connection (connect, ask, close), like netperf's TCP_CRR;
 //! - `rr`: requests back to back on persistent connections, like netperf's TCP_RR;
-//! - `probe`: `crr` until the server named `--want` answers; prints when (wall clock, µs).
+//! - `probe`: `crr` until the server named `--want` answers; prints when (wall clock, µs). With
+//!   `--pause-us` it sleeps between tries, so that it does not take a core from whatever it is
+//!   waiting for (on a 2-core machine a back-to-back prober and its echo server hold both).
 //!
 //! Stops after `--seconds` or `--max` transactions, whichever comes first, and prints one JSON
 //! line: transactions, rate, latency percentiles, errors.
@@ -40,6 +42,9 @@ struct Args {
     /// Source address of every connection (default: the kernel's choice).
     #[arg(long)]
     source: Option<std::net::Ipv4Addr>,
+    /// With `probe`: pause between tries, µs (0: back to back).
+    #[arg(long, default_value_t = 0)]
+    pause_us: u64,
 }
 
 fn connect(target: SocketAddr, source: Option<std::net::Ipv4Addr>) -> std::io::Result<TcpStream> {
@@ -92,6 +97,9 @@ fn probe(a: &Args) {
     let mut buf = [0u8; 256];
     let mut tries = 0u64;
     while Instant::now() < deadline && tries < a.max {
+        if tries > 0 && a.pause_us > 0 {
+            std::thread::sleep(Duration::from_micros(a.pause_us));
+        }
         tries += 1;
         let answer = connect(a.targets[0], a.source).and_then(|mut s| ask(&mut s, &mut buf, b"!"));
         if let Ok(n) = answer {

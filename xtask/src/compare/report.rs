@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::modes::{Mode, PROGRAM_LIMIT};
+use super::modes::{Mode, CHANGES, PROGRAM_LIMIT};
 use crate::measure::{Load, RunInfo};
 
 #[derive(Clone, Debug, Serialize)]
@@ -22,8 +22,11 @@ pub(super) struct Measure {
     pub(super) cpu_s_per_10k: Option<f64>,
     /// Kernel memory added by programming (Slab + VmallocUsed + Percpu), MiB.
     pub(super) kernel_mem_mib: Option<f64>,
-    /// Time from the change being applied until the new endpoint answered, ms.
+    /// Time from the change being applied until the new endpoint answered, ms: the median of
+    /// `endpoint_change_samples_ms`.
     pub(super) endpoint_change_ms: Option<f64>,
+    /// Each of the endpoint changes measured, in order, ms.
+    pub(super) endpoint_change_samples_ms: Vec<f64>,
     /// Applying the change was stopped after this many seconds.
     pub(super) endpoint_change_stopped_after_s: Option<f64>,
 }
@@ -41,6 +44,7 @@ impl Measure {
             cpu_s_per_10k: None,
             kernel_mem_mib: None,
             endpoint_change_ms: None,
+            endpoint_change_samples_ms: vec![],
             endpoint_change_stopped_after_s: None,
         }
     }
@@ -174,7 +178,7 @@ pub(super) fn markdown(r: &Report) -> String {
     for (m, why) in &r.unavailable {
         let _ = writeln!(s, "| {} | - | {why} | | | | | | |", m.label());
     }
-    let _ = writeln!(s, "\nControl plane (full programming from scratch, seconds; kernel memory and one endpoint change at N = {}):\n", r.results.iter().find_map(|m| m.endpoint_change_ms.map(|_| m.services)).unwrap_or(0));
+    let _ = writeln!(s, "\nControl plane (full programming from scratch, seconds; kernel memory and one endpoint change at N = {}, the median of {CHANGES} changes):\n", r.results.iter().find_map(|m| m.endpoint_change_ms.map(|_| m.services)).unwrap_or(0));
     let prog_sizes: Vec<usize> = {
         let mut v: Vec<usize> = r
             .results
@@ -317,8 +321,17 @@ pub(super) fn targets(r: &Report) -> String {
         10.0,
         true,
     );
+    let samples = find(Mode::Ferry, big)
+        .map(|m| {
+            m.endpoint_change_samples_ms
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
     line(
-        "one endpoint change visible, ms".into(),
+        format!("one endpoint change visible, ms (median of {samples})"),
         find(Mode::Ferry, big).and_then(|m| m.endpoint_change_ms),
         10.0,
         false,
