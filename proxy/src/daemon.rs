@@ -46,6 +46,8 @@ struct Daemon {
     attached: BTreeSet<String>,
     /// Services and slices, recomputed per Service: the one cache of them.
     view: LiveView,
+    /// The health check node ports of local-traffic LoadBalancers.
+    health: crate::healthcheck::HealthChecks,
     /// The routes to other nodes' pod CIDRs last installed.
     node_routes: Option<std::collections::BTreeMap<ipnetwork::Ipv4Network, Ipv4Addr>>,
 }
@@ -112,6 +114,9 @@ impl Daemon {
         for round in 0..4 {
             let d = self.view.delta(&self.node);
             recomputed += d.recomputed;
+            for (key, check) in &d.health {
+                self.health.update(key, check.clone());
+            }
             for ((ns, name), e) in &d.errors {
                 invalid += 1;
                 error!("Service {ns}/{name} not applied, it keeps its last good state: {e}");
@@ -228,6 +233,7 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
         attached: BTreeSet::new(),
         view: LiveView::default(),
         node_routes: None,
+        health: Default::default(),
     };
 
     // Attach to the links present now before the first sync, so "healthy" means "in the path".

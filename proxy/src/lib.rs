@@ -6,6 +6,7 @@
 pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
+pub mod healthcheck;
 pub mod links;
 pub mod maps;
 pub mod metrics;

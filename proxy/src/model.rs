@@ -105,6 +105,25 @@ pub struct FrontendSpec {
 
 pub type DesiredState = BTreeMap<Frontend, FrontendSpec>;
 
+/// What a Service's `healthCheckNodePort` answers on this node (kube-proxy's service health
+/// server): a LoadBalancer keeping external traffic local tells load balancers which nodes
+/// have endpoints of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints on this node (distinct addresses).
+    pub local_endpoints: usize,
+}
+
+/// Everything one Service asks of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    pub frontends: DesiredState,
+    pub health: Option<HealthCheck>,
+}
+
 /// One problem found in the input, naming the object and the field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InvalidField {
@@ -301,6 +320,52 @@ fn add_slice_endpoints(
     }
 }
 
+/// Labelled for another proxy, or headless: Ferry leaves it alone.
+fn not_ours(svc: &Service) -> bool {
+    svc.metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+}
+
+/// The health check of a LoadBalancer Service with `externalTrafficPolicy: Local`, when it has
+/// a valid `healthCheckNodePort`.
+fn health_check(
+    ns: &str,
+    name: &str,
+    svc: &Service,
+    eps: &PortEndpoints,
+    node: &NodeInfo,
+    errs: &mut Errors,
+) -> Option<HealthCheck> {
+    let spec = svc.spec.as_ref()?;
+    if not_ours(svc)
+        || spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    let obj = format!("Service {ns}/{name}");
+    let port = parse_port(
+        errs,
+        &obj,
+        "spec.healthCheckNodePort".into(),
+        spec.health_check_node_port?,
+    )?;
+    let local: BTreeSet<Ipv4Addr> = eps
+        .values()
+        .flatten()
+        .filter(|e| e.ready && e.node.as_deref() == Some(node.name.as_str()))
+        .map(|e| e.addr)
+        .collect();
+    Some(HealthCheck {
+        port,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        local_endpoints: local.len(),
+    })
+}
+
 /// Adds the frontends of one Service, with the backends its endpoints give them.
 fn add_service_frontends(
     ns: &str,
@@ -315,10 +380,8 @@ fn add_service_frontends(
     let Some(spec) = svc.spec.as_ref() else {
         return;
     };
-    if let Some(labels) = svc.metadata.labels.as_ref() {
-        if labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL) {
-            return;
-        }
+    if not_ours(svc) {
+        return;
     }
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
@@ -508,7 +571,7 @@ pub fn service_desired<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeInfo,
-) -> Result<DesiredState, ValidationError> {
+) -> Result<ServiceState, ValidationError> {
     let mut errs = Errors(Vec::new());
     let ns = svc
         .metadata
@@ -528,10 +591,11 @@ pub fn service_desired<'a>(
         let obj = object_name("EndpointSlice", Some(&ns), slice.metadata.name.as_ref());
         add_slice_endpoints(slice, &obj, &mut eps, &mut errs);
     }
-    let mut desired = DesiredState::new();
-    add_service_frontends(&ns, &name, svc, &eps, node, &mut errs, &mut desired);
+    let mut frontends = DesiredState::new();
+    add_service_frontends(&ns, &name, svc, &eps, node, &mut errs, &mut frontends);
+    let health = health_check(&ns, &name, svc, &eps, node, &mut errs);
     if errs.0.is_empty() {
-        Ok(desired)
+        Ok(ServiceState { frontends, health })
     } else {
         Err(ValidationError(errs.0))
     }
@@ -619,7 +683,7 @@ endpoints:
         let mut docs = yaml.split("\n---\n");
         let svc: Service = serde_yaml::from_str(docs.next().unwrap()).unwrap();
         let slices: Vec<EndpointSlice> = docs.map(|d| serde_yaml::from_str(d).unwrap()).collect();
-        service_desired(&svc, &slices, &node())
+        service_desired(&svc, &slices, &node()).map(|s| s.frontends)
     }
 
     #[test]
@@ -702,6 +766,39 @@ endpoints:
             );
             assert!(desired(&yaml).unwrap().is_empty(), "{label}");
         }
+    }
+
+    #[test]
+    fn local_load_balancers_get_a_health_check_counting_ready_local_endpoints() {
+        let state = |yaml: &str| {
+            let mut docs = yaml.split("\n---\n");
+            let svc: Service = serde_yaml::from_str(docs.next().unwrap()).unwrap();
+            let slices: Vec<EndpointSlice> =
+                docs.map(|d| serde_yaml::from_str(d).unwrap()).collect();
+            service_desired(&svc, &slices, &node()).unwrap()
+        };
+        assert_eq!(state(WEB).health, None, "a NodePort has none");
+        let lb = WEB.replace(
+            "type: NodePort",
+            "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000",
+        );
+        // node-a has 10.244.1.3 ready and 10.244.1.4 terminating (not ready).
+        let hc = state(&lb).health.unwrap();
+        assert_eq!((hc.port, hc.local_endpoints), (31000, 1));
+        assert_eq!(
+            (hc.namespace.as_str(), hc.name.as_str()),
+            ("default", "web")
+        );
+        let none_ready = lb.replace(
+            "- addresses: [10.244.1.3]\n",
+            "- addresses: [10.244.1.3]\n  conditions: {ready: false}\n",
+        );
+        assert_eq!(state(&none_ready).health.unwrap().local_endpoints, 0);
+        let cluster = lb.replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster",
+        );
+        assert_eq!(state(&cluster).health, None);
     }
 
     #[test]

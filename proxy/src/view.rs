@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{
-    service_desired, DesiredState, Frontend, FrontendSpec, NodeInfo, ValidationError,
+    service_desired, DesiredState, Frontend, FrontendSpec, HealthCheck, NodeInfo, ValidationError,
     SERVICE_NAME_LABEL,
 };
 use crate::source::{key_of, Change, Key};
@@ -27,6 +27,8 @@ pub struct Delta {
     pub errors: Vec<(Key, ValidationError)>,
     /// Services whose frontends were recomputed.
     pub recomputed: usize,
+    /// The health check of each recomputed Service (`None`: it has none now).
+    pub health: Vec<(Key, Option<HealthCheck>)>,
 }
 
 #[derive(Default)]
@@ -139,7 +141,10 @@ impl LiveView {
         let mut fresh: Vec<(Key, BTreeMap<Frontend, FrontendSpec>)> = Vec::new();
         for key in dirty {
             let want = match self.services.get(&key) {
-                None => BTreeMap::new(),
+                None => {
+                    d.health.push((key.clone(), None));
+                    BTreeMap::new()
+                }
                 Some(svc) => {
                     let slices = self
                         .slices_of
@@ -148,7 +153,10 @@ impl LiveView {
                         .flatten()
                         .filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())));
                     match service_desired(svc, slices, node) {
-                        Ok(w) => w,
+                        Ok(w) => {
+                            d.health.push((key.clone(), w.health));
+                            w.frontends
+                        }
                         Err(e) => {
                             d.errors.push((key, e));
                             continue; // keeps what it had

@@ -482,3 +482,64 @@ fn service_without_endpoints_refuses_at_once_and_labels_opt_out() {
         assert_eq!(tcp_servers(&t, 3, vip(80), 3).len(), 3, "{label} removed");
     }
 }
+
+/// `GET /` on `addr` from the outside host: the status code and the body.
+fn http_get(t: &Topology, addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    in_netns(&t.ext, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        Ok((code, body))
+    })
+    .unwrap()
+}
+
+#[test]
+fn health_check_node_port_reports_local_endpoints() {
+    let mut t = cluster();
+    let lb = |eps: &[Endpoint]| {
+        web(
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n",
+            eps,
+        )
+        .replacen("type: NodePort", "type: LoadBalancer", 1)
+    };
+    let proxy = t.start_proxy(&lb(&backends(3))).unwrap();
+    let hc: SocketAddr = SocketAddrV4::new(NODE_IP, 31000).into();
+    let (code, body) = http_get(&t, hc).expect("the health check port answers");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 3, "{body}");
+    assert_eq!(v["service"]["name"], "web");
+    // Only endpoints on another node: 503, none here.
+    let mut elsewhere = backends(3);
+    for e in &mut elsewhere {
+        e.node = "node-b";
+    }
+    assert!(proxy.update(&lb(&elsewhere)).unwrap());
+    let (code, body) = http_get(&t, hc).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    // Traffic policy Cluster: no health check port any more.
+    assert!(proxy
+        .update(&lb(&backends(3)).replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster"
+        ))
+        .unwrap());
+    let gone = http_get(&t, hc).map_err(|e| e.kind());
+    assert_eq!(gone.err(), Some(std::io::ErrorKind::ConnectionRefused));
+}
