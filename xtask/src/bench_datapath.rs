@@ -6,8 +6,10 @@
 //! at random among N = 1, 1,000 and 10,000 programmed Services. For each row: new connections/s
 //! (TCP_CRR-style) and round trips/s on persistent connections with p50/p99 latency
 //! (TCP_RR-style). Ferry forwards translated packets itself (BPF host routing); one more row
-//! shows it handing them to the host stack instead (`--bpf-host-routing=false`). Then the time to
-//! program 10,000 Services x 10 endpoints from scratch.
+//! shows it handing them to the host stack instead (`--bpf-host-routing=false`). Then how fast a
+//! connect to a Service without endpoints is refused (the datapath's ICMP port unreachable),
+//! next to a connect to a closed port of a pod (the kernel's RST) in the same run, and the time
+//! to program 10,000 Services x 10 endpoints from scratch.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -45,7 +47,14 @@ struct Report {
     rows: Vec<Row>,
     program_10k_x10_sync_seconds: f64,
     program_10k_x10_startup_seconds: f64,
+    /// Connects refused by Ferry for a Service without endpoints.
+    refused_no_endpoints: Load,
+    /// Connects refused by a pod's kernel (closed port): the baseline.
+    refused_closed_port: Load,
 }
+
+/// A Service without endpoints (outside the addresses of `services_yaml`).
+const EMPTY: usize = 50_000;
 
 /// `n` ClusterIP Services; each has `eps` endpoints. With `real`, every Service points at the
 /// test bed's backend pods; otherwise at distinct addresses (a worst case for the backend map).
@@ -147,6 +156,18 @@ fn markdown(r: &Report) -> String {
     if let (Some(one), Some(big)) = (one, r.rows.iter().find(|x| x.services == 10_000)) {
         let _ = writeln!(s, "10,000 Services vs 1 Service: {:.3}x conn/s, {:.3}x round trips/s (target: within 3%).", big.crr.rate / one.crr.rate, big.rr.rate / one.rr.rate);
     }
+    let (f, k) = (&r.refused_no_endpoints, &r.refused_closed_port);
+    let _ = writeln!(
+        s,
+        "Connect to a Service without endpoints, refused by Ferry: p50 {:.0} µs, p99 {:.0} µs over {} connects (target p99 < 1000 µs: {}); to a closed port of a pod (the kernel's RST), same run: p50 {:.0} µs, p99 {:.0} µs ({:.2}x at p99).",
+        f.p50_us,
+        f.p99_us,
+        f.transactions,
+        if f.p99_us < 1000.0 { "met" } else { "NOT met" },
+        k.p50_us,
+        k.p99_us,
+        f.p99_us / k.p99_us.max(1.0)
+    );
     let _ = writeln!(
         s,
         "Programming 10,000 Services x 10 endpoints from scratch: {:.3} s in the sync (validation + map writes; target < 1 s), {:.2} s from process start to healthy (includes parsing {} MB of YAML and loading the program).",
@@ -260,6 +281,28 @@ pub fn run(quick: bool) -> Result<()> {
             steps,
         )?);
     }
+    // Refusals, one connect at a time: Ferry's for a Service without endpoints, and a closed
+    // port's on a backend pod (the kernel's RST, not a Service: the program lets it pass).
+    eprintln!("[bench] refused connects");
+    let empty = services_yaml(1, BACKENDS, true) + &ferry_yaml(&[bench_svc(EMPTY, vec![])]);
+    let p = proxy.as_ref().expect("started above");
+    if !p.update(&empty)? {
+        bail!("ferry-proxy rejected a Service without endpoints");
+    }
+    let refused = |target: String| -> Result<Load> {
+        let l = loadgen(&t, CLIENT, "refused", std::slice::from_ref(&target), plan.secs, 1)?;
+        if l.errors > 0 || l.transactions == 0 {
+            bail!(
+                "{target}: {} connects refused, {} not",
+                l.transactions,
+                l.errors
+            );
+        }
+        Ok(l)
+    };
+    let refused_no_endpoints = refused(format!("{}:80", vip(EMPTY)))?;
+    let refused_closed_port = refused(format!("{}:9", pod_ip(0)))?;
+
     // Back to the direct path with nothing attached, for order effects.
     if let Some(p) = proxy.take() {
         t.stop(p.pid, libc::SIGTERM)?;
@@ -293,6 +336,8 @@ pub fn run(quick: bool) -> Result<()> {
         rows,
         program_10k_x10_sync_seconds: sync,
         program_10k_x10_startup_seconds: startup,
+        refused_no_endpoints,
+        refused_closed_port,
     };
     write_results("datapath", &report, &markdown(&report))?;
     Ok(())

@@ -102,6 +102,10 @@ pub fn ferry_yaml(svcs: &[Svc]) -> String {
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  clusterIP: {}\n  ports: [{{name: {}, port: {}, targetPort: {target}, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-a\n  namespace: {}\n  labels: {{kubernetes.io/service-name: {}}}\naddressType: IPv4\nports: [{{name: {}, port: {target}, protocol: TCP}}]\nendpoints:\n",
             v.name, v.ns, v.vip, v.port_name, v.port, v.name, v.ns, v.name, v.port_name
         );
+        if v.endpoints.is_empty() {
+            s.pop();
+            s.push_str(" []\n");
+        }
         for (ip, _) in &v.endpoints {
             let _ = writeln!(s, "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}");
         }

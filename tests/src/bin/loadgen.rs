@@ -1,6 +1,8 @@
 //! `ferry-loadgen`: a bounded load generator for the echo protocol.
 //! - `crr`: one request per TCP connection (connect, ask, close), like netperf's TCP_CRR;
 //! - `rr`: requests back to back on persistent connections, like netperf's TCP_RR;
+//! - `refused`: connects that must be refused (ECONNREFUSED), timed; any other outcome is an
+//!   error;
 //! - `probe`: `crr` until the server named `--want` answers; prints when (wall clock, µs). With
 //!   `--pause-us` it sleeps between tries, so that it does not take a core from whatever it is
 //!   waiting for (on a 2-core machine a back-to-back prober and its echo server hold both).
@@ -19,6 +21,7 @@ use clap::{Parser, ValueEnum};
 enum Mode {
     Crr,
     Rr,
+    Refused,
     Probe,
 }
 
@@ -154,6 +157,10 @@ fn main() {
                             Ok(())
                         })
                         .is_ok(),
+                    Mode::Refused => matches!(
+                        connect(target, source),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    ),
                     Mode::Probe => unreachable!("handled in main"),
                     Mode::Rr => {
                         if conn.is_none() {
