@@ -21,6 +21,8 @@ pub mod names {
     ];
     /// The tc classifier attached to the ingress of pod and node interfaces.
     pub const PROG_INGRESS: &str = "ferry_ingress";
+    /// The tc classifier on the egress of the same interfaces: replies the node itself sends.
+    pub const PROG_EGRESS: &str = "ferry_egress";
 }
 
 /// Map sizes. The daemon refuses input that would not fit instead of half-programming a map.

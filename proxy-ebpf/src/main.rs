@@ -92,6 +92,35 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     Ok(TC_ACT_OK)
 }
 
+/// The egress of the same interfaces. A backend that is the node itself (the API server behind
+/// the `kubernetes` Service, a hostNetwork pod) answers from the node's stack, so its replies
+/// never cross an ingress hook: they are translated back to the frontend here. Nothing else is
+/// touched, and packets the ingress hook redirected into a pod never pass here.
+#[classifier]
+pub fn ferry_egress(ctx: TcContext) -> i32 {
+    let _ = try_egress(&ctx);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Result<(), ()> {
+    let Some(flow) = parse::parse(ctx)? else {
+        return Ok(());
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(reply) = conntrack::lookup_reply(&flow, now)? {
+        let hairpin_client = reply.hairpin.then_some(reply.client_addr);
+        nat::rev_nat(
+            ctx,
+            &flow,
+            reply.frontend_addr,
+            reply.frontend_port,
+            hairpin_client,
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -2,9 +2,11 @@
 //!
 //! Layout under the pin directory (default /sys/fs/bpf/ferry):
 //! - `maps/FERRY_*`: every map, reused by the next daemon, so conntrack survives a restart;
-//! - `prog_ingress`: the tc program;
-//! - `links/<ifname>`: one TCX link per attached interface. A restarted daemon swaps its new
-//!   program into the existing link atomically (bpf_link_update), so no packet goes untranslated.
+//! - `prog_ingress`, `prog_egress`: the tc programs (egress only translates replies the node
+//!   itself sends back);
+//! - `links/<ifname>`, `links-egress/<ifname>`: the TCX links of each attached interface. A
+//!   restarted daemon swaps its new programs into the existing links atomically
+//!   (bpf_link_update), so no packet goes untranslated.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -59,7 +61,28 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The loaded datapath: the program and handles on every map.
+/// Where a program is attached on every interface, and where its links are pinned.
+#[derive(Clone, Copy)]
+struct Hook {
+    program: &'static str,
+    attach: TcAttachType,
+    links: &'static str,
+}
+
+const HOOKS: [Hook; 2] = [
+    Hook {
+        program: names::PROG_INGRESS,
+        attach: TcAttachType::Ingress,
+        links: "links",
+    },
+    Hook {
+        program: names::PROG_EGRESS,
+        attach: TcAttachType::Egress,
+        links: "links-egress",
+    },
+];
+
+/// The loaded datapath: the programs and handles on every map.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
@@ -98,7 +121,9 @@ impl Datapath {
         ensure_bpffs(pin_dir)?;
         let map_dir = pin_dir.join("maps");
         fs::create_dir_all(&map_dir).with_context(|| format!("creating {}", map_dir.display()))?;
-        fs::create_dir_all(pin_dir.join("links"))?;
+        for hook in HOOKS {
+            fs::create_dir_all(pin_dir.join(hook.links))?;
+        }
         let reused = fs::read_dir(&map_dir)?.count();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
@@ -106,15 +131,21 @@ impl Datapath {
             .with_context(|| {
                 format!("loading the eBPF datapath (maps pinned under {}; if they come from an incompatible Ferry version, run `ferry-proxy --cleanup`)", map_dir.display())
             })?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(names::PROG_INGRESS)
-            .ok_or_else(|| anyhow!("program {} missing", names::PROG_INGRESS))?
-            .try_into()?;
-        prog.load()
-            .context("the kernel verifier rejected the datapath program")?;
-        let prog_pin = pin_dir.join("prog_ingress");
-        let _ = fs::remove_file(&prog_pin);
-        prog.pin(&prog_pin).context("pinning the program")?;
+        for (name, pin) in [
+            (names::PROG_INGRESS, "prog_ingress"),
+            (names::PROG_EGRESS, "prog_egress"),
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            prog.load().with_context(|| {
+                format!("the kernel verifier rejected the datapath program {name}")
+            })?;
+            let prog_pin = pin_dir.join(pin);
+            let _ = fs::remove_file(&prog_pin);
+            prog.pin(&prog_pin).context("pinning the program")?;
+        }
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         let mut maps = Maps {
             services: take(&mut ebpf, names::SERVICES)?,
@@ -151,11 +182,11 @@ impl Datapath {
         })
     }
 
-    fn program(&mut self) -> Result<&mut SchedClassifier> {
+    fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
-            .program_mut(names::PROG_INGRESS)
-            .ok_or_else(|| anyhow!("program missing"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
             .try_into()?)
     }
 
@@ -175,17 +206,13 @@ impl Datapath {
             repeat,
             ..TestRunOptions::new()
         };
-        self.program()?
+        self.program(names::PROG_INGRESS)?
             .test_run(opts)
             .context("BPF_PROG_TEST_RUN of the datapath program")
     }
 
-    fn link_pin(&self, ifname: &str) -> PathBuf {
-        self.pin_dir.join("links").join(ifname)
-    }
-
-    /// Attaches the program to the ingress of `ifname`, replacing the program of a link an
-    /// earlier daemon pinned (atomically), or creating and pinning a new TCX link.
+    /// Attaches the programs to the ingress and egress of `ifname`, replacing the programs of
+    /// links an earlier daemon pinned (atomically), or creating and pinning new TCX links.
     pub fn attach(&mut self, link: &Link) -> Result<()> {
         let ifname = link.name.as_str();
         prepare_interface(ifname)?;
@@ -198,11 +225,27 @@ impl Datapath {
         } else {
             ignore_missing(self.veth_peers.remove(&link.index)).map_err(err("veth map delete"))?;
         }
-        let pin = self.link_pin(ifname);
+        if let Err(e) = tc::qdisc_add_clsact(ifname) {
+            // EEXIST is fine; TCX does not need the qdisc, but it lets `tc` users see the hook.
+            debug!(ifname, error = %e, "clsact qdisc not added");
+        }
+        for hook in HOOKS {
+            self.attach_hook(ifname, hook)?;
+        }
+        info!(ifname, "datapath attached");
+        Ok(())
+    }
+
+    fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<()> {
+        let pin = self.pin_dir.join(hook.links).join(ifname);
         if pin.exists() {
-            match self.replace_in_pinned_link(&pin) {
+            match self.replace_in_pinned_link(&pin, hook.program) {
                 Ok(()) => {
-                    debug!(ifname, "program replaced in existing link");
+                    debug!(
+                        ifname,
+                        hook = hook.links,
+                        "program replaced in existing link"
+                    );
                     return Ok(());
                 }
                 Err(e) => {
@@ -212,29 +255,24 @@ impl Datapath {
                 }
             }
         }
-        if let Err(e) = tc::qdisc_add_clsact(ifname) {
-            // EEXIST is fine; TCX does not need the qdisc, but it lets `tc` users see the hook.
-            debug!(ifname, error = %e, "clsact qdisc not added");
-        }
-        let prog = self.program()?;
+        let prog = self.program(hook.program)?;
         let id = prog
-            .attach(ifname, TcAttachType::Ingress)
-            .with_context(|| format!("attaching to the ingress of {ifname}"))?;
+            .attach(ifname, hook.attach)
+            .with_context(|| format!("attaching {} to {ifname}", hook.program))?;
         let link = prog.take_link(id)?;
         let fd: FdLink = link.try_into().map_err(|e| {
             anyhow!("{ifname}: link is not a TCX link ({e:?}); Ferry needs Linux >= 6.6")
         })?;
         fd.pin(&pin)
             .with_context(|| format!("pinning link {}", pin.display()))?;
-        info!(ifname, "datapath attached");
         Ok(())
     }
 
-    fn replace_in_pinned_link(&mut self, pin: &Path) -> Result<()> {
+    fn replace_in_pinned_link(&mut self, pin: &Path, program: &str) -> Result<()> {
         let pinned = PinnedLink::from_pin(pin)?;
         let fd: FdLink = pinned.into();
         let link = SchedClassifierLink::try_from(fd)?;
-        let prog = self.program()?;
+        let prog = self.program(program)?;
         let id = prog.attach_to_link(link)?;
         // The link stays pinned; give up our handle without detaching.
         let link = prog.take_link(id)?;
@@ -245,14 +283,16 @@ impl Datapath {
 
     /// Removes link pins of interfaces that no longer exist or no longer match.
     pub fn forget_links_except(&self, keep: &BTreeSet<String>) {
-        let Ok(dir) = fs::read_dir(self.pin_dir.join("links")) else {
-            return;
-        };
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&name) {
-                debug!(ifname = %name, "removing link pin");
-                let _ = fs::remove_file(entry.path());
+        for hook in HOOKS {
+            let Ok(dir) = fs::read_dir(self.pin_dir.join(hook.links)) else {
+                continue;
+            };
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name) {
+                    debug!(ifname = %name, hook = hook.links, "removing link pin");
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
     }

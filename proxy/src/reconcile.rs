@@ -443,7 +443,8 @@ impl Reconciler {
             );
         }
         flush_affinity(maps, |k, v| {
-            f.frontends.contains(&k.rev_nat_id) || f.backends.contains(&(k.rev_nat_id, v.backend_id))
+            f.frontends.contains(&k.rev_nat_id)
+                || f.backends.contains(&(k.rev_nat_id, v.backend_id))
         })?;
         for rev in f.frontends {
             maps.delete_rev_nat(rev)?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ferry_testbed::echo::{tcp_ask, tcp_ask_from, udp_ask};
 use ferry_testbed::yaml::{service, Endpoint};
-use ferry_testbed::{in_netns, pod_ip, Topology, EXT_IP, NODE_IP};
+use ferry_testbed::{in_netns, pod_ip, Topology, ECHO_PORT, EXT_IP, NODE_IP};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -542,4 +542,33 @@ fn health_check_node_port_reports_local_endpoints() {
         .unwrap());
     let gone = http_get(&t, hc).map_err(|e| e.kind());
     assert_eq!(gone.err(), Some(std::io::ErrorKind::ConnectionRefused));
+}
+
+#[test]
+fn a_backend_on_the_node_itself_answers_through_the_clusterip() {
+    // The API server behind the `kubernetes` Service is such a backend: its replies leave the
+    // node's stack towards the pod and cross no ingress hook, only the pod interface's egress.
+    let mut t = cluster();
+    let bin = ferry_testbed::bin_path("ferry-echo").unwrap();
+    let node_ns = t.node.clone();
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(["--name", "node", "--port", &ECHO_PORT.to_string()])
+        .stdout(std::process::Stdio::null());
+    t.spawn(&node_ns, &mut cmd).unwrap();
+    let node_backend: SocketAddr = SocketAddrV4::new(NODE_IP, ECHO_PORT).into();
+    ferry_testbed::echo::wait_listening(&node_ns, node_backend).unwrap();
+    let on_node = Endpoint::ready(NODE_IP);
+    t.start_proxy(&service("api", VIP, 443, None, None, "", &[on_node]))
+        .unwrap();
+    let answers = in_netns(&t.pods[3].ns, || {
+        (0..5)
+            .map(|_| tcp_ask(vip(443), Duration::from_secs(2)).map(|a| (a.server, a.from)))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap()
+    .expect("TCP to a ClusterIP whose backend is the node");
+    for (server, from) in answers {
+        assert_eq!(server, "node");
+        assert_eq!(from, vip(443), "the reply must come from the frontend");
+    }
 }

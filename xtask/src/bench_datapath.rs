@@ -290,7 +290,14 @@ pub fn run(quick: bool) -> Result<()> {
         bail!("ferry-proxy rejected a Service without endpoints");
     }
     let refused = |target: String| -> Result<Load> {
-        let l = loadgen(&t, CLIENT, "refused", std::slice::from_ref(&target), plan.secs, 1)?;
+        let l = loadgen(
+            &t,
+            CLIENT,
+            "refused",
+            std::slice::from_ref(&target),
+            plan.secs,
+            1,
+        )?;
         if l.errors > 0 || l.transactions == 0 {
             bail!(
                 "{target}: {} connects refused, {} not",
