@@ -285,6 +285,19 @@ pub fn run_cluster(exit_after: Option<u64>, smoke: bool) -> Result<()> {
     Ok(())
 }
 
+/// A pod that connects to the API server the way in-cluster clients find it.
+const API_CLIENT: &str = r#"apiVersion: v1
+kind: Pod
+metadata: {name: api-client, namespace: default}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: ferry.local/busybox:1
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'if echo | nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT >/dev/null; then echo api-reachable; else echo api-unreachable; fi']
+"#;
+
 /// The README's two lines, checked: every replica answers over the NodePort and the ClusterIP
 /// from the host.
 fn smoke_test(admin: &Path, root: &Path) -> Result<()> {
@@ -334,6 +347,31 @@ fn smoke_test(admin: &Path, root: &Path) -> Result<()> {
             pods.len()
         );
     }
+    // A pod finds the API through the `kubernetes` Service and the variables the kubelet gave
+    // it (the API server is a backend on the node itself).
+    let manifest = Path::new(DATA).join("api-client.yaml");
+    std::fs::write(&manifest, API_CLIENT)?;
+    kubectl(admin, &["apply", "-f", manifest.to_str().unwrap()])?;
+    std::fs::remove_file(&manifest).ok();
+    wait_for(
+        "the api-client pod to finish",
+        Duration::from_secs(60),
+        || {
+            kubectl(
+                admin,
+                &["get", "pod", "api-client", "-o", "jsonpath={.status.phase}"],
+            )
+            .is_ok_and(|p| p == "Succeeded" || p == "Failed")
+        },
+    )?;
+    let said = kubectl(admin, &["logs", "api-client"])?;
+    kubectl(admin, &["delete", "pod", "api-client", "--wait=false"])?;
+    if !said.contains("api-reachable") {
+        bail!("a pod could not reach the API through the kubernetes Service: {said}");
+    }
+    eprintln!(
+        "[up] smoke: a pod reaches the API at $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"
+    );
     // The README's other lines work too.
     for args in [
         &["get", "pods", "-o", "wide"][..],
