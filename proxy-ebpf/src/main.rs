@@ -5,12 +5,13 @@
 //! `parse` (headers and the flow), `conntrack` (entries, lookup, refresh), `lb` (frontend and
 //! backend choice, affinity), `nat` (translation and checksums), `forward` (FIB and redirect),
 //! `metrics` (counters), `maps` (the maps and the daemon's configuration), `reject` (the
-//! ICMP answer for a Service without endpoints).
+//! ICMP answer for a Service without endpoints), `icmp` (ICMP errors about translated flows).
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod forward;
+mod icmp;
 mod lb;
 mod maps;
 mod metrics;
@@ -34,8 +35,10 @@ pub fn ferry_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
-    // 0. Only IPv4 TCP/UDP with ports is for us; the rest (ICMP, IPv6, fragments) passes.
+    // 0. Only IPv4 TCP/UDP with ports is for us; the rest (ICMP, IPv6, fragments) passes,
+    //    ICMP errors about a translated flow translated back.
     let Some(flow) = parse::parse(ctx)? else {
+        let _ = icmp::rev_nat_error(ctx);
         return Ok(TC_ACT_OK);
     };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -105,6 +108,7 @@ pub fn ferry_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     let Some(flow) = parse::parse(ctx)? else {
+        let _ = icmp::rev_nat_error(ctx);
         return Ok(());
     };
     let now = unsafe { bpf_ktime_get_ns() };

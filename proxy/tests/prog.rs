@@ -260,6 +260,45 @@ fn service_without_endpoints_answers_port_unreachable() {
 }
 
 #[test]
+fn icmp_errors_about_a_translated_flow_quote_the_frontend() {
+    let mut bed = bed();
+    bed.add_service(&svc(VIP, 80, PROTO_TCP), &[B1]).unwrap();
+    let c = (CLIENT, 47_000);
+    pass(&mut bed, &packet::tcp(c, (VIP, 80), Tcp::Syn, &[]));
+    // A router on the way to the backend: fragmentation needed, quoting client -> backend.
+    let router = Ipv4Addr::new(10, 0, 0, 1);
+    let as_sent = packet::tcp(c, B1, Tcp::Ack, &[0; 100]);
+    let out = bed
+        .run(&packet::icmp_frag_needed(router, CLIENT, 1400, &as_sent))
+        .unwrap();
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let (src, dst, quoted) = packet::read_icmp_error(&out.packet).unwrap();
+    assert_eq!(
+        (src, dst),
+        (router, CLIENT),
+        "the router's own address stays"
+    );
+    assert_eq!(quoted.src, c);
+    assert_eq!(
+        quoted.dst,
+        (VIP, 80),
+        "the quote names the frontend the client knows"
+    );
+    // Sent by the backend itself: it comes from the frontend too.
+    let out = bed
+        .run(&packet::icmp_frag_needed(B1.0, CLIENT, 1400, &as_sent))
+        .unwrap();
+    let (src, _, quoted) = packet::read_icmp_error(&out.packet).unwrap();
+    assert_eq!((src, quoted.dst), (VIP, (VIP, 80)));
+    // About a flow Ferry never translated: untouched.
+    let stranger = packet::tcp((CLIENT, 47_001), B2, Tcp::Ack, &[]);
+    untouched(
+        &mut bed,
+        &packet::icmp_frag_needed(router, CLIENT, 1400, &stranger),
+    );
+}
+
+#[test]
 fn icmp_and_non_service_traffic_pass_untouched() {
     let mut bed = bed();
     bed.add_service(&svc(VIP, 80, PROTO_TCP), &[B1]).unwrap();

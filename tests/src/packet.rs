@@ -156,6 +156,61 @@ pub fn read(packet: &[u8]) -> Result<Seen> {
     })
 }
 
+/// An ICMP "fragmentation needed" from `router` to `to`, quoting the first 28 bytes of the IP
+/// packet in `quoted` (an Ethernet frame built here).
+pub fn icmp_frag_needed(router: Ipv4Addr, to: Ipv4Addr, mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::icmpv4::DestUnreachableHeader;
+    use etherparse::Icmpv4Type;
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv4(router.octets(), to.octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ));
+    let mut out = Vec::new();
+    b.write(&mut out, &quoted[14..14 + 28])
+        .expect("writing to a Vec");
+    out
+}
+
+/// An ICMP error's outer source and destination and the addresses and ports it quotes, with
+/// every checksum checked (outer IP, ICMP, quoted IP header).
+pub fn read_icmp_error(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr, Seen)> {
+    let sliced = SlicedPacket::from_ethernet(packet).map_err(|e| anyhow!("unparsable: {e}"))?;
+    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+        bail!("not IPv4");
+    };
+    let header = ip.header().to_header();
+    if header.header_checksum != header.calc_header_checksum() {
+        bail!("IP header checksum wrong");
+    }
+    let Some(TransportSlice::Icmpv4(icmp)) = &sliced.transport else {
+        bail!("not ICMP");
+    };
+    let want = icmp.icmp_type().calc_checksum(icmp.payload());
+    if icmp.checksum() != want {
+        bail!(
+            "ICMP checksum {:#06x}, should be {want:#06x}",
+            icmp.checksum()
+        );
+    }
+    let q = icmp.payload();
+    let quoted = Ipv4Header::from_slice(q)
+        .map_err(|e| anyhow!("quoted header: {e}"))?
+        .0;
+    if quoted.header_checksum != quoted.calc_header_checksum() {
+        bail!("quoted IP header checksum wrong");
+    }
+    let port = |i: usize| u16::from_be_bytes([q[20 + i], q[21 + i]]);
+    Ok((
+        Ipv4Addr::from(header.source),
+        Ipv4Addr::from(header.destination),
+        Seen {
+            src: (Ipv4Addr::from(quoted.source), port(0)),
+            dst: (Ipv4Addr::from(quoted.destination), port(2)),
+        },
+    ))
+}
+
 /// An ICMP "port unreachable" the program answered with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unreachable {

@@ -572,3 +572,26 @@ fn a_backend_on_the_node_itself_answers_through_the_clusterip() {
         assert_eq!(from, vip(443), "the reply must come from the frontend");
     }
 }
+
+#[test]
+fn icmp_errors_about_translated_flows_reach_the_client() {
+    // The backend pod has no UDP listener on port 9: its kernel answers with ICMP port
+    // unreachable quoting client -> pod0:9. Translated back to quote client -> VIP:5353, it
+    // reaches the client's connected socket as "connection refused"; untranslated, the client
+    // would wait for an answer that never comes.
+    let mut t = cluster();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports: [{{name: dns, port: 5353, targetPort: 9, protocol: UDP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-a\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{{name: dns, port: 9, protocol: UDP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        pod_ip(0)
+    );
+    t.start_proxy(&yaml).unwrap();
+    let got = in_netns(&t.pods[3].ns, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.connect(vip(5353)).unwrap();
+        s.send(b"hello?").unwrap();
+        s.recv(&mut [0u8; 64]).map(|_| ()).map_err(|e| e.kind())
+    })
+    .unwrap();
+    assert_eq!(got, Err(std::io::ErrorKind::ConnectionRefused));
+}
