@@ -53,14 +53,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // 2. A backend's reply appears to come from the frontend (before the service lookup:
     //    replies are far more common than new flows).
     if let Some(reply) = conntrack::lookup_reply(&flow, now)? {
-        let hairpin_client = reply.hairpin.then_some(reply.client_addr);
-        nat::rev_nat(
-            ctx,
-            &flow,
-            reply.frontend_addr,
-            reply.frontend_port,
-            hairpin_client,
-        )?;
+        nat::rev_nat_reply(ctx, &flow, &reply)?;
         return Ok(forward::forward(ctx, &flow));
     }
 
@@ -113,14 +106,7 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(reply) = conntrack::lookup_reply(&flow, now)? {
-        let hairpin_client = reply.hairpin.then_some(reply.client_addr);
-        nat::rev_nat(
-            ctx,
-            &flow,
-            reply.frontend_addr,
-            reply.frontend_port,
-            hairpin_client,
-        )?;
+        nat::rev_nat_reply(ctx, &flow, &reply)?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 use aya_ebpf::programs::TcContext;
 use proxy_common::PROTO_UDP;
 
+use crate::conntrack::Reply;
 use crate::maps::hairpin_addr;
 use crate::parse::{Flow, DPORT_OFF, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, SPORT_OFF};
 
@@ -44,6 +45,19 @@ pub fn rev_nat(
         set_addr(ctx, flow, IP_DST_OFF, flow.daddr, client)?;
     }
     Ok(())
+}
+
+/// `rev_nat` for the reply entry conntrack found: a hairpin reply goes back to the client.
+#[inline(always)]
+pub fn rev_nat_reply(ctx: &TcContext, flow: &Flow, reply: &Reply) -> Result<(), ()> {
+    let hairpin_client = reply.hairpin.then_some(reply.client_addr);
+    rev_nat(
+        ctx,
+        flow,
+        reply.frontend_addr,
+        reply.frontend_port,
+        hairpin_client,
+    )
 }
 
 #[inline(always)]

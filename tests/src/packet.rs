@@ -175,6 +175,18 @@ pub fn icmp_frag_needed(router: Ipv4Addr, to: Ipv4Addr, mtu: u16, quoted: &[u8])
 /// An ICMP error's outer source and destination and the addresses and ports it quotes, with
 /// every checksum checked (outer IP, ICMP, quoted IP header).
 pub fn read_icmp_error(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr, Seen)> {
+    icmp_error(packet).map(|e| (e.src, e.dst, e.quoted))
+}
+
+struct IcmpError {
+    kind: etherparse::Icmpv4Type,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    quoted: Seen,
+    quote_len: usize,
+}
+
+fn icmp_error(packet: &[u8]) -> Result<IcmpError> {
     let sliced = SlicedPacket::from_ethernet(packet).map_err(|e| anyhow!("unparsable: {e}"))?;
     let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
         bail!("not IPv4");
@@ -194,6 +206,12 @@ pub fn read_icmp_error(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr, Seen)> {
         );
     }
     let q = icmp.payload();
+    if q.len() < 28 {
+        bail!(
+            "quotes {} bytes, less than an IPv4 header and 8 more",
+            q.len()
+        );
+    }
     let quoted = Ipv4Header::from_slice(q)
         .map_err(|e| anyhow!("quoted header: {e}"))?
         .0;
@@ -201,14 +219,16 @@ pub fn read_icmp_error(packet: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr, Seen)> {
         bail!("quoted IP header checksum wrong");
     }
     let port = |i: usize| u16::from_be_bytes([q[20 + i], q[21 + i]]);
-    Ok((
-        Ipv4Addr::from(header.source),
-        Ipv4Addr::from(header.destination),
-        Seen {
+    Ok(IcmpError {
+        kind: icmp.icmp_type(),
+        src: Ipv4Addr::from(header.source),
+        dst: Ipv4Addr::from(header.destination),
+        quoted: Seen {
             src: (Ipv4Addr::from(quoted.source), port(0)),
             dst: (Ipv4Addr::from(quoted.destination), port(2)),
         },
-    ))
+        quote_len: q.len(),
+    })
 }
 
 /// An ICMP "port unreachable" the program answered with.
@@ -225,44 +245,22 @@ pub struct Unreachable {
 /// Reads an ICMP destination unreachable / port unreachable to the sender of a packet built
 /// here, checking both checksums, and the quoted header and ports of the original.
 pub fn read_unreachable(packet: &[u8]) -> Result<Unreachable> {
-    let sliced = SlicedPacket::from_ethernet(packet).map_err(|e| anyhow!("unparsable: {e}"))?;
-    let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
-        bail!("not IPv4");
-    };
-    let header = ip.header().to_header();
-    if header.header_checksum != header.calc_header_checksum() {
-        bail!("IP header checksum wrong");
-    }
-    let Some(TransportSlice::Icmpv4(icmp)) = &sliced.transport else {
-        bail!("not ICMP");
-    };
     use etherparse::icmpv4::DestUnreachableHeader;
     use etherparse::Icmpv4Type;
-    if icmp.icmp_type() != Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port) {
-        bail!("not port unreachable: {:?}", icmp.icmp_type());
+    let e = icmp_error(packet)?;
+    if e.kind != Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port) {
+        bail!("not port unreachable: {:?}", e.kind);
     }
-    let want = icmp.icmp_type().calc_checksum(icmp.payload());
-    if icmp.checksum() != want {
+    if e.quote_len != 28 {
         bail!(
-            "ICMP checksum {:#06x}, should be {want:#06x}",
-            icmp.checksum()
+            "quotes {} bytes, not the IPv4 header and 8 more",
+            e.quote_len
         );
     }
-    let q = icmp.payload();
-    if q.len() != 28 {
-        bail!("quotes {} bytes, not the IPv4 header and 8 more", q.len());
-    }
-    let quoted_ip = Ipv4Header::from_slice(q)
-        .map_err(|e| anyhow!("quoted header: {e}"))?
-        .0;
-    let port = |i: usize| u16::from_be_bytes([q[20 + i], q[21 + i]]);
     Ok(Unreachable {
-        src: Ipv4Addr::from(header.source),
-        dst: Ipv4Addr::from(header.destination),
-        quoted: Seen {
-            src: (Ipv4Addr::from(quoted_ip.source), port(0)),
-            dst: (Ipv4Addr::from(quoted_ip.destination), port(2)),
-        },
+        src: e.src,
+        dst: e.dst,
+        quoted: e.quoted,
         turned_around: packet[..6] == SRC_MAC && packet[6..12] == DST_MAC,
     })
 }
