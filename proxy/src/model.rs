@@ -14,6 +14,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proxy_common::{PROTO_TCP, PROTO_UDP};
 
+mod health;
+use health::health_check;
+pub use health::HealthCheck;
+
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// A Service with this label is served by another proxy (kube-proxy's rule: any value, since
@@ -104,18 +108,6 @@ pub struct FrontendSpec {
 }
 
 pub type DesiredState = BTreeMap<Frontend, FrontendSpec>;
-
-/// What a Service's `healthCheckNodePort` answers on this node (kube-proxy's service health
-/// server): a LoadBalancer keeping external traffic local tells load balancers which nodes
-/// have endpoints of it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub port: u16,
-    pub namespace: String,
-    pub name: String,
-    /// Ready endpoints on this node (distinct addresses).
-    pub local_endpoints: usize,
-}
 
 /// Everything one Service asks of this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -326,44 +318,6 @@ fn not_ours(svc: &Service) -> bool {
         .labels
         .as_ref()
         .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
-}
-
-/// The health check of a LoadBalancer Service with `externalTrafficPolicy: Local`, when it has
-/// a valid `healthCheckNodePort`.
-fn health_check(
-    ns: &str,
-    name: &str,
-    svc: &Service,
-    eps: &PortEndpoints,
-    node: &NodeInfo,
-    errs: &mut Errors,
-) -> Option<HealthCheck> {
-    let spec = svc.spec.as_ref()?;
-    if not_ours(svc)
-        || spec.type_.as_deref() != Some("LoadBalancer")
-        || spec.external_traffic_policy.as_deref() != Some("Local")
-    {
-        return None;
-    }
-    let obj = format!("Service {ns}/{name}");
-    let port = parse_port(
-        errs,
-        &obj,
-        "spec.healthCheckNodePort".into(),
-        spec.health_check_node_port?,
-    )?;
-    let local: BTreeSet<Ipv4Addr> = eps
-        .values()
-        .flatten()
-        .filter(|e| e.ready && e.node.as_deref() == Some(node.name.as_str()))
-        .map(|e| e.addr)
-        .collect();
-    Some(HealthCheck {
-        port,
-        namespace: ns.to_string(),
-        name: name.to_string(),
-        local_endpoints: local.len(),
-    })
 }
 
 /// Adds the frontends of one Service, with the backends its endpoints give them.
@@ -643,7 +597,7 @@ mod tests {
         }
     }
 
-    const WEB: &str = r#"
+    pub(super) const WEB: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
@@ -678,12 +632,17 @@ endpoints:
         }
     }
 
-    /// The frontends of the Service in `yaml` (a Service, then its slices).
-    fn desired(yaml: &str) -> Result<DesiredState, ValidationError> {
+    /// What the Service in `yaml` (a Service, then its slices) asks of node-a.
+    pub(super) fn state(yaml: &str) -> Result<ServiceState, ValidationError> {
         let mut docs = yaml.split("\n---\n");
         let svc: Service = serde_yaml::from_str(docs.next().unwrap()).unwrap();
         let slices: Vec<EndpointSlice> = docs.map(|d| serde_yaml::from_str(d).unwrap()).collect();
-        service_desired(&svc, &slices, &node()).map(|s| s.frontends)
+        service_desired(&svc, &slices, &node())
+    }
+
+    /// The frontends of the Service in `yaml`.
+    fn desired(yaml: &str) -> Result<DesiredState, ValidationError> {
+        state(yaml).map(|s| s.frontends)
     }
 
     #[test]
@@ -766,39 +725,6 @@ endpoints:
             );
             assert!(desired(&yaml).unwrap().is_empty(), "{label}");
         }
-    }
-
-    #[test]
-    fn local_load_balancers_get_a_health_check_counting_ready_local_endpoints() {
-        let state = |yaml: &str| {
-            let mut docs = yaml.split("\n---\n");
-            let svc: Service = serde_yaml::from_str(docs.next().unwrap()).unwrap();
-            let slices: Vec<EndpointSlice> =
-                docs.map(|d| serde_yaml::from_str(d).unwrap()).collect();
-            service_desired(&svc, &slices, &node()).unwrap()
-        };
-        assert_eq!(state(WEB).health, None, "a NodePort has none");
-        let lb = WEB.replace(
-            "type: NodePort",
-            "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000",
-        );
-        // node-a has 10.244.1.3 ready and 10.244.1.4 terminating (not ready).
-        let hc = state(&lb).health.unwrap();
-        assert_eq!((hc.port, hc.local_endpoints), (31000, 1));
-        assert_eq!(
-            (hc.namespace.as_str(), hc.name.as_str()),
-            ("default", "web")
-        );
-        let none_ready = lb.replace(
-            "- addresses: [10.244.1.3]\n",
-            "- addresses: [10.244.1.3]\n  conditions: {ready: false}\n",
-        );
-        assert_eq!(state(&none_ready).health.unwrap().local_endpoints, 0);
-        let cluster = lb.replace(
-            "externalTrafficPolicy: Local",
-            "externalTrafficPolicy: Cluster",
-        );
-        assert_eq!(state(&cluster).health, None);
     }
 
     #[test]

@@ -502,6 +502,11 @@ fn the_kubernetes_service_and_type_changes_follow_kubernetes() {
         args.extend_from_slice(&["-o", &jp]);
         cp.ok(&args).unwrap()
     };
+    // A merge patch of Service `name` in default.
+    let patch = |name: &str, p: &str| {
+        cp.ok(&["-n", "default", "patch", "svc", name, "-p", p])
+            .unwrap();
+    };
     let svc = ["-n", "default", "svc", "kubernetes"];
     assert_eq!(
         get(&svc, "{.spec.clusterIP} {.spec.ports[0].name} {.spec.ports[0].port} {.spec.ports[0].targetPort}"),
@@ -568,16 +573,10 @@ fn the_kubernetes_service_and_type_changes_follow_kubernetes() {
     let np = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.7.7\n  ports: [{port: 80, nodePort: 30777}]\n";
     let o = apply(np);
     assert!(o.status.success(), "{}", stderr(&o));
-    cp.ok(&[
-        "-n",
-        "default",
-        "patch",
-        "svc",
+    patch(
         "web",
-        "-p",
         r#"{"spec":{"type":"ExternalName","externalName":"example.org"}}"#,
-    ])
-    .unwrap();
+    );
     assert_eq!(
         get(
             &["-n", "default", "svc", "web"],
@@ -606,16 +605,7 @@ fn the_kubernetes_service_and_type_changes_follow_kubernetes() {
         "spec.clusterIPs: Forbidden: may not be set for ExternalName services",
     );
     // NodePort -> ClusterIP releases the node port only.
-    cp.ok(&[
-        "-n",
-        "default",
-        "patch",
-        "svc",
-        "web2",
-        "-p",
-        r#"{"spec":{"type":"ClusterIP"}}"#,
-    ])
-    .unwrap();
+    patch("web2", r#"{"spec":{"type":"ClusterIP"}}"#);
     assert_eq!(
         get(
             &["-n", "default", "svc", "web2"],
@@ -639,16 +629,7 @@ fn the_kubernetes_service_and_type_changes_follow_kubernetes() {
     .parse()
     .unwrap();
     assert!((30000..=32767).contains(&hc));
-    cp.ok(&[
-        "-n",
-        "default",
-        "patch",
-        "svc",
-        "lb",
-        "-p",
-        r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#,
-    ])
-    .unwrap();
+    patch("lb", r#"{"spec":{"externalTrafficPolicy":"Cluster"}}"#);
     assert_eq!(
         get(
             &["-n", "default", "svc", "lb"],
