@@ -15,14 +15,30 @@ pub mod names {
     pub const STATS: &str = "FERRY_STATS";
     pub const CONFIG: &str = "FERRY_CONFIG";
     pub const VETH_PEERS: &str = "FERRY_VETH_PEERS";
+    pub const SOCK_REV: &str = "FERRY_SOCK_REV";
+    pub const SOURCE_RANGES: &str = "FERRY_SOURCE_RANGES";
     /// Every map of the datapath object: the daemon's tests check the object holds exactly these.
-    pub const MAPS: [&str; 8] = [
-        SERVICES, BACKENDS, REV_NAT, CONNTRACK, AFFINITY, STATS, CONFIG, VETH_PEERS,
+    pub const MAPS: [&str; 10] = [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        CONNTRACK,
+        AFFINITY,
+        STATS,
+        CONFIG,
+        VETH_PEERS,
+        SOCK_REV,
+        SOURCE_RANGES,
     ];
     /// The tc classifier attached to the ingress of pod and node interfaces.
     pub const PROG_INGRESS: &str = "ferry_ingress";
     /// The tc classifier on the egress of the same interfaces: replies the node itself sends.
     pub const PROG_EGRESS: &str = "ferry_egress";
+    /// The socket programs (cgroup v2 `sock_addr` hooks) of connect-time load balancing.
+    pub const PROG_CONNECT4: &str = "ferry_connect4";
+    pub const PROG_SENDMSG4: &str = "ferry_sendmsg4";
+    pub const PROG_RECVMSG4: &str = "ferry_recvmsg4";
+    pub const PROG_GETPEERNAME4: &str = "ferry_getpeername4";
 }
 
 /// Map sizes. The daemon refuses input that would not fit instead of half-programming a map.
@@ -33,6 +49,10 @@ pub mod limits {
     pub const CONNTRACK: u32 = 1 << 19;
     pub const AFFINITY: u32 = 1 << 16;
     pub const VETH_PEERS: u32 = 1 << 14;
+    /// Sockets the socket programs translated (reverse entries, LRU).
+    pub const SOCK_REV: u32 = 1 << 17;
+    /// `loadBalancerSourceRanges` prefixes, over all frontends.
+    pub const SOURCE_RANGES: u32 = 1 << 14;
     /// Largest backend count of one frontend (slots 1..=MAX_BACKENDS).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = 4096;
 }
@@ -66,6 +86,10 @@ impl ServiceKey {
 
 /// Service flag: ClientIP session affinity is on; `affinity_timeout` holds its seconds.
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 0;
+/// Service flag: new flows are accepted only from the frontend's `loadBalancerSourceRanges`
+/// (the source-range map, keyed by rev-NAT id and prefix). The socket programs leave such
+/// frontends to the tc programs, which see the client's address.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 1;
 
 /// Value of the service map. In slot 0: `count`, `flags`, `rev_nat_id`, `affinity_timeout`.
 /// In slots 1..=count: `backend_id` (and `rev_nat_id`, repeated for convenience).
@@ -188,13 +212,67 @@ pub mod ct_timeout {
     pub const UDP: u64 = 60;
 }
 
-/// Key of the session-affinity map (LRU hash).
+/// Key of the session-affinity map (LRU hash). The tc programs know a client by its address
+/// (`netns` 0); the socket programs, which run before the socket has an address, by its network
+/// namespace (`client` 0): a pod is one namespace, the node's own processes share one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
+    pub netns: u64,
     pub client: u32,
     pub rev_nat_id: u16,
     pub _pad: u16,
+}
+
+impl AffinityKey {
+    #[inline(always)]
+    pub const fn by_address(client: u32, rev_nat_id: u16) -> Self {
+        Self {
+            netns: 0,
+            client,
+            rev_nat_id,
+            _pad: 0,
+        }
+    }
+    #[inline(always)]
+    pub const fn by_netns(netns_cookie: u64, rev_nat_id: u16) -> Self {
+        Self {
+            netns: netns_cookie,
+            client: 0,
+            rev_nat_id,
+            _pad: 0,
+        }
+    }
+}
+
+/// Key of the socket reverse map: a socket the socket programs connected (or sent from) to a
+/// backend, by its cookie and that backend. `recvmsg` and `getpeername` find the frontend there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of the socket reverse map: the frontend the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevValue {
+    pub addr: u32,
+    pub port: u16,
+    pub rev_nat_id: u16,
+}
+
+/// Data of a source-range key (an LPM trie key: the prefix length counts the 32 bits of
+/// `rev_nat_id` and `_pad`, then the bits of the address prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub addr: u32,
 }
 
 /// Value of the session-affinity map.
@@ -236,4 +314,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }

@@ -1,11 +1,12 @@
-//! Ferry's Service load balancer, attached as a tc classifier on the ingress of the host side of
-//! pod interfaces and of node interfaces that receive NodePort traffic.
+//! Ferry's Service load balancer: tc classifiers on the ingress and egress of the host side of
+//! pod interfaces and of node interfaces that receive NodePort traffic (per packet), and cgroup
+//! socket programs that translate once per connect (`sock`, connect-time load balancing).
 //!
 //! This file holds only the steps of a packet's way; each concern has its module:
 //! `parse` (headers and the flow), `conntrack` (entries, lookup, refresh), `lb` (frontend and
 //! backend choice, affinity), `nat` (translation and checksums), `forward` (FIB and redirect),
 //! `metrics` (counters), `maps` (the maps and the daemon's configuration), `reject` (the
-//! ICMP answer for a Service without endpoints), `icmp` (ICMP errors about translated flows).
+//! ICMP answer for a Service without endpoints), `icmp` (ICMP errors about translated flows), `sock` (the socket programs).
 #![no_std]
 #![no_main]
 
@@ -18,11 +19,13 @@ mod metrics;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use aya_ebpf::macros::classifier;
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::macros::{cgroup_sock_addr, classifier};
+use aya_ebpf::programs::{SockAddrContext, TcContext};
+use proxy_common::AffinityKey;
 
 #[classifier]
 pub fn ferry_ingress(ctx: TcContext) -> i32 {
@@ -60,13 +63,23 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // 3. A new flow towards a frontend: pick a backend, track the flow, translate it. A pod
     //    picked as its own backend (hairpin) is seen by itself as the hairpin address, so the
     //    reply comes back through this program.
-    if let Some(head) = lb::frontend(&flow) {
+    let fe = lb::Frontend {
+        addr: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+    };
+    if let Some(head) = lb::frontend(fe) {
         let rev_nat_id = head.rev_nat_id;
+        if !lb::source_allowed(head, flow.saddr) {
+            // Outside the load balancer's source ranges: dropped, as kube-proxy does.
+            return Ok(TC_ACT_SHOT);
+        }
         if head.count == 0 {
             // No endpoint: refused at once, as kube-proxy does.
             return Ok(reject::port_unreachable(ctx, &flow));
         }
-        let Some(backend) = lb::select(&flow, head, now) else {
+        let client = AffinityKey::by_address(flow.saddr, rev_nat_id);
+        let Some(backend) = lb::select(fe, head, client, now) else {
             return Ok(TC_ACT_SHOT);
         };
         let hairpin = backend.addr == flow.saddr;
@@ -109,6 +122,27 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
         nat::rev_nat_reply(ctx, &flow, &reply)?;
     }
     Ok(())
+}
+
+/// Socket programs, attached to a cgroup v2 (the root: every process of the node).
+#[cgroup_sock_addr(connect4)]
+pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ferry_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ferry_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

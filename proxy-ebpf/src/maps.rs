@@ -7,11 +7,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     limits, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceStats,
-    ServiceValue, CONFIG_FLAGS, CONFIG_F_HOST_ROUTING, CONFIG_HAIRPIN_ADDR, CONFIG_LEN,
+    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, CONFIG_FLAGS, CONFIG_F_HOST_ROUTING,
+    CONFIG_HAIRPIN_ADDR, CONFIG_LEN,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1 << 0;
@@ -38,6 +39,13 @@ pub static STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(limits::REV_NA
 /// one of them can be handed straight to the peer's ingress in the pod (bpf_redirect_peer).
 #[map(name = "FERRY_VETH_PEERS")]
 pub static VETH_PEERS: HashMap<u32, u32> = HashMap::pinned(limits::VETH_PEERS, BPF_F_NO_PREALLOC);
+/// Sockets the socket programs sent to a backend, for `recvmsg` and `getpeername` (LRU: a
+/// socket that is gone leaves an entry that ages out).
+#[map(name = "FERRY_SOCK_REV")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(limits::SOCK_REV, 0);
+/// `loadBalancerSourceRanges` of the frontends flagged `SVC_FLAG_SOURCE_RANGES`.
+#[map(name = "FERRY_SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map(name = "FERRY_CONFIG")]
 static CONFIG: Array<u32> = Array::pinned(CONFIG_LEN, 0);
 

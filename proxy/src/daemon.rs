@@ -36,6 +36,11 @@ pub struct Config {
     /// Conntrack garbage-collection period. Expired entries are already ignored by the datapath;
     /// collection only frees room, and walks the whole map, so it runs seldom.
     pub ct_gc_interval: Duration,
+    /// Connect-time load balancing (the socket programs).
+    pub socket_lb: bool,
+    /// The cgroup v2 the socket programs serve (with every cgroup below it); default: the
+    /// hierarchy's root, every process of the node.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 struct Daemon {
@@ -66,6 +71,15 @@ impl Daemon {
         }
         let (stats, recomputed, invalid) = self.sync_view(complete)?;
         let took = start.elapsed();
+        let stale = self.reconciler.take_stale_sockets();
+        if !stale.is_empty() {
+            // Off the loop: the walk enters every network namespace of the node.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::sockets::destroy_udp(stale) {
+                    warn!("destroying UDP sockets of removed backends: {e:#}");
+                }
+            });
+        }
         let (services, slices) = (self.view.services(), self.view.slices());
         let m = &self.metrics;
         m.sync_duration.observe(took.as_secs_f64());
@@ -203,6 +217,30 @@ impl Daemon {
     }
 }
 
+/// Attaches (or, when off, detaches) connect-time load balancing. Where the kernel or the
+/// machine cannot have it, the tc programs serve every flow and a warning says why, unless a
+/// cgroup was asked for explicitly.
+fn socket_lb(datapath: &mut Datapath, cfg: &Config) -> Result<()> {
+    if !cfg.socket_lb {
+        datapath.detach_socket_lb();
+        return Ok(());
+    }
+    let attached = match &cfg.socket_lb_cgroup {
+        Some(cg) => datapath.attach_socket_lb(cg),
+        None => crate::datapath::cgroup2_root().and_then(|cg| datapath.attach_socket_lb(&cg)),
+    };
+    match attached {
+        Ok(()) => Ok(()),
+        Err(e) if cfg.socket_lb_cgroup.is_some() => {
+            Err(e.context("--socket-lb-cgroup: connect-time load balancing could not start"))
+        }
+        Err(e) => {
+            warn!("connect-time load balancing is off, the tc programs serve every flow: {e:#}");
+            Ok(())
+        }
+    }
+}
+
 pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     let node_ips = if cfg.node_ips.is_empty() {
         links::node_addresses(&cfg.interfaces).await?
@@ -213,6 +251,7 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     let mut datapath = Datapath::load(&cfg.pin_dir, cfg.hairpin_ip, cfg.host_routing)?;
     let reconciler =
         Reconciler::recover(&mut datapath.maps).context("recovering state from pinned maps")?;
+    socket_lb(&mut datapath, &cfg)?;
     let metrics = Metrics::new();
     metrics.frontends.set(reconciler.frontend_count() as i64);
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<ScrapeRequest>(16);

@@ -6,23 +6,29 @@
 //!   itself sends back);
 //! - `links/<ifname>`, `links-egress/<ifname>`: the TCX links of each attached interface. A
 //!   restarted daemon swaps its new programs into the existing links atomically
-//!   (bpf_link_update), so no packet goes untranslated.
+//!   (bpf_link_update), so no packet goes untranslated;
+//! - `sock/<program>`: the cgroup links of the socket programs (connect-time load balancing),
+//!   when they are on. A restarted daemon attaches its programs next to the old ones and then
+//!   renames its pins over theirs, which detaches them: some program serves every connect.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
-use aya::programs::SchedClassifier;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
+use ipnetwork::Ipv4Network;
 use proxy_common::{
     names, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceStats,
-    ServiceValue, CONFIG_FLAGS, CONFIG_F_HOST_ROUTING, CONFIG_HAIRPIN_ADDR,
+    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, CONFIG_FLAGS, CONFIG_F_HOST_ROUTING,
+    CONFIG_HAIRPIN_ADDR,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::links::Link;
 use crate::maps::DatapathMaps;
@@ -82,6 +88,31 @@ const HOOKS: [Hook; 2] = [
     },
 ];
 
+/// The socket programs and the directory of their pinned cgroup links.
+const SOCK_PROGRAMS: [&str; 4] = [
+    names::PROG_CONNECT4,
+    names::PROG_SENDMSG4,
+    names::PROG_RECVMSG4,
+    names::PROG_GETPEERNAME4,
+];
+const SOCK_LINKS: &str = "sock";
+
+/// The cgroup v2 hierarchy's root (where the socket programs serve every process), from the
+/// mount table: /sys/fs/cgroup on a unified layout, /sys/fs/cgroup/unified on a hybrid one.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            // `<id> <parent> <dev> <root> <mount point> <options> ... - <fstype> ...`
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .ok_or_else(|| anyhow!("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified, or run with --socket-lb=false)"))
+}
+
 /// The loaded datapath: the programs and handles on every map.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -96,6 +127,8 @@ pub struct Maps {
     rev_nat: HashMap<MapData, u16, RevNat>,
     ct: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     stats: PerCpuArray<MapData, ServiceStats>,
     config: Array<MapData, u32>,
     nr_cpus: usize,
@@ -153,6 +186,8 @@ impl Datapath {
             rev_nat: take(&mut ebpf, names::REV_NAT)?,
             ct: take(&mut ebpf, names::CONNTRACK)?,
             affinity: take(&mut ebpf, names::AFFINITY)?,
+            sock_rev: take(&mut ebpf, names::SOCK_REV)?,
+            source_ranges: take(&mut ebpf, names::SOURCE_RANGES)?,
             stats: take(&mut ebpf, names::STATS)?,
             config: take(&mut ebpf, names::CONFIG)?,
             nr_cpus,
@@ -281,6 +316,56 @@ impl Datapath {
         Ok(())
     }
 
+    /// Connect-time load balancing: loads the socket programs and attaches them to `cgroup`
+    /// (a cgroup v2 directory; its processes and those of every cgroup below it are served).
+    /// Links pinned by an earlier daemon are replaced without a gap.
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = self.pin_dir.join(SOCK_LINKS);
+        fs::create_dir_all(&dir)?;
+        let cg = fs::File::open(cgroup)
+            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            prog.load().with_context(|| {
+                format!("the kernel refused the socket program {name} (connect-time load balancing needs Linux >= 5.18)")
+            })?;
+            // A bpf link (what aya creates on Linux >= 5.7) always lets other programs run
+            // beside it; the link API takes no attach flags.
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
+                anyhow!("{name}: not a bpf link ({e:?}); Ferry needs Linux >= 5.18")
+            })?;
+            let pin = dir.join(name);
+            let fresh = dir.join(format!("{name}_new")); // bpffs names take no dots
+            let _ = fs::remove_file(&fresh);
+            link.pin(&fresh)
+                .with_context(|| format!("pinning {}", fresh.display()))?;
+            // Over the old pin: its link (an earlier daemon's program) goes.
+            fs::rename(&fresh, &pin).with_context(|| format!("renaming to {}", pin.display()))?;
+        }
+        info!(cgroup = %cgroup.display(), "socket load balancing attached");
+        Ok(())
+    }
+
+    /// Detaches the socket programs an earlier daemon left (`--socket-lb=false`).
+    pub fn detach_socket_lb(&self) {
+        let dir = self.pin_dir.join(SOCK_LINKS);
+        if dir.exists() {
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => info!("socket load balancing detached"),
+                Err(e) => {
+                    warn!(error = %e, dir = %dir.display(), "could not detach the socket programs")
+                }
+            }
+        }
+    }
+
     /// Removes link pins of interfaces that no longer exist or no longer match.
     pub fn forget_links_except(&self, keep: &BTreeSet<String>) {
         for hook in HOOKS {
@@ -401,6 +486,46 @@ impl DatapathMaps for Maps {
     fn delete_affinity(&mut self, key: AffinityKey) -> Result<()> {
         ignore_missing(self.affinity.remove(&key)).map_err(err("affinity delete"))
     }
+    fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>> {
+        Ok(self.sock_rev.iter().filter_map(Result::ok).collect())
+    }
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<()> {
+        ignore_missing(self.sock_rev.remove(&key)).map_err(err("socket reverse map delete"))
+    }
+    fn set_source_range(&mut self, rev_nat_id: u16, range: Ipv4Network) -> Result<()> {
+        self.source_ranges
+            .insert(&range_key(rev_nat_id, range), 1, 0)
+            .map_err(err("source range map update"))
+    }
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Network) -> Result<()> {
+        ignore_missing(self.source_ranges.remove(&range_key(rev_nat_id, range)))
+            .map_err(err("source range map delete"))
+    }
+    fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Network)>> {
+        let mut out = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(err("source range map dump"))?;
+            let data = key.data();
+            let addr = std::net::Ipv4Addr::from(u32::from_be(data.addr));
+            let prefix = key.prefix_len().saturating_sub(32) as u8;
+            if let Ok(net) = Ipv4Network::new(addr, prefix) {
+                out.push((data.rev_nat_id, net));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The LPM key of a source range: 32 bits of rev-NAT id and padding, then the prefix.
+fn range_key(rev_nat_id: u16, range: Ipv4Network) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        32 + range.prefix() as u32,
+        SourceRangeKey {
+            rev_nat_id,
+            _pad: 0,
+            addr: u32::from(range.network()).to_be(),
+        },
+    )
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

@@ -49,6 +49,16 @@ struct Args {
     /// `ferry_conntrack_entries`, walking the whole map, so it runs seldom.
     #[arg(long, default_value_t = 60.0)]
     conntrack_gc_interval: f64,
+    /// Connect-time load balancing: cgroup socket programs translate a Service address once per
+    /// connect (TCP, connected UDP) or datagram (unconnected UDP), for pods and the node's own
+    /// processes; the tc programs still serve traffic from outside. Needs cgroup v2 and Linux
+    /// >= 5.18; without them the daemon warns and runs with the tc programs only.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// The cgroup v2 directory the socket programs serve, with every cgroup below it (default:
+    /// the root of the cgroup v2 hierarchy, found in the mount table).
+    #[arg(long)]
+    socket_lb_cgroup: Option<PathBuf>,
     /// Detach the datapath and remove everything pinned under --bpf-dir, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -87,6 +97,8 @@ fn run() -> Result<()> {
         metrics_addr: args.metrics_bind_address,
         healthz_addr: args.healthz_bind_address,
         ct_gc_interval: Duration::from_secs_f64(args.conntrack_gc_interval.max(0.01)),
+        socket_lb: args.socket_lb,
+        socket_lb_cgroup: args.socket_lb_cgroup,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

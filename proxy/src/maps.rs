@@ -5,8 +5,10 @@
 //! program all go through this interface.
 
 use anyhow::Result;
+use ipnetwork::Ipv4Network;
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue,
 };
 
 /// The datapath's maps, as the reconciler and the conntrack collector see them.
@@ -26,6 +28,13 @@ pub trait DatapathMaps {
     fn delete_conntrack(&mut self, key: CtKey) -> Result<()>;
     fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>>;
     fn delete_affinity(&mut self, key: AffinityKey) -> Result<()>;
+    /// The socket programs' reverse entries (sockets sent to a backend).
+    fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>>;
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<()>;
+    /// `loadBalancerSourceRanges` of a frontend, by rev-NAT id.
+    fn set_source_range(&mut self, rev_nat_id: u16, range: Ipv4Network) -> Result<()>;
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Network) -> Result<()>;
+    fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Network)>>;
 }
 
 /// Deletes the conntrack entries `pred` selects; returns how many.
@@ -74,6 +83,8 @@ pub mod fake {
         pub rev: BTreeMap<u16, RevNat>,
         pub ct: Vec<(CtKey, CtValue)>,
         pub aff: Vec<(AffinityKey, AffinityValue)>,
+        pub sock_rev: Vec<(SockRevKey, SockRevValue)>,
+        pub ranges: std::collections::BTreeSet<(u16, Ipv4Network)>,
         pub ops: u64,
     }
 
@@ -159,6 +170,26 @@ pub mod fake {
         fn delete_affinity(&mut self, key: AffinityKey) -> Result<()> {
             self.aff.retain(|(k, _)| *k != key);
             Ok(())
+        }
+        fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>> {
+            Ok(self.sock_rev.clone())
+        }
+        fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<()> {
+            self.sock_rev.retain(|(k, _)| *k != key);
+            Ok(())
+        }
+        fn set_source_range(&mut self, rev_nat_id: u16, range: Ipv4Network) -> Result<()> {
+            self.ranges.insert((rev_nat_id, range));
+            self.ops += 1;
+            Ok(())
+        }
+        fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Network) -> Result<()> {
+            self.ranges.remove(&(rev_nat_id, range));
+            self.ops += 1;
+            Ok(())
+        }
+        fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Network)>> {
+            Ok(self.ranges.iter().copied().collect())
         }
     }
 }

@@ -44,6 +44,9 @@ struct Forget {
     /// (rev-NAT id, backend id): a backend left a frontend; its affinities, and its UDP flows.
     backends: HashSet<(u16, u32)>,
     udp: HashSet<(u16, u32)>,
+    /// The same UDP backends by address (network order), for the sockets the socket programs
+    /// connected to them.
+    udp_addrs: HashSet<(u16, u32, u16)>,
 }
 
 impl Forget {
@@ -173,6 +176,9 @@ pub struct Reconciler {
     rev_nat_ids: IdPool,
     /// Frontend labels (`ns/name:port`) for metrics; not stored in the maps.
     labels: HashMap<u16, String>,
+    /// Cookies of sockets the socket programs sent to a UDP backend (or frontend) that is gone;
+    /// the daemon destroys the connected ones (`sockets::destroy_udp`).
+    stale_sockets: HashSet<u64>,
 }
 
 impl Default for Reconciler {
@@ -183,6 +189,7 @@ impl Default for Reconciler {
             backend_ids: IdPool::new(limits::BACKENDS as u64 * 16),
             rev_nat_ids: IdPool::new(limits::REV_NAT as u64 - 1),
             labels: HashMap::new(),
+            stale_sockets: HashSet::new(),
         }
     }
 }
@@ -446,6 +453,18 @@ impl Reconciler {
             f.frontends.contains(&k.rev_nat_id)
                 || f.backends.contains(&(k.rev_nat_id, v.backend_id))
         })?;
+        // Sockets connected to what is gone: their reverse entries go, and the UDP ones are
+        // destroyed by the daemon, so the application reconnects to a live backend. (TCP
+        // connections to a removed backend live on, as under kube-proxy.)
+        if !f.udp_addrs.is_empty() || !f.frontends.is_empty() {
+            for (k, v) in maps.sock_rev()? {
+                let gone_frontend = f.frontends.contains(&v.rev_nat_id);
+                if gone_frontend || f.udp_addrs.contains(&(v.rev_nat_id, k.addr, k.port)) {
+                    self.stale_sockets.insert(k.cookie);
+                    maps.delete_sock_rev(k)?;
+                }
+            }
+        }
         for rev in f.frontends {
             maps.delete_rev_nat(rev)?;
             stats.writes += 1;
@@ -479,6 +498,17 @@ impl Reconciler {
         stats.writes += 1;
         self.backends.insert(addr, InstalledBackend { id, refs: 1 });
         Ok(id)
+    }
+
+    fn backend_addr(&self, id: u32) -> Option<BackendAddr> {
+        self.backends
+            .iter()
+            .find_map(|(addr, b)| (b.id == id).then_some(*addr))
+    }
+
+    /// The sockets found stale since the last call (see `stale_sockets`).
+    pub fn take_stale_sockets(&mut self) -> HashSet<u64> {
+        std::mem::take(&mut self.stale_sockets)
     }
 
     fn release_backend(
@@ -601,6 +631,11 @@ impl Reconciler {
                 forget.backends.insert((rev_nat_id, *id));
                 if fe.proto.number() == PROTO_UDP {
                     forget.udp.insert((rev_nat_id, *id));
+                    if let Some(addr) = self.backend_addr(*id) {
+                        forget
+                            .udp_addrs
+                            .insert((rev_nat_id, be(addr.addr), addr.port.to_be()));
+                    }
                 }
             }
             self.release_backend(maps, *id, stats)?;

@@ -17,6 +17,8 @@ pub mod packet;
 pub mod procs;
 
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -101,6 +103,10 @@ pub struct Topology {
     pub extra_interfaces: Vec<String>,
     /// `--node-name` of the proxies this topology starts.
     pub node_name: String,
+    /// The cgroup the socket programs of this topology's proxies serve (`enable_socket_lb`);
+    /// `None`: they run with `--socket-lb=false`, so the tc programs carry every flow and no
+    /// test's socket programs see another test's processes.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -110,6 +116,7 @@ struct Live {
     prefix: String,
     pids: Vec<u32>,
     bpf_dir: PathBuf,
+    cgroup: Option<PathBuf>,
 }
 
 static LIVE: std::sync::Mutex<Vec<Live>> = std::sync::Mutex::new(Vec::new());
@@ -132,11 +139,18 @@ pub fn clean_up_on_signal() {
                 .lock()
                 .map(|l| {
                     l.iter()
-                        .map(|x| (x.prefix.clone(), x.pids.clone(), x.bpf_dir.clone()))
+                        .map(|x| {
+                            (
+                                x.prefix.clone(),
+                                x.pids.clone(),
+                                x.bpf_dir.clone(),
+                                x.cgroup.clone(),
+                            )
+                        })
                         .collect::<Vec<_>>()
                 })
                 .unwrap_or_default();
-            for (prefix, pids, bpf_dir) in live {
+            for (prefix, pids, bpf_dir, cgroup) in live {
                 eprintln!("interrupted: removing test bed {prefix}");
                 for pid in pids {
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -148,6 +162,9 @@ pub fn clean_up_on_signal() {
                     }
                 }
                 let _ = std::fs::remove_dir_all(bpf_dir);
+                if let Some(cg) = cgroup {
+                    remove_cgroup(&cg);
+                }
             }
             std::process::exit(130);
         }
@@ -173,6 +190,7 @@ impl Topology {
                 prefix: prefix.to_string(),
                 pids: Vec::new(),
                 bpf_dir: PathBuf::from(format!("/sys/fs/bpf/ferry-test-{prefix}")),
+                cgroup: None,
             });
         }
         let node = Netns::create(&format!("{prefix}-node"))?;
@@ -189,6 +207,7 @@ impl Topology {
             host_routing: true,
             extra_interfaces: Vec::new(),
             node_name: "node-a".into(),
+            socket_lb_cgroup: None,
         };
         t.ext = ext?;
         let n = t.node.name.clone();
@@ -290,6 +309,44 @@ impl Topology {
         Ok(())
     }
 
+    /// Turns connect-time load balancing on for the proxies this topology starts, scoped to a
+    /// cgroup of its own: only processes started with `in_cgroup` are served by the socket
+    /// programs (the rest of the machine, other tests included, is not).
+    pub fn enable_socket_lb(&mut self) -> Result<PathBuf> {
+        let root = cgroup2_root()?;
+        let cg = root.join(format!("ferry-test-{}", self.prefix));
+        std::fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        if let Ok(mut live) = LIVE.lock() {
+            if let Some(l) = live.iter_mut().find(|l| l.prefix == self.prefix) {
+                l.cgroup = Some(cg.clone());
+            }
+        }
+        self.socket_lb_cgroup = Some(cg.clone());
+        Ok(cg)
+    }
+
+    /// Makes `cmd` start inside this topology's socket-LB cgroup (see `enable_socket_lb`).
+    pub fn in_cgroup(&self, cmd: &mut Command) -> Result<()> {
+        let cg = self
+            .socket_lb_cgroup
+            .as_ref()
+            .context("enable_socket_lb() first")?;
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cg.join("cgroup.procs"))
+            .with_context(|| format!("opening {}/cgroup.procs", cg.display()))?;
+        unsafe {
+            // Only a write(2) after fork: "0" moves the writing process.
+            cmd.pre_exec(move || {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
     /// Sends a signal to a process this topology started, and reaps it.
     pub fn stop(&mut self, pid: u32, signal: i32) -> Result<()> {
         let Some(pos) = self.children.iter().position(|c| c.id() == pid) else {
@@ -300,6 +357,29 @@ impl Topology {
         c.wait()?;
         Ok(())
     }
+}
+
+/// The root of the cgroup v2 hierarchy: /sys/fs/cgroup/unified on a hybrid layout (this
+/// machine's), /sys/fs/cgroup on a unified one.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    for dir in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let dir = PathBuf::from(dir);
+        if dir.join("cgroup.controllers").exists() {
+            return Ok(dir);
+        }
+    }
+    bail!("no cgroup v2 hierarchy at /sys/fs/cgroup/unified or /sys/fs/cgroup")
+}
+
+/// Removes a test's cgroup once its processes are gone (they may take a moment to leave).
+fn remove_cgroup(cg: &std::path::Path) {
+    for _ in 0..100 {
+        if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    eprintln!("warning: cgroup {} could not be removed", cg.display());
 }
 
 impl Topology {
@@ -334,6 +414,9 @@ impl Drop for Topology {
         self.ext.delete();
         self.node.delete();
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
+        if let Some(cg) = &self.socket_lb_cgroup {
+            remove_cgroup(cg);
+        }
         if let Ok(mut live) = LIVE.lock() {
             live.retain(|l| l.prefix != self.prefix);
         }
@@ -380,6 +463,10 @@ impl Topology {
                 "--node-ip",
                 &NODE_IP.to_string(),
             ])
+            .args(match &self.socket_lb_cgroup {
+                Some(cg) => vec!["--socket-lb-cgroup".to_string(), cg.display().to_string()],
+                None => vec!["--socket-lb=false".to_string()],
+            })
             .args([
                 "--bpf-dir",
                 self.bpf_dir.to_str().unwrap(),
