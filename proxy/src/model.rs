@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proxy_common::{PROTO_TCP, PROTO_UDP};
@@ -105,6 +106,9 @@ pub struct FrontendSpec {
     pub affinity_timeout: Option<u32>,
     /// Backends, sorted, without duplicates. Empty: the datapath drops new flows.
     pub backends: Vec<BackendAddr>,
+    /// `loadBalancerSourceRanges` (IPv4) of a load balancer's ingress IP: new flows from other
+    /// sources are dropped. `None`: no restriction (every other frontend).
+    pub source_ranges: Option<BTreeSet<Ipv4Network>>,
 }
 
 pub type DesiredState = BTreeMap<Frontend, FrontendSpec>;
@@ -376,6 +380,12 @@ fn add_service_frontends(
             external_ips.push(a);
         }
     }
+    let mut lb_ips = Vec::new();
+    let source_ranges = if svc_type == "LoadBalancer" {
+        source_ranges(svc, &obj, errs)
+    } else {
+        None
+    };
     if svc_type == "LoadBalancer" {
         let ingress = svc
             .status
@@ -390,7 +400,7 @@ fn add_service_frontends(
                     format!("status.loadBalancer.ingress[{i}].ip"),
                     ip,
                 ) {
-                    external_ips.push(a);
+                    lb_ips.push(a);
                 }
             }
         }
@@ -479,6 +489,7 @@ fn add_service_frontends(
             nodeport,
             affinity_timeout,
             backends: backends.clone(),
+            source_ranges: None,
         };
         for addr in &cluster_ips {
             desired.insert(
@@ -500,6 +511,19 @@ fn add_service_frontends(
                 spec_for(&external, false),
             );
         }
+        for addr in &lb_ips {
+            desired.insert(
+                Frontend {
+                    addr: *addr,
+                    port,
+                    proto,
+                },
+                FrontendSpec {
+                    source_ranges: source_ranges.clone(),
+                    ..spec_for(&external, false)
+                },
+            );
+        }
         if let Some(np) = node_port {
             for addr in &node.addresses {
                 let fe = Frontend {
@@ -517,6 +541,64 @@ fn add_service_frontends(
             }
         }
     }
+}
+
+/// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
+const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// The IPv4 `loadBalancerSourceRanges` of a LoadBalancer Service (or, when the field is empty,
+/// of its annotation, comma-separated), as kube-proxy reads them; `None` when neither is set.
+/// IPv6 ranges are valid but concern another family: a list of only IPv6 ranges admits no
+/// IPv4 client.
+fn source_ranges(svc: &Service, obj: &str, errs: &mut Errors) -> Option<BTreeSet<Ipv4Network>> {
+    let field: Vec<(String, String)> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| (format!("spec.loadBalancerSourceRanges[{i}]"), r.clone()))
+        .collect();
+    let listed = if field.is_empty() {
+        let annotation = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))?;
+        annotation
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                (
+                    format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"),
+                    r.to_string(),
+                )
+            })
+            .collect()
+    } else {
+        field
+    };
+    if listed.is_empty() {
+        return None;
+    }
+    let mut out = BTreeSet::new();
+    for (field, range) in listed {
+        match range.trim().parse::<ipnetwork::IpNetwork>() {
+            Ok(ipnetwork::IpNetwork::V4(net)) => {
+                // The prefix as a network: 10.1.2.3/8 means 10.0.0.0/8.
+                out.insert(Ipv4Network::new(net.network(), net.prefix()).unwrap_or(net));
+            }
+            Ok(ipnetwork::IpNetwork::V6(_)) => {}
+            Err(_) => errs.push(
+                obj,
+                field,
+                format!("invalid value \"{range}\": must be a CIDR such as 203.0.113.0/24"),
+            ),
+        }
+    }
+    Some(out)
 }
 
 /// The frontends of one Service from its own slices (slices of other Services are ignored):
@@ -737,5 +819,70 @@ endpoints:
         assert!(d
             .values()
             .all(|s| s.affinity_timeout == Some(DEFAULT_AFFINITY_TIMEOUT)));
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_restrict_only_the_ingress_ip() {
+        let lb = |spec_extra: &str, meta_extra: &str| {
+            WEB.replacen(
+                "type: NodePort",
+                &format!("type: LoadBalancer\n{spec_extra}"),
+                1,
+            )
+            .replacen(
+                "metadata: {name: web, namespace: default}",
+                &format!("metadata: {{name: web, namespace: default{meta_extra}}}"),
+                1,
+            )
+            .replacen(
+                "\n---\n",
+                "\nstatus: {loadBalancer: {ingress: [{ip: 192.0.2.10}]}}\n---\n",
+                1,
+            )
+        };
+        let ranges_of = |d: &DesiredState, a: [u8; 4]| {
+            d.iter()
+                .find(|(fe, _)| fe.addr == Ipv4Addr::from(a))
+                .map(|(_, s)| s.source_ranges.clone())
+                .expect("frontend")
+        };
+        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let d = desired(&lb(
+            "  loadBalancerSourceRanges: [10.1.2.3/8, 2001:db8::/32, 203.0.113.7/32]",
+            "",
+        ))
+        .unwrap();
+        assert_eq!(
+            ranges_of(&d, [192, 0, 2, 10]),
+            Some([net("10.0.0.0/8"), net("203.0.113.7/32")].into())
+        );
+        assert_eq!(
+            ranges_of(&d, [10, 96, 0, 10]),
+            None,
+            "the cluster IP is not restricted"
+        );
+        assert_eq!(ranges_of(&d, [192, 168, 77, 1]), None, "nor the node port");
+
+        // The annotation, when the field is empty.
+        let annotated = ", annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: '198.51.100.0/24, 192.0.2.0/28'}";
+        let d = desired(&lb("", annotated)).unwrap();
+        assert_eq!(
+            ranges_of(&d, [192, 0, 2, 10]),
+            Some([net("198.51.100.0/24"), net("192.0.2.0/28")].into())
+        );
+        // Only IPv6 ranges: no IPv4 client is admitted.
+        let d = desired(&lb("  loadBalancerSourceRanges: [2001:db8::/32]", "")).unwrap();
+        assert_eq!(ranges_of(&d, [192, 0, 2, 10]), Some(BTreeSet::new()));
+        // No ranges: no restriction.
+        assert_eq!(
+            ranges_of(&desired(&lb("", "")).unwrap(), [192, 0, 2, 10]),
+            None
+        );
+
+        let err = desired(&lb("  loadBalancerSourceRanges: [10.0.0.0/8, bogus]", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spec.loadBalancerSourceRanges[1]"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
     }
 }

@@ -16,8 +16,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context as _, Result};
+use ipnetwork::Ipv4Network;
 use proxy_common::{
     limits, Backend, RevNat, ServiceKey, ServiceValue, PROTO_UDP, SVC_FLAG_AFFINITY,
+    SVC_FLAG_SOURCE_RANGES,
 };
 use tracing::{debug, info, warn};
 
@@ -61,6 +63,8 @@ struct InstalledFrontend {
     header: ServiceValue,
     /// Backend id of slot i+1.
     slots: Vec<u32>,
+    /// Source ranges in the source-range map under this frontend's rev-NAT id.
+    ranges: BTreeSet<Ipv4Network>,
 }
 
 #[derive(Clone, Debug)]
@@ -120,6 +124,9 @@ fn header_for(spec: &FrontendSpec, rev_nat_id: u16, count: u16) -> ServiceValue 
     let mut flags = 0;
     if spec.affinity_timeout.is_some() {
         flags |= SVC_FLAG_AFFINITY;
+    }
+    if spec.source_ranges.is_some() {
+        flags |= SVC_FLAG_SOURCE_RANGES;
     }
     ServiceValue {
         backend_id: 0,
@@ -215,6 +222,10 @@ impl Reconciler {
                 None => bad_keys.push(k),
             }
         }
+        let mut ranges: HashMap<u16, BTreeSet<Ipv4Network>> = HashMap::new();
+        for (rev, net) in maps.source_ranges()? {
+            ranges.entry(rev).or_default().insert(net);
+        }
         let mut used_backends = BTreeSet::new();
         let mut used_revnat = BTreeSet::new();
         for ((fe, slot), header) in &services {
@@ -246,6 +257,7 @@ impl Reconciler {
                     rev_nat_id: header.rev_nat_id,
                     header: *header,
                     slots,
+                    ranges: ranges.remove(&header.rev_nat_id).unwrap_or_default(),
                 },
             );
         }
@@ -267,6 +279,11 @@ impl Reconciler {
         for (id, _) in maps.rev_nats()? {
             if !used_revnat.contains(&(id as u64)) {
                 maps.delete_rev_nat(id)?;
+            }
+        }
+        for (rev, nets) in ranges {
+            for net in nets {
+                maps.delete_source_range(rev, net)?;
             }
         }
         r.backend_ids.rebuild(&used_backends);
@@ -553,6 +570,7 @@ impl Reconciler {
             if ids.as_ref() == Some(&cur_ids)
                 && header == cur.header
                 && cur_ids.len() == cur.slots.len()
+                && spec.source_ranges.clone().unwrap_or_default() == cur.ranges
             {
                 self.labels.insert(cur.rev_nat_id, spec.service.clone());
                 return Ok(());
@@ -587,7 +605,15 @@ impl Reconciler {
             rev_nat_id,
             header: ServiceValue::default(),
             slots: Vec::new(),
+            ranges: BTreeSet::new(),
         });
+        // 0. Source ranges the new set adds, before a header can name them.
+        let want_ranges = spec.source_ranges.clone().unwrap_or_default();
+        for net in want_ranges.difference(&installed.ranges.clone()) {
+            maps.set_source_range(rev_nat_id, *net)?;
+            installed.ranges.insert(*net);
+            stats.writes += 1;
+        }
 
         // 1. Backends: take a reference on each wanted one (new ones are written now).
         let mut wanted = Vec::with_capacity(spec.backends.len());
@@ -616,6 +642,12 @@ impl Reconciler {
         }
         installed.header = header;
         installed.slots = new_slots.clone();
+        // Ranges the new set dropped, once the header no longer needs them.
+        for net in installed.ranges.clone().difference(&want_ranges) {
+            maps.delete_source_range(rev_nat_id, *net)?;
+            installed.ranges.remove(net);
+            stats.writes += 1;
+        }
         self.frontends.insert(*fe, installed);
 
         // 4. Stale slots, then references of the old set (the new set holds its own).
@@ -661,6 +693,10 @@ impl Reconciler {
             maps.delete_service(service_key(fe, i as u16))?;
             stats.writes += 1;
         }
+        for net in &cur.ranges {
+            maps.delete_source_range(cur.rev_nat_id, *net)?;
+            stats.writes += 1;
+        }
         self.frontends.remove(fe);
         // Its flows, affinities and rev-NAT entry go with the others of this write.
         forget.frontends.insert(cur.rev_nat_id);
@@ -692,6 +728,7 @@ mod tests {
             service: "default/web".into(),
             nodeport: false,
             affinity_timeout: None,
+            source_ranges: None,
             backends: backends
                 .iter()
                 .map(|b| BackendAddr {
@@ -738,6 +775,99 @@ mod tests {
         // Removing every frontend empties every map.
         r2.apply(&mut maps, &DesiredState::new()).unwrap();
         assert!(maps.services.is_empty() && maps.backends.is_empty() && maps.rev.is_empty());
+    }
+
+    #[test]
+    fn source_ranges_follow_the_spec_and_are_recovered() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let with = |ranges: Option<&[&str]>| {
+            let mut d = DesiredState::new();
+            let mut sp = spec(&[1, 2], Proto::Tcp);
+            sp.source_ranges = ranges.map(|r| r.iter().map(|s| net(s)).collect());
+            d.insert(fe(1, Proto::Tcp), sp);
+            d
+        };
+        let header = |maps: &FakeMaps| *maps.services.values().find(|v| v.count == 2).unwrap();
+        r.apply(&mut maps, &with(Some(&["10.0.0.0/8", "192.0.2.0/24"])))
+            .unwrap();
+        let rev = header(&maps).rev_nat_id;
+        assert_ne!(header(&maps).flags & SVC_FLAG_SOURCE_RANGES, 0);
+        assert_eq!(
+            maps.ranges,
+            [(rev, net("10.0.0.0/8")), (rev, net("192.0.2.0/24"))].into()
+        );
+        // A changed set: one added, one removed, the header untouched.
+        let s = r
+            .apply(&mut maps, &with(Some(&["10.0.0.0/8", "198.51.100.0/24"])))
+            .unwrap();
+        assert_eq!(s.writes, 2);
+        assert_eq!(
+            maps.ranges,
+            [(rev, net("10.0.0.0/8")), (rev, net("198.51.100.0/24"))].into()
+        );
+        // A restarted daemon finds them and writes nothing.
+        let mut r2 = Reconciler::recover(&mut maps).unwrap();
+        let same = with(Some(&["10.0.0.0/8", "198.51.100.0/24"]));
+        assert_eq!(r2.apply(&mut maps, &same).unwrap().writes, 0);
+        // An empty set still restricts (no IPv4 client); no set lifts the restriction.
+        r2.apply(&mut maps, &with(Some(&[]))).unwrap();
+        assert!(maps.ranges.is_empty());
+        assert_ne!(header(&maps).flags & SVC_FLAG_SOURCE_RANGES, 0);
+        r2.apply(&mut maps, &with(None)).unwrap();
+        assert_eq!(header(&maps).flags & SVC_FLAG_SOURCE_RANGES, 0);
+        // Removing the frontend removes its ranges.
+        r2.apply(&mut maps, &with(Some(&["10.0.0.0/8"]))).unwrap();
+        r2.apply(&mut maps, &DesiredState::new()).unwrap();
+        assert!(maps.ranges.is_empty());
+    }
+
+    #[test]
+    fn sockets_sent_to_a_removed_udp_backend_are_named_for_destruction() {
+        use proxy_common::{SockRevKey, SockRevValue};
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let mut desired = DesiredState::new();
+        desired.insert(fe(1, Proto::Udp), spec(&[1, 2], Proto::Udp));
+        desired.insert(fe(2, Proto::Tcp), spec(&[1, 2], Proto::Tcp));
+        r.apply(&mut maps, &desired).unwrap();
+        let rev_of = |maps: &FakeMaps, f: Frontend| maps.services[&service_key(&f, 0)].rev_nat_id;
+        let (udp_rev, tcp_rev) = (
+            rev_of(&maps, fe(1, Proto::Udp)),
+            rev_of(&maps, fe(2, Proto::Tcp)),
+        );
+        let sock = |cookie: u64, backend: u8, rev: u16| {
+            (
+                SockRevKey {
+                    cookie,
+                    addr: be(Ipv4Addr::new(10, 244, 0, backend)),
+                    port: 8080u16.to_be(),
+                    _pad: 0,
+                },
+                SockRevValue {
+                    addr: be(Ipv4Addr::new(10, 96, 0, 1)),
+                    port: 80u16.to_be(),
+                    rev_nat_id: rev,
+                },
+            )
+        };
+        maps.sock_rev = vec![
+            sock(1, 1, udp_rev),
+            sock(2, 2, udp_rev),
+            sock(3, 2, tcp_rev),
+        ];
+        desired.insert(fe(1, Proto::Udp), spec(&[1], Proto::Udp));
+        desired.insert(fe(2, Proto::Tcp), spec(&[1], Proto::Tcp));
+        r.apply(&mut maps, &desired).unwrap();
+        // Only the UDP socket of the removed backend; TCP connections live on.
+        assert_eq!(r.take_stale_sockets(), [2].into());
+        assert_eq!(maps.sock_rev.len(), 2);
+        assert!(r.take_stale_sockets().is_empty());
+        // A removed frontend takes every socket of its own.
+        desired.remove(&fe(1, Proto::Udp));
+        r.apply(&mut maps, &desired).unwrap();
+        assert_eq!(r.take_stale_sockets(), [1].into());
     }
 
     #[test]

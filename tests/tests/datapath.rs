@@ -595,3 +595,49 @@ fn icmp_errors_about_translated_flows_reach_the_client() {
     .unwrap();
     assert_eq!(got, Err(std::io::ErrorKind::ConnectionRefused));
 }
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    let mut t = cluster();
+    let lb_ip = Ipv4Addr::new(192, 0, 2, 10);
+    let lb = |ranges: Option<&str>| {
+        let spec = ranges
+            .map(|r| format!("  loadBalancerSourceRanges: {r}\n"))
+            .unwrap_or_default();
+        let y = web(&spec, &backends(3)).replacen("type: NodePort", "type: LoadBalancer", 1);
+        // The ingress IP goes in the Service's status, the end of its document.
+        let end = y[4..].find("\n---").map(|i| i + 5).unwrap();
+        let status = format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {lb_ip}\n");
+        format!("{}{status}{}", &y[..end], &y[end..])
+    };
+    let to: SocketAddr = SocketAddrV4::new(lb_ip, 80).into();
+    let from_ext = |t: &Topology| tcp_ask_from(&t.ext, to);
+    let from_pod = |t: &Topology| tcp_ask_from(&t.pods[3].ns, to);
+
+    // The outside client is in the ranges: served; the pod is not: dropped.
+    let proxy = t
+        .start_proxy(&lb(Some(&format!("[\"{EXT_IP}/32\", \"203.0.113.0/24\"]"))))
+        .unwrap();
+    let a = from_ext(&t).expect("a client inside the ranges is served");
+    assert_eq!(a.from, to);
+    let e = from_pod(&t).expect_err("a client outside the ranges must be dropped");
+    assert!(format!("{e:#}").contains("timed out"), "{e:#}");
+
+    // Ranges changed at run time: the other way round.
+    assert!(proxy.update(&lb(Some("[\"10.244.0.0/16\"]"))).unwrap());
+    from_pod(&t).expect("the pod is in the new ranges");
+    assert!(from_ext(&t).is_err(), "the outside client left the ranges");
+
+    // No ranges: everyone.
+    assert!(proxy.update(&lb(None)).unwrap());
+    from_ext(&t).expect("no ranges: the outside client is served");
+    from_pod(&t).expect("no ranges: the pod is served");
+
+    // A bad range is refused with its field named, and the Service keeps what it had.
+    assert!(!proxy
+        .update(&lb(Some("[\"10.0.0.0/33\"]")))
+        .unwrap_or(false));
+    let log = std::fs::read_to_string(t.proxy_log()).unwrap();
+    assert!(log.contains("spec.loadBalancerSourceRanges[0]"), "{log}");
+    from_ext(&t).expect("the last good state stays");
+}
