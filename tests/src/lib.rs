@@ -325,6 +325,28 @@ impl Topology {
         Ok(cg)
     }
 
+    /// Turns connect-time load balancing off again for the proxies started from now on (the
+    /// running ones must be stopped first: their processes leave the cgroup, which goes).
+    pub fn disable_socket_lb(&mut self) {
+        if let Some(cg) = self.socket_lb_cgroup.take() {
+            remove_cgroup(&cg);
+        }
+        if let Ok(mut live) = LIVE.lock() {
+            if let Some(l) = live.iter_mut().find(|l| l.prefix == self.prefix) {
+                l.cgroup = None;
+            }
+        }
+    }
+
+    /// Puts a client command where connect-time load balancing serves it when it is on (the
+    /// socket-LB cgroup), and leaves it alone otherwise.
+    pub fn client_cgroup(&self, cmd: &mut Command) -> Result<()> {
+        match self.socket_lb_cgroup {
+            Some(_) => self.in_cgroup(cmd),
+            None => Ok(()),
+        }
+    }
+
     /// Makes `cmd` start inside this topology's socket-LB cgroup (see `enable_socket_lb`).
     pub fn in_cgroup(&self, cmd: &mut Command) -> Result<()> {
         let cg = self

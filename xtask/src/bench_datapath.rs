@@ -47,8 +47,10 @@ struct Report {
     rows: Vec<Row>,
     program_10k_x10_sync_seconds: f64,
     program_10k_x10_startup_seconds: f64,
-    /// Connects refused by Ferry for a Service without endpoints.
+    /// Connects refused by Ferry for a Service without endpoints (tc: ICMP port unreachable).
     refused_no_endpoints: Load,
+    /// The same with connect-time load balancing (the socket program fails the connect).
+    refused_no_endpoints_socket_lb: Load,
     /// Connects refused by a pod's kernel (closed port): the baseline.
     refused_closed_port: Load,
 }
@@ -168,6 +170,26 @@ fn markdown(r: &Report) -> String {
         k.p99_us,
         f.p99_us / k.p99_us.max(1.0)
     );
+    let sl = &r.refused_no_endpoints_socket_lb;
+    let _ = writeln!(
+        s,
+        "With socket LB the connect itself fails (ECONNREFUSED, no packet sent): p50 {:.0} µs, p99 {:.0} µs over {} connects (target p99 < 1000 µs: {}).",
+        sl.p50_us,
+        sl.p99_us,
+        sl.transactions,
+        if sl.p99_us < 1000.0 { "met" } else { "NOT met" },
+    );
+    if let Some(sock) = r.rows.iter().find(|x| x.name.contains("socket LB")) {
+        let verdict = |x: f64| if x >= 0.98 { "met" } else { "NOT met" };
+        let (c, t) = (sock.crr.rate / base_crr, sock.rr.rate / base_rr);
+        let _ = writeln!(
+            s,
+            "Socket LB at N={} vs direct: {c:.2}x conn/s (target >= 0.98x: {}), {t:.2}x round trips/s (target >= 0.98x: {}).",
+            sock.services,
+            verdict(c),
+            verdict(t)
+        );
+    }
     let _ = writeln!(
         s,
         "Programming 10,000 Services x 10 endpoints from scratch: {:.3} s in the sync (validation + map writes; target < 1 s), {:.2} s from process start to healthy (includes parsing {} MB of YAML and loading the program).",
@@ -193,7 +215,7 @@ pub fn run(quick: bool) -> Result<()> {
         }
     };
     let sizes = [1usize, 1_000, 10_000];
-    let steps = (sizes.len() + 3) * plan.reps;
+    let steps = (sizes.len() + 4) * plan.reps;
     let mut step = 0;
 
     let mut t = Topology::with_prefix(&format!("fb{}", std::process::id()), BACKENDS + 1)?;
@@ -289,9 +311,9 @@ pub fn run(quick: bool) -> Result<()> {
     if !p.update(&empty)? {
         bail!("ferry-proxy rejected a Service without endpoints");
     }
-    let refused = |target: String| -> Result<Load> {
+    let refused = |t: &Topology, target: String| -> Result<Load> {
         let l = loadgen(
-            &t,
+            t,
             CLIENT,
             "refused",
             std::slice::from_ref(&target),
@@ -307,14 +329,39 @@ pub fn run(quick: bool) -> Result<()> {
         }
         Ok(l)
     };
-    let refused_no_endpoints = refused(format!("{}:80", vip(EMPTY)))?;
-    let refused_closed_port = refused(format!("{}:9", pod_ip(0)))?;
-
-    // Back to the direct path with nothing attached, for order effects.
+    let refused_no_endpoints = refused(&t, format!("{}:80", vip(EMPTY)))?;
+    let refused_closed_port = refused(&t, format!("{}:9", pod_ip(0)))?;
     if let Some(p) = proxy.take() {
         t.stop(p.pid, libc::SIGTERM)?;
     }
     std::fs::remove_dir_all(&t.bpf_dir).ok();
+
+    // Connect-time load balancing at the largest N: the client runs in the cgroup the socket
+    // programs serve, so they translate each connect and the packets cross no program.
+    let n = *sizes.last().unwrap();
+    eprintln!("[bench] Ferry socket LB, {n} Services");
+    t.enable_socket_lb()?;
+    let p = t.start_proxy(
+        &(services_yaml(n, BACKENDS, true) + &ferry_yaml(&[bench_svc(EMPTY, vec![])])),
+    )?;
+    let targets: Vec<String> = (0..plan.concurrency)
+        .map(|_| format!("{}:80", vip(rng.next() as usize % n)))
+        .collect();
+    rows.push(measure(
+        &t,
+        &plan,
+        &format!("Ferry socket LB, N={n} Services"),
+        n,
+        &targets,
+        &mut step,
+        steps,
+    )?);
+    let refused_no_endpoints_socket_lb = refused(&t, format!("{}:80", vip(EMPTY)))?;
+    t.stop(p.pid, libc::SIGTERM)?;
+    std::fs::remove_dir_all(&t.bpf_dir).ok();
+    t.disable_socket_lb();
+
+    // Back to the direct path with nothing attached, for order effects.
     rows.push(measure(
         &t,
         &plan,
@@ -344,6 +391,7 @@ pub fn run(quick: bool) -> Result<()> {
         program_10k_x10_sync_seconds: sync,
         program_10k_x10_startup_seconds: startup,
         refused_no_endpoints,
+        refused_no_endpoints_socket_lb,
         refused_closed_port,
     };
     write_results("datapath", &report, &markdown(&report))?;

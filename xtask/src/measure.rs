@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _, Result};
 use ferry_testbed::{bin_path, Topology};
@@ -148,8 +149,21 @@ pub fn loadgen(
         args.push("--target".into());
         args.push(tg.clone());
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = t.pods[client].ns.exec(bin.to_str().unwrap(), &args)?;
+    let mut cmd = Command::new(&bin);
+    cmd.args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // With connect-time load balancing on, the client is where the socket programs serve it.
+    t.client_cgroup(&mut cmd)?;
+    let done = t.pods[client].ns.spawn(&mut cmd)?.wait_with_output()?;
+    if !done.status.success() {
+        bail!(
+            "ferry-loadgen {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&done.stderr).trim()
+        );
+    }
+    let out = String::from_utf8_lossy(&done.stdout).into_owned();
     let v: serde_json::Value =
         serde_json::from_str(out.trim()).with_context(|| format!("loadgen printed {out:?}"))?;
     let f = |k: &str| v[k].as_f64().unwrap_or(0.0);

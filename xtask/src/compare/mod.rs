@@ -2,7 +2,8 @@
 //! topology and one workload, in one run.
 //!
 //! Modes, each set up and torn down completely before the next: no proxy (client to pod IPs),
-//! Ferry (eBPF), kube-proxy's iptables layout through iptables-nft and through iptables-legacy,
+//! Ferry per packet (tc programs), Ferry per connect (socket LB: the client runs in the cgroup
+//! the socket programs serve), kube-proxy's iptables layout through iptables-nft and through iptables-legacy,
 //! its nftables layout, and IPVS where the kernel has it (detected; otherwise reported as
 //! unavailable, never faked). For every Service count N the mode is programmed from scratch
 //! (timed), then measured: new connections/s, round trips/s with p50/p99, CPU seconds per 10,000
@@ -70,7 +71,7 @@ pub struct CompareOpts {
     /// A short run (about a minute) that shows the benchmark works; figures are noisier.
     #[arg(long)]
     quick: bool,
-    /// Only these modes: none, ferry, iptables-nft, nftables, iptables-legacy, ipvs.
+    /// Only these modes: none, ferry, ferry-socket, iptables-nft, nftables, iptables-legacy, ipvs.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
     /// Only these numbers of Services (programming and data plane at each).
@@ -82,11 +83,12 @@ fn mode_named(name: &str) -> Result<Mode> {
     Ok(match name {
         "none" => Mode::NoProxy,
         "ferry" => Mode::Ferry,
+        "ferry-socket" => Mode::FerrySocket,
         "iptables-nft" => Mode::IptablesNft,
         "nftables" => Mode::Nftables,
         "iptables-legacy" => Mode::IptablesLegacy,
         "ipvs" => Mode::Ipvs,
-        other => bail!("--modes: unknown mode {other:?}; use none, ferry, iptables-nft, nftables, iptables-legacy or ipvs"),
+        other => bail!("--modes: unknown mode {other:?}; use none, ferry, ferry-socket, iptables-nft, nftables, iptables-legacy or ipvs"),
     })
 }
 
@@ -230,7 +232,7 @@ pub fn run(opts: &CompareOpts) -> Result<()> {
                 }
             };
             let mut mem = (kernel_mem_kib() as f64 - mem0 as f64) / 1024.0;
-            if mode == Mode::Ferry {
+            if mode.is_ferry() {
                 // Exact figure for eBPF maps: what they charge (bytes_memlock).
                 mem = ferry_maps_mib()?;
             }
@@ -309,7 +311,7 @@ pub fn run(opts: &CompareOpts) -> Result<()> {
 
     let report = Report {
         run: RunInfo::new(quick, plan.secs, plan.reps, plan.concurrency),
-        conntrack_note: "nf_conntrack active in the node for the no-proxy and kube-proxy rows; Ferry tracks connections in its own eBPF map".into(),
+        conntrack_note: "nf_conntrack active in the node for the no-proxy and kube-proxy rows; Ferry (tc) tracks connections in its own eBPF map; Ferry socket LB translates at connect and tracks nothing".into(),
         memory_note: "kube-proxy modes: growth of Slab + VmallocUsed + Percpu from programming the rules; Ferry: bytes charged by its eBPF maps; the conntrack (512k entries) and affinity (64k) LRU maps are preallocated whatever N is, the service, backend and rev-NAT maps grow with N".into(),
         unavailable,
         results,

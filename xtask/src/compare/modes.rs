@@ -27,6 +27,7 @@ pub(super) const CLIENT: usize = 3;
 pub(super) enum Mode {
     NoProxy,
     Ferry,
+    FerrySocket,
     IptablesNft,
     IptablesLegacy,
     Nftables,
@@ -34,9 +35,10 @@ pub(super) enum Mode {
 }
 
 impl Mode {
-    pub(super) const ALL: [Mode; 6] = [
+    pub(super) const ALL: [Mode; 7] = [
         Mode::NoProxy,
         Mode::Ferry,
+        Mode::FerrySocket,
         Mode::IptablesNft,
         Mode::Nftables,
         Mode::IptablesLegacy,
@@ -46,12 +48,19 @@ impl Mode {
     pub(super) fn label(self) -> &'static str {
         match self {
             Mode::NoProxy => "no proxy (pod IPs)",
-            Mode::Ferry => "Ferry (eBPF)",
+            Mode::Ferry => "Ferry (eBPF, tc)",
+            Mode::FerrySocket => "Ferry socket LB (eBPF)",
             Mode::IptablesNft => "kube-proxy iptables (nft)",
             Mode::IptablesLegacy => "kube-proxy iptables (legacy)",
             Mode::Nftables => "kube-proxy nftables",
             Mode::Ipvs => "kube-proxy IPVS",
         }
+    }
+
+    /// Ferry, per packet (tc programs) or per connect (socket programs, the client in the
+    /// cgroup they serve).
+    pub(super) fn is_ferry(self) -> bool {
+        matches!(self, Mode::Ferry | Mode::FerrySocket)
     }
 
     pub(super) fn iptables(self) -> Option<&'static str> {
@@ -137,6 +146,9 @@ pub(super) fn teardown(t: &mut Topology, mode: Mode, p: &mut Programmed) -> Resu
         t.stop(proxy.pid, libc::SIGTERM)?;
         std::fs::remove_dir_all(&t.bpf_dir).ok();
     }
+    if mode == Mode::FerrySocket {
+        t.disable_socket_lb();
+    }
     if let Some(bin) = mode.iptables() {
         for table in ["nat", "filter"] {
             node_exec(t, bin, &["-w", "-t", table, "-F"])?;
@@ -198,7 +210,10 @@ pub(super) fn program(
 ) -> Result<Duration> {
     match mode {
         Mode::NoProxy | Mode::Ipvs => Ok(Duration::ZERO),
-        Mode::Ferry => {
+        Mode::Ferry | Mode::FerrySocket => {
+            if mode == Mode::FerrySocket {
+                t.enable_socket_lb()?;
+            }
             // The daemon runs with no Services first; the timed part is from the new input
             // landing to the daemon reporting it in the datapath.
             let proxy = t.start_proxy("")?;
@@ -270,7 +285,7 @@ pub(super) fn endpoint_change(
         Cmd(String, Vec<String>, PathBuf),
     }
     let apply = match mode {
-        Mode::Ferry => Apply::Ferry(ferry_yaml(&changed)),
+        Mode::Ferry | Mode::FerrySocket => Apply::Ferry(ferry_yaml(&changed)),
         Mode::IptablesNft | Mode::IptablesLegacy => {
             let f = write_tmp(
                 t,
@@ -306,24 +321,25 @@ pub(super) fn endpoint_change(
     // Paced: a prober trying back to back keeps one core busy with itself and its echo server,
     // which on a 2-core machine is half of what the mode under test has to apply the change
     // with. 250 µs between tries costs the figure ~1 ms of resolution, the same for every mode.
-    let mut probe = t.pods[CLIENT].ns.spawn(
-        Command::new(bin_path("ferry-loadgen")?)
-            .args([
-                "--mode",
-                "probe",
-                "--want",
-                &want,
-                "--target",
-                &target,
-                "--source",
-                &source,
-                "--seconds",
-                "150",
-                "--pause-us",
-                "250",
-            ])
-            .stdout(Stdio::piped()),
-    )?;
+    let mut prober = Command::new(bin_path("ferry-loadgen")?);
+    prober
+        .args([
+            "--mode",
+            "probe",
+            "--want",
+            &want,
+            "--target",
+            &target,
+            "--source",
+            &source,
+            "--seconds",
+            "150",
+            "--pause-us",
+            "250",
+        ])
+        .stdout(Stdio::piped());
+    t.client_cgroup(&mut prober)?;
+    let mut probe = t.pods[CLIENT].ns.spawn(&mut prober)?;
     std::thread::sleep(Duration::from_millis(300)); // the prober is connecting by now
     let mut counts = None;
     if let (Apply::Ferry(yaml), Some(proxy)) = (&apply, p.proxy.as_ref()) {

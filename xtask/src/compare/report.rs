@@ -314,6 +314,30 @@ pub(super) fn targets(r: &Report) -> String {
         5.0,
         false,
     );
+    // Connect-time load balancing against the direct path: the figures the socket programs
+    // promise (no per-packet work, so within noise of no proxy).
+    let no_proxy = r.results.iter().find(|m| m.mode == Mode::NoProxy);
+    let sock = find(Mode::FerrySocket, big);
+    line(
+        "Ferry socket LB conn/s vs no proxy".into(),
+        div(rate(Mode::FerrySocket, big), base),
+        0.98,
+        true,
+    );
+    let rr = |m: Option<&Measure>| m.and_then(|m| m.rr.as_ref()).map(|l| l.rate);
+    line(
+        "Ferry socket LB round trips/s vs no proxy".into(),
+        div(rr(sock), rr(no_proxy)),
+        0.98,
+        true,
+    );
+    let cpu = |m: Option<&Measure>| m.and_then(|m| m.cpu_s_per_10k);
+    line(
+        "Ferry socket LB CPU seconds per 10,000 connections vs no proxy".into(),
+        div(cpu(sock), cpu(no_proxy)),
+        1.05,
+        false,
+    );
     let prog = |mode| find(mode, big).and_then(|m| m.program_s);
     line(
         "programming speed-up of Ferry over iptables-nft".into(),
