@@ -67,6 +67,37 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A map pinned by an earlier Ferry whose layout differs from this program's (a key or value
+/// that grew, another size) cannot be reused: the program would read it with the wrong layout.
+/// Such a pin is removed, with a warning, and the map starts empty (the daemon writes the
+/// Services again; flows and affinities in it are lost). The old program keeps its own
+/// reference until the new one replaces it in the links.
+fn retire_incompatible_maps(map_dir: &Path) -> Result<()> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the eBPF object")?;
+    for (name, def) in &object.maps {
+        let pin = map_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let want = (def.key_size(), def.value_size(), def.max_entries());
+        let have = aya::maps::MapData::from_pin(&pin)
+            .and_then(|m| m.info())
+            .map(|i| (i.key_size(), i.value_size(), i.max_entries()));
+        match have {
+            Ok(have) if have == want => {}
+            Ok(have) => {
+                warn!(map = %name, ?have, ?want, "pinned map has another layout (key, value, entries): starting it empty");
+                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            }
+            Err(e) => {
+                warn!(map = %name, error = %e, "pinned map unreadable: starting it empty");
+                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where a program is attached on every interface, and where its links are pinned.
 #[derive(Clone, Copy)]
 struct Hook {
@@ -157,6 +188,7 @@ impl Datapath {
         for hook in HOOKS {
             fs::create_dir_all(pin_dir.join(hook.links))?;
         }
+        retire_incompatible_maps(&map_dir)?;
         let reused = fs::read_dir(&map_dir)?.count();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
@@ -537,5 +569,48 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
         }
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map an older Ferry pinned with another key layout is not reused: the program would
+    /// read it wrongly. Needs root (bpffs, bpftool); skipped otherwise.
+    #[test]
+    fn a_pinned_map_of_another_layout_is_replaced() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/ferry-retire-test-{}",
+            std::process::id()
+        ));
+        ensure_bpffs(&dir).unwrap();
+        fs::create_dir_all(dir.join("maps")).unwrap();
+        let old = dir.join("maps").join(names::AFFINITY);
+        let made = std::process::Command::new("bpftool")
+            .args(["map", "create", old.to_str().unwrap(), "type", "lru_hash"])
+            .args([
+                "key",
+                "8",
+                "value",
+                "16",
+                "entries",
+                "65536",
+                "name",
+                "FERRY_AFFINITY",
+            ])
+            .status()
+            .expect("bpftool");
+        assert!(made.success());
+        let loaded = Datapath::load(&dir, std::net::Ipv4Addr::new(169, 254, 42, 1), false);
+        let info = aya::maps::MapData::from_pin(&old).and_then(|m| m.info());
+        drop(loaded);
+        let _ = cleanup(&dir);
+        let info = info.expect("the map is pinned again");
+        assert_eq!(info.key_size() as usize, std::mem::size_of::<AffinityKey>());
     }
 }
