@@ -17,8 +17,9 @@ pub mod names {
     pub const VETH_PEERS: &str = "FERRY_VETH_PEERS";
     pub const SOCK_REV: &str = "FERRY_SOCK_REV";
     pub const SOURCE_RANGES: &str = "FERRY_SOURCE_RANGES";
+    pub const FRONTEND_ADDRS: &str = "FERRY_FRONTEND_ADDRS";
     /// Every map of the datapath object: the daemon's tests check the object holds exactly these.
-    pub const MAPS: [&str; 10] = [
+    pub const MAPS: [&str; 11] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -29,6 +30,7 @@ pub mod names {
         VETH_PEERS,
         SOCK_REV,
         SOURCE_RANGES,
+        FRONTEND_ADDRS,
     ];
     /// The tc classifier attached to the ingress of pod and node interfaces.
     pub const PROG_INGRESS: &str = "ferry_ingress";
@@ -51,6 +53,9 @@ pub mod limits {
     pub const VETH_PEERS: u32 = 1 << 14;
     /// Sockets the socket programs translated (reverse entries, LRU).
     pub const SOCK_REV: u32 = 1 << 17;
+    /// Distinct frontend addresses (at most one per frontend). Small on purpose: the tc program
+    /// looks every packet's destination up here first, and a small table stays in cache.
+    pub const FRONTEND_ADDRS: u32 = 1 << 16;
     /// `loadBalancerSourceRanges` prefixes, over all frontends.
     pub const SOURCE_RANGES: u32 = 1 << 14;
     /// Largest backend count of one frontend (slots 1..=MAX_BACKENDS).

@@ -9,7 +9,7 @@ use proxy_common::{
     SVC_FLAG_SOURCE_RANGES,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, SERVICES, SOURCE_RANGES};
+use crate::maps::{AFFINITY, BACKENDS, FRONTEND_ADDRS, SERVICES, SOURCE_RANGES};
 
 const NS: u64 = 1_000_000_000;
 
@@ -26,6 +26,13 @@ pub struct Frontend {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
+}
+
+/// Whether some frontend has this address (the cheap test before the service and forward
+/// conntrack lookups).
+#[inline(always)]
+pub fn is_frontend_addr(addr: u32) -> bool {
+    unsafe { FRONTEND_ADDRS.get(&addr) }.is_some()
 }
 
 /// The header (slot 0) of a frontend, if it is one.

@@ -45,12 +45,17 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_OK);
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    // Only an address some frontend has can start or continue a flow to a frontend: for any
+    // other (pod to pod, a socket the socket programs translated) steps 1 and 3 are skipped.
+    let to_frontend = lb::is_frontend_addr(flow.daddr);
 
     // 1. An established flow towards a frontend keeps its backend.
-    if let Some(ct) = conntrack::lookup_forward(&flow, now)? {
-        metrics::count(ct.rev_nat_id, ctx.len());
-        nat::dnat(ctx, &flow, ct.backend_addr, ct.backend_port, ct.hairpin)?;
-        return Ok(forward::forward(ctx, &flow));
+    if to_frontend {
+        if let Some(ct) = conntrack::lookup_forward(&flow, now)? {
+            metrics::count(ct.rev_nat_id, ctx.len());
+            nat::dnat(ctx, &flow, ct.backend_addr, ct.backend_port, ct.hairpin)?;
+            return Ok(forward::forward(ctx, &flow));
+        }
     }
 
     // 2. A backend's reply appears to come from the frontend (before the service lookup:
@@ -68,7 +73,8 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         port: flow.dport,
         proto: flow.proto,
     };
-    if let Some(head) = lb::frontend(fe) {
+    let head = if to_frontend { lb::frontend(fe) } else { None };
+    if let Some(head) = head {
         let rev_nat_id = head.rev_nat_id;
         if !lb::source_allowed(head, flow.saddr) {
             // Outside the load balancer's source ranges: dropped, as kube-proxy does.
@@ -113,6 +119,12 @@ pub fn ferry_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_egress(ctx: &TcContext) -> Result<(), ()> {
+    // Only what the node's own stack sends can be such a reply (or an ICMP error about a
+    // translated flow): a forwarded packet (pod to pod) carries the interface it arrived on
+    // and is left alone without a lookup.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return Ok(());
+    }
     let Some(flow) = parse::parse(ctx)? else {
         let _ = icmp::rev_nat_error(ctx);
         return Ok(());

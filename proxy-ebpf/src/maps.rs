@@ -18,6 +18,12 @@ use proxy_common::{
 const BPF_F_NO_PREALLOC: u32 = 1 << 0;
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
+/// Addresses that are some frontend's (value: how many frontends have it, kept by the daemon):
+/// a packet to any other address is not for a Service and skips the service and forward
+/// conntrack lookups, whose large tables cost a cache miss each.
+#[map(name = "FERRY_FRONTEND_ADDRS")]
+pub static FRONTEND_ADDRS: HashMap<u32, u32> =
+    HashMap::pinned(limits::FRONTEND_ADDRS, BPF_F_NO_PREALLOC);
 /// Frontends (slot 0) and their backend slots (1..=count).
 #[map(name = "FERRY_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =

@@ -159,6 +159,7 @@ pub struct Maps {
     ct: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    frontend_addrs: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     stats: PerCpuArray<MapData, ServiceStats>,
     config: Array<MapData, u32>,
@@ -219,6 +220,7 @@ impl Datapath {
             ct: take(&mut ebpf, names::CONNTRACK)?,
             affinity: take(&mut ebpf, names::AFFINITY)?,
             sock_rev: take(&mut ebpf, names::SOCK_REV)?,
+            frontend_addrs: take(&mut ebpf, names::FRONTEND_ADDRS)?,
             source_ranges: take(&mut ebpf, names::SOURCE_RANGES)?,
             stats: take(&mut ebpf, names::STATS)?,
             config: take(&mut ebpf, names::CONFIG)?,
@@ -517,6 +519,21 @@ impl DatapathMaps for Maps {
     }
     fn delete_affinity(&mut self, key: AffinityKey) -> Result<()> {
         ignore_missing(self.affinity.remove(&key)).map_err(err("affinity delete"))
+    }
+    fn set_frontend_addr(&mut self, addr: u32, frontends: u32) -> Result<()> {
+        self.frontend_addrs
+            .insert(addr, frontends, 0)
+            .map_err(err("frontend address map update"))
+    }
+    fn delete_frontend_addr(&mut self, addr: u32) -> Result<()> {
+        ignore_missing(self.frontend_addrs.remove(&addr))
+            .map_err(err("frontend address map delete"))
+    }
+    fn frontend_addrs(&self) -> Result<Vec<(u32, u32)>> {
+        self.frontend_addrs
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(err("frontend address map dump"))
     }
     fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>> {
         Ok(self.sock_rev.iter().filter_map(Result::ok).collect())

@@ -28,6 +28,10 @@ pub trait DatapathMaps {
     fn delete_conntrack(&mut self, key: CtKey) -> Result<()>;
     fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>>;
     fn delete_affinity(&mut self, key: AffinityKey) -> Result<()>;
+    /// Frontend addresses, with how many frontends have each.
+    fn set_frontend_addr(&mut self, addr: u32, frontends: u32) -> Result<()>;
+    fn delete_frontend_addr(&mut self, addr: u32) -> Result<()>;
+    fn frontend_addrs(&self) -> Result<Vec<(u32, u32)>>;
     /// The socket programs' reverse entries (sockets sent to a backend).
     fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>>;
     fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<()>;
@@ -85,6 +89,7 @@ pub mod fake {
         pub aff: Vec<(AffinityKey, AffinityValue)>,
         pub sock_rev: Vec<(SockRevKey, SockRevValue)>,
         pub ranges: std::collections::BTreeSet<(u16, Ipv4Network)>,
+        pub addrs: BTreeMap<u32, u32>,
         pub ops: u64,
     }
 
@@ -94,6 +99,10 @@ pub mod fake {
                 if k.slot != 0 {
                     continue;
                 }
+                assert!(
+                    self.addrs.contains_key(&k.addr),
+                    "header whose address is not in the frontend address map"
+                );
                 assert!(
                     self.rev.contains_key(&v.rev_nat_id),
                     "header without rev-NAT entry"
@@ -170,6 +179,20 @@ pub mod fake {
         fn delete_affinity(&mut self, key: AffinityKey) -> Result<()> {
             self.aff.retain(|(k, _)| *k != key);
             Ok(())
+        }
+        fn set_frontend_addr(&mut self, addr: u32, frontends: u32) -> Result<()> {
+            self.addrs.insert(addr, frontends);
+            self.ops += 1;
+            Ok(())
+        }
+        fn delete_frontend_addr(&mut self, addr: u32) -> Result<()> {
+            self.addrs.remove(&addr);
+            self.ops += 1;
+            self.check();
+            Ok(())
+        }
+        fn frontend_addrs(&self) -> Result<Vec<(u32, u32)>> {
+            Ok(self.addrs.iter().map(|(k, v)| (*k, *v)).collect())
         }
         fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>> {
             Ok(self.sock_rev.clone())

@@ -183,6 +183,8 @@ pub struct Reconciler {
     rev_nat_ids: IdPool,
     /// Frontend labels (`ns/name:port`) for metrics; not stored in the maps.
     labels: HashMap<u16, String>,
+    /// Frontends per address (network order), mirrored as presence in the frontend address map.
+    addr_refs: HashMap<u32, u32>,
     /// Cookies of sockets the socket programs sent to a UDP backend (or frontend) that is gone;
     /// the daemon destroys the connected ones (`sockets::destroy_udp`).
     stale_sockets: HashSet<u64>,
@@ -197,6 +199,7 @@ impl Default for Reconciler {
             rev_nat_ids: IdPool::new(limits::REV_NAT as u64 - 1),
             labels: HashMap::new(),
             stale_sockets: HashSet::new(),
+            addr_refs: HashMap::new(),
         }
     }
 }
@@ -260,6 +263,22 @@ impl Reconciler {
                     ranges: ranges.remove(&header.rev_nat_id).unwrap_or_default(),
                 },
             );
+        }
+        // Frontend addresses: those of the recovered frontends (maps of a Ferry without this
+        // map have none yet), and nothing else.
+        for fe in r.frontends.keys() {
+            *r.addr_refs.entry(be(fe.addr)).or_default() += 1;
+        }
+        let present: HashSet<u32> = maps.frontend_addrs()?.into_iter().map(|(a, _)| a).collect();
+        for addr in r.addr_refs.keys() {
+            if !present.contains(addr) {
+                maps.set_frontend_addr(*addr, 1)?;
+            }
+        }
+        for addr in present {
+            if !r.addr_refs.contains_key(&addr) {
+                maps.delete_frontend_addr(addr)?;
+            }
         }
         // Garbage: slots past a count, backends and rev-NAT entries nobody references.
         for (fe, slot) in services.keys() {
@@ -580,6 +599,13 @@ impl Reconciler {
         let rev_nat_id = match &existing {
             Some(cur) => cur.rev_nat_id,
             None => {
+                // Its address first: the program only looks up frontends at known addresses.
+                let refs = self.addr_refs.entry(be(fe.addr)).or_default();
+                if *refs == 0 {
+                    maps.set_frontend_addr(be(fe.addr), 1)?;
+                    stats.writes += 1;
+                }
+                *refs += 1;
                 let id = self.rev_nat_ids.take().context("rev-NAT ids exhausted")? as u16;
                 maps.reset_stats(id)?;
                 maps.set_rev_nat(
@@ -698,6 +724,14 @@ impl Reconciler {
             stats.writes += 1;
         }
         self.frontends.remove(fe);
+        if let Some(refs) = self.addr_refs.get_mut(&be(fe.addr)) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.addr_refs.remove(&be(fe.addr));
+                maps.delete_frontend_addr(be(fe.addr))?;
+                stats.writes += 1;
+            }
+        }
         // Its flows, affinities and rev-NAT entry go with the others of this write.
         forget.frontends.insert(cur.rev_nat_id);
         for id in &cur.slots {
@@ -759,8 +793,8 @@ mod tests {
             desired.insert(fe(i, Proto::Tcp), spec(&[1, 2, 3], Proto::Tcp));
         }
         let s = r.apply(&mut maps, &desired).unwrap();
-        // 3 shared backends + 20 x (rev-NAT + header + 3 slots).
-        assert_eq!(s.writes, 3 + 20 * 5);
+        // 3 shared backends + 20 x (address + rev-NAT + header + 3 slots).
+        assert_eq!(s.writes, 3 + 20 * 6);
         assert_eq!(r.apply(&mut maps, &desired).unwrap().writes, 0);
 
         // Remove one backend of one frontend: the moved slot, the header, the stale slot.
@@ -775,6 +809,42 @@ mod tests {
         // Removing every frontend empties every map.
         r2.apply(&mut maps, &DesiredState::new()).unwrap();
         assert!(maps.services.is_empty() && maps.backends.is_empty() && maps.rev.is_empty());
+        assert!(maps.addrs.is_empty());
+    }
+
+    #[test]
+    fn frontend_addresses_are_counted_and_rebuilt_for_older_maps() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let https = Frontend {
+            port: 443,
+            ..fe(1, Proto::Tcp)
+        };
+        let mut desired = DesiredState::new();
+        desired.insert(fe(1, Proto::Tcp), spec(&[1], Proto::Tcp));
+        desired.insert(https, spec(&[1], Proto::Tcp));
+        desired.insert(fe(2, Proto::Tcp), spec(&[1], Proto::Tcp));
+        r.apply(&mut maps, &desired).unwrap();
+        let addr = |i: u8| be(Ipv4Addr::new(10, 96, 0, i));
+        assert_eq!(
+            maps.addrs.keys().copied().collect::<Vec<_>>(),
+            vec![addr(1), addr(2)]
+        );
+        // One of two ports of an address goes: the address stays.
+        desired.remove(&https);
+        r.apply(&mut maps, &desired).unwrap();
+        assert!(maps.addrs.contains_key(&addr(1)));
+        // Maps pinned by a Ferry without the address map: a restart writes the addresses.
+        maps.addrs.clear();
+        let mut r2 = Reconciler::recover(&mut maps).unwrap();
+        assert_eq!(maps.addrs.len(), 2);
+        assert_eq!(r2.apply(&mut maps, &desired).unwrap().writes, 0);
+        desired.remove(&fe(1, Proto::Tcp));
+        r2.apply(&mut maps, &desired).unwrap();
+        assert_eq!(
+            maps.addrs.keys().copied().collect::<Vec<_>>(),
+            vec![addr(2)]
+        );
     }
 
     #[test]

@@ -67,12 +67,13 @@ impl TestBed {
         })
     }
 
-    /// Installs a frontend and its backends as the reconciler would (backends, rev-NAT,
-    /// slots, then the header); returns the rev-NAT id.
+    /// Installs a frontend and its backends as the reconciler would (address, rev-NAT,
+    /// backends, slots, then the header); returns the rev-NAT id.
     pub fn add_service(&mut self, fe: &Frontend, backends: &[(Ipv4Addr, u16)]) -> Result<u16> {
         let rev_nat_id = self.next_rev_nat;
         self.next_rev_nat += 1;
         let maps = &mut self.datapath.maps;
+        maps.set_frontend_addr(be(fe.addr), 1)?;
         maps.set_rev_nat(
             rev_nat_id,
             RevNat {
