@@ -144,6 +144,17 @@ pub struct Maps {
     nr_cpus: usize,
 }
 
+/// A program of the object, as the kind it is (a tc classifier, a socket program).
+fn program_of<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing"))?;
+    Ok(prog.try_into()?)
+}
+
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &str,
@@ -179,10 +190,7 @@ impl Datapath {
             (names::PROG_INGRESS, "prog_ingress"),
             (names::PROG_EGRESS, "prog_egress"),
         ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
-                .try_into()?;
+            let prog: &mut SchedClassifier = program_of(&mut ebpf, name)?;
             prog.load().with_context(|| {
                 format!("the kernel verifier rejected the datapath program {name}")
             })?;
@@ -230,11 +238,7 @@ impl Datapath {
     }
 
     fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing"))?
-            .try_into()?)
+        program_of(&mut self.ebpf, name)
     }
 
     /// Runs the program once per `repeat` on `packet` in the kernel (BPF_PROG_TEST_RUN), for

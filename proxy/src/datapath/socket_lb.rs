@@ -11,7 +11,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use proxy_common::names;
 use tracing::{info, warn};
 
-use super::Datapath;
+use super::{program_of, Datapath};
 
 /// The socket programs and the directory of their pinned cgroup links.
 const SOCK_PROGRAMS: [&str; 4] = [
@@ -48,11 +48,7 @@ impl Datapath {
         let cg = fs::File::open(cgroup)
             .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
         for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
-                .try_into()?;
+            let prog: &mut CgroupSockAddr = program_of(&mut self.ebpf, name)?;
             prog.load().with_context(|| {
                 format!("the kernel refused the socket program {name} (connect-time load balancing needs Linux >= 5.18)")
             })?;
