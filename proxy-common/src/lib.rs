@@ -18,8 +18,9 @@ pub mod names {
     pub const SOCK_REV: &str = "FERRY_SOCK_REV";
     pub const SOURCE_RANGES: &str = "FERRY_SOURCE_RANGES";
     pub const FRONTEND_ADDRS: &str = "FERRY_FRONTEND_ADDRS";
+    pub const REPLY_ADDRS: &str = "FERRY_REPLY_ADDRS";
     /// Every map of the datapath object: the daemon's tests check the object holds exactly these.
-    pub const MAPS: [&str; 11] = [
+    pub const MAPS: [&str; 12] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -31,6 +32,7 @@ pub mod names {
         SOCK_REV,
         SOURCE_RANGES,
         FRONTEND_ADDRS,
+        REPLY_ADDRS,
     ];
     /// The tc classifier attached to the ingress of pod and node interfaces.
     pub const PROG_INGRESS: &str = "ferry_ingress";
@@ -56,6 +58,9 @@ pub mod limits {
     /// Distinct frontend addresses (at most one per frontend). Small on purpose: the tc program
     /// looks every packet's destination up here first, and a small table stays in cache.
     pub const FRONTEND_ADDRS: u32 = 1 << 16;
+    /// Distinct backend addresses the tc programs translated a flow to (small for the same
+    /// reason: every packet's source is looked up here before the conntrack reply lookup).
+    pub const REPLY_ADDRS: u32 = 1 << 16;
     /// `loadBalancerSourceRanges` prefixes, over all frontends.
     pub const SOURCE_RANGES: u32 = 1 << 14;
     /// Largest backend count of one frontend (slots 1..=MAX_BACKENDS).

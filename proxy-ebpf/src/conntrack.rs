@@ -10,7 +10,7 @@ use proxy_common::{
 };
 
 use crate::lb::Selected;
-use crate::maps::{hairpin_addr, CT, REV_NAT};
+use crate::maps::{hairpin_addr, CT, REPLY_ADDRS, REV_NAT};
 use crate::parse::{Flow, TCP_ACK};
 
 const NS: u64 = 1_000_000_000;
@@ -73,6 +73,9 @@ pub fn lookup_forward(flow: &Flow, now: u64) -> Result<Option<Established>, ()> 
 /// an error: the packet passes untranslated.
 #[inline(always)]
 pub fn lookup_reply(flow: &Flow, now: u64) -> Result<Option<Reply>, ()> {
+    if !may_reply(flow.saddr) {
+        return Ok(None);
+    }
     let key = CtKey {
         dir: proxy_common::CT_DIR_REPLY,
         ..CtKey::forward(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
@@ -141,6 +144,11 @@ pub fn create(
         flow.proto,
     );
     let forward_key = CtKey::forward(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
+    // The address is marked before any entry exists: a reply can never find its entry
+    // behind a missing mark.
+    if !may_reply(backend.addr) {
+        REPLY_ADDRS.insert(&backend.addr, &1, 0).map_err(|_| ())?;
+    }
     CT.insert(&reply_key, &reply, 0).map_err(|_| ())?;
     CT.insert(&forward_key, &forward, 0).map_err(|_| ())
 }
@@ -149,11 +157,18 @@ pub fn create(
 /// finished Service connection: forget that one's reply translation.
 #[inline(always)]
 pub fn forget_reused_tuple(flow: &Flow) {
-    if flow.is_tcp_open() {
+    if flow.is_tcp_open() && may_reply(flow.daddr) {
         let _ = CT.remove(&CtKey::reply(
             flow.daddr, flow.dport, flow.saddr, flow.sport, flow.proto,
         ));
     }
+}
+
+/// Whether packets from `addr` may be replies of a translated flow (the tc programs sent a
+/// flow to it): the small map's lookup spares every other packet the large table's.
+#[inline(always)]
+fn may_reply(addr: u32) -> bool {
+    unsafe { REPLY_ADDRS.get(&addr) }.is_some()
 }
 
 /// Moves a forward entry along the TCP state machine and extends its lifetime.

@@ -24,6 +24,12 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 #[map(name = "FERRY_FRONTEND_ADDRS")]
 pub static FRONTEND_ADDRS: HashMap<u32, u32> =
     HashMap::pinned(limits::FRONTEND_ADDRS, BPF_F_NO_PREALLOC);
+/// Backend addresses the tc programs sent a flow to (value unused): only a packet from one of
+/// them can be a reply to translate back, so any other skips the conntrack reply lookup. Set
+/// before a flow's conntrack entries; the daemon's collector removes an address once it is no
+/// backend and no reply entry has it.
+#[map(name = "FERRY_REPLY_ADDRS")]
+pub static REPLY_ADDRS: HashMap<u32, u32> = HashMap::pinned(limits::REPLY_ADDRS, BPF_F_NO_PREALLOC);
 /// Frontends (slot 0) and their backend slots (1..=count).
 #[map(name = "FERRY_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =

@@ -49,6 +49,8 @@ struct Daemon {
     metrics: Arc<Metrics>,
     node: NodeInfo,
     attached: BTreeSet<String>,
+    /// The conntrack collector's memory between passes.
+    collector: conntrack::Collector,
     /// Services and slices, recomputed per Service: the one cache of them.
     view: LiveView,
     /// The health check node ports of local-traffic LoadBalancers.
@@ -187,13 +189,15 @@ impl Daemon {
     }
 
     fn collect_conntrack(&mut self) {
-        match conntrack::gc(&mut self.datapath.maps, conntrack::monotonic_ns()) {
+        let now = conntrack::monotonic_ns();
+        match self.collector.pass(&mut self.datapath.maps, now) {
             Ok(s) => {
                 self.metrics.conntrack_entries.set(s.connections as i64);
                 self.metrics.conntrack_gc_removed.inc_by(s.removed as u64);
                 debug!(
                     removed = s.removed,
                     connections = s.connections,
+                    unmarked = s.unmarked,
                     "conntrack collected"
                 );
             }
@@ -270,6 +274,7 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
             addresses: node_ips,
         },
         attached: BTreeSet::new(),
+        collector: conntrack::Collector::default(),
         view: LiveView::default(),
         node_routes: None,
         health: Default::default(),

@@ -32,6 +32,11 @@ pub trait DatapathMaps {
     fn set_frontend_addr(&mut self, addr: u32, frontends: u32) -> Result<()>;
     fn delete_frontend_addr(&mut self, addr: u32) -> Result<()>;
     fn frontend_addrs(&self) -> Result<Vec<(u32, u32)>>;
+    /// Backend addresses the tc programs may see replies from (they mark them; the conntrack
+    /// collector adds missing marks and removes those of addresses gone from every flow).
+    fn set_reply_addr(&mut self, addr: u32) -> Result<()>;
+    fn delete_reply_addr(&mut self, addr: u32) -> Result<()>;
+    fn reply_addrs(&self) -> Result<Vec<u32>>;
     /// The socket programs' reverse entries (sockets sent to a backend).
     fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>>;
     fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<()>;
@@ -90,6 +95,7 @@ pub mod fake {
         pub sock_rev: Vec<(SockRevKey, SockRevValue)>,
         pub ranges: std::collections::BTreeSet<(u16, Ipv4Network)>,
         pub addrs: BTreeMap<u32, u32>,
+        pub reply_addrs: std::collections::BTreeSet<u32>,
         pub ops: u64,
     }
 
@@ -193,6 +199,17 @@ pub mod fake {
         }
         fn frontend_addrs(&self) -> Result<Vec<(u32, u32)>> {
             Ok(self.addrs.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn set_reply_addr(&mut self, addr: u32) -> Result<()> {
+            self.reply_addrs.insert(addr);
+            Ok(())
+        }
+        fn delete_reply_addr(&mut self, addr: u32) -> Result<()> {
+            self.reply_addrs.remove(&addr);
+            Ok(())
+        }
+        fn reply_addrs(&self) -> Result<Vec<u32>> {
+            Ok(self.reply_addrs.iter().copied().collect())
         }
         fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>> {
             Ok(self.sock_rev.clone())

@@ -143,6 +143,26 @@ fn replies_appear_from_the_frontend() {
 }
 
 #[test]
+fn only_marked_backends_have_their_replies_looked_up() {
+    let mut bed = bed();
+    bed.add_service(&svc(VIP, 53, PROTO_UDP), &[B1]).unwrap();
+    assert!(bed.datapath.maps.reply_addrs().unwrap().is_empty());
+    let c = (CLIENT, 33_100);
+    pass(&mut bed, &packet::udp(c, (VIP, 53), b"query"));
+    assert_eq!(
+        bed.datapath.maps.reply_addrs().unwrap(),
+        vec![be(B1.0)],
+        "a new flow marks its backend's address"
+    );
+    // Without the mark the reply entry is not even looked up: the packet passes as it is.
+    bed.datapath.maps.delete_reply_addr(be(B1.0)).unwrap();
+    untouched(&mut bed, &packet::udp(B1, c, b"answer"));
+    bed.datapath.maps.set_reply_addr(be(B1.0)).unwrap();
+    let answer = pass(&mut bed, &packet::udp(B1, c, b"answer"));
+    assert_eq!(answer.src, (VIP, 53));
+}
+
+#[test]
 fn tcp_close_and_reopen_of_a_tuple() {
     let mut bed = bed();
     bed.add_service(&svc(VIP, 80, PROTO_TCP), &[B1]).unwrap();

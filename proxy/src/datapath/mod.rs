@@ -138,6 +138,7 @@ pub struct Maps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
     frontend_addrs: HashMap<MapData, u32, u32>,
+    reply_addrs: HashMap<MapData, u32, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     stats: PerCpuArray<MapData, ServiceStats>,
     config: Array<MapData, u32>,
@@ -207,6 +208,7 @@ impl Datapath {
             affinity: take(&mut ebpf, names::AFFINITY)?,
             sock_rev: take(&mut ebpf, names::SOCK_REV)?,
             frontend_addrs: take(&mut ebpf, names::FRONTEND_ADDRS)?,
+            reply_addrs: take(&mut ebpf, names::REPLY_ADDRS)?,
             source_ranges: take(&mut ebpf, names::SOURCE_RANGES)?,
             stats: take(&mut ebpf, names::STATS)?,
             config: take(&mut ebpf, names::CONFIG)?,
@@ -466,6 +468,17 @@ impl DatapathMaps for Maps {
             .iter()
             .collect::<Result<_, _>>()
             .map_err(err("frontend address map dump"))
+    }
+    fn set_reply_addr(&mut self, addr: u32) -> Result<()> {
+        self.reply_addrs
+            .insert(addr, 1, 0)
+            .map_err(err("reply address map update"))
+    }
+    fn delete_reply_addr(&mut self, addr: u32) -> Result<()> {
+        ignore_missing(self.reply_addrs.remove(&addr)).map_err(err("reply address map delete"))
+    }
+    fn reply_addrs(&self) -> Result<Vec<u32>> {
+        Ok(self.reply_addrs.keys().filter_map(Result::ok).collect())
     }
     fn sock_rev(&self) -> Result<Vec<(SockRevKey, SockRevValue)>> {
         Ok(self.sock_rev.iter().filter_map(Result::ok).collect())
