@@ -295,12 +295,41 @@ pub struct AffinityValue {
     pub last_used: u64,
 }
 
-/// Per-CPU packet and byte counters of one frontend, indexed by rev-NAT id.
+/// Per-CPU counters of one frontend, indexed by rev-NAT id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceStats {
+    /// Packets (and their bytes) the tc programs sent to a backend.
     pub packets: u64,
     pub bytes: u64,
+    /// Connects (and datagrams of unconnected UDP sockets) the socket programs sent to a
+    /// backend.
+    pub sockets: u64,
+    /// New flows and connects refused because the frontend had no endpoint (both ways).
+    pub refused: u64,
+}
+
+impl ServiceStats {
+    /// The sum of two counter sets (per-CPU values into one).
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            packets: self.packets + o.packets,
+            bytes: self.bytes + o.bytes,
+            sockets: self.sockets + o.sockets,
+            refused: self.refused + o.refused,
+        }
+    }
+
+    /// The growth since `last`, or `None` when a counter went back (a reused rev-NAT id
+    /// starts from zero again).
+    pub fn since(self, last: Self) -> Option<Self> {
+        Some(Self {
+            packets: self.packets.checked_sub(last.packets)?,
+            bytes: self.bytes.checked_sub(last.bytes)?,
+            sockets: self.sockets.checked_sub(last.sockets)?,
+            refused: self.refused.checked_sub(last.refused)?,
+        })
+    }
 }
 
 /// Index in the config array: the hairpin source address (network order).

@@ -82,6 +82,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         }
         if head.count == 0 {
             // No endpoint: refused at once, as kube-proxy does.
+            metrics::count_refused(rev_nat_id);
             return Ok(reject::port_unreachable(ctx, &flow));
         }
         let client = AffinityKey::by_address(flow.saddr, rev_nat_id);

@@ -18,6 +18,7 @@ use proxy_common::{
 
 use crate::lb::{self, Frontend};
 use crate::maps::{REV_NAT, SOCK_REV};
+use crate::metrics;
 
 /// Verdicts of `sock_addr` programs.
 const ALLOW: i32 = 1;
@@ -48,6 +49,7 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(backend) = lb::select(fe, head, AffinityKey::by_netns(netns, rev_nat_id), now) else {
+        metrics::count_refused(rev_nat_id);
         return refuse();
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -69,6 +71,7 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     }
     sa.user_ip4 = backend.addr;
     sa.user_port = backend.port as u32;
+    metrics::count_socket(rev_nat_id);
     ALLOW
 }
 

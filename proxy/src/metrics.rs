@@ -42,6 +42,8 @@ pub struct Metrics {
     pub conntrack_gc_removed: Counter,
     pub packets: Family<FrontendLabels, Counter>,
     pub bytes: Family<FrontendLabels, Counter>,
+    pub socket_translations: Family<FrontendLabels, Counter>,
+    pub refused: Family<FrontendLabels, Counter>,
     /// Unix seconds of the last successful sync; 0 before the first.
     pub last_sync: AtomicU64,
     /// Last packet/byte totals read per frontend, to turn them into counter increments.
@@ -71,6 +73,8 @@ impl Metrics {
             conntrack_gc_removed: Counter::default(),
             packets: Family::default(),
             bytes: Family::default(),
+            socket_translations: Family::default(),
+            refused: Family::default(),
             last_sync: AtomicU64::new(0),
             seen: Mutex::new(HashMap::new()),
         };
@@ -131,6 +135,16 @@ impl Metrics {
                 "Bytes sent to a frontend's backends",
                 m.bytes.clone(),
             );
+            r.register(
+                "ferry_service_socket_translations",
+                "Connects (and datagrams of unconnected UDP sockets) the socket programs sent to a frontend's backends",
+                m.socket_translations.clone(),
+            );
+            r.register(
+                "ferry_service_refused",
+                "New flows and connects to a frontend refused because it had no endpoint",
+                m.refused.clone(),
+            );
         }
         Arc::new(m)
     }
@@ -139,16 +153,13 @@ impl Metrics {
     pub fn observe_stats(&self, labels: FrontendLabels, now: ServiceStats) {
         let mut seen = self.seen.lock().unwrap();
         let last = seen.entry(labels.clone()).or_default();
-        // A reused rev-NAT id starts from zero again.
-        if now.packets < last.packets || now.bytes < last.bytes {
-            *last = ServiceStats::default();
-        }
-        self.packets
+        let grown = now.since(*last).unwrap_or(now);
+        self.packets.get_or_create(&labels).inc_by(grown.packets);
+        self.bytes.get_or_create(&labels).inc_by(grown.bytes);
+        self.socket_translations
             .get_or_create(&labels)
-            .inc_by(now.packets - last.packets);
-        self.bytes
-            .get_or_create(&labels)
-            .inc_by(now.bytes - last.bytes);
+            .inc_by(grown.sockets);
+        self.refused.get_or_create(&labels).inc_by(grown.refused);
         *last = now;
     }
 
@@ -160,6 +171,8 @@ impl Metrics {
             if !k {
                 self.packets.remove(l);
                 self.bytes.remove(l);
+                self.socket_translations.remove(l);
+                self.refused.remove(l);
             }
             k
         });

@@ -456,6 +456,11 @@ fn service_without_endpoints_refuses_at_once_and_labels_opt_out() {
         Some(ErrorKind::ConnectionRefused),
         "NodePort"
     );
+    assert_eq!(
+        proxy.metric("ferry_service_refused_total").unwrap(),
+        3.0,
+        "each refusal counted once"
+    );
 
     // With endpoints it serves; labelled for another proxy or headless, Ferry lets it be
     // (nothing answers for the ClusterIP), and serves it again once the label is gone.

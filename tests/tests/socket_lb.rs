@@ -127,11 +127,19 @@ fn connect_time_translation_for_tcp_and_udp_shows_the_service_address() {
         assert_eq!(field(a, "from"), vip(53).to_string(), "recvfrom: {a}");
     }
 
-    // None of it went through the per-packet path.
+    // None of it went through the per-packet path; the socket programs counted each connect
+    // and each unconnected datagram.
     assert_eq!(
         proxy.metric("ferry_service_packets_total").unwrap(),
         0.0,
         "the tc programs translated packets the socket programs should have"
+    );
+    let translated = proxy
+        .metric("ferry_service_socket_translations_total")
+        .unwrap();
+    assert!(
+        translated >= (tcp.len() + 1 + dgrams.len()) as f64,
+        "{translated} socket translations counted"
     );
 
     // The node's own processes reach the ClusterIP and a NodePort on the node's address (the
@@ -208,6 +216,7 @@ fn no_endpoints_refuse_the_connect_and_affinity_keeps_one_backend() {
         );
         assert_eq!(r[0]["errno"], libc::ECONNREFUSED, "{mode}: {:?}", r[0]);
     }
+    assert_eq!(proxy.metric("ferry_service_refused_total").unwrap(), 2.0);
 
     // ClientIP affinity: every connection of the pod goes to one backend.
     let sticky = ask(

@@ -378,16 +378,13 @@ fn err(what: &str) -> impl FnOnce(aya::maps::MapError) -> anyhow::Error + '_ {
 }
 
 impl Maps {
-    /// Packets and bytes of one frontend, summed over CPUs.
+    /// The counters of one frontend, summed over CPUs.
     pub fn stats(&self, rev_nat_id: u16) -> Result<ServiceStats> {
         let v = self
             .stats
             .get(&(rev_nat_id as u32), 0)
             .map_err(err("reading stats"))?;
-        Ok(v.iter().fold(ServiceStats::default(), |a, s| ServiceStats {
-            packets: a.packets + s.packets,
-            bytes: a.bytes + s.bytes,
-        }))
+        Ok(v.iter().fold(ServiceStats::default(), |a, s| a.plus(*s)))
     }
 }
 
