@@ -51,6 +51,26 @@ fn dataplane(t: &Topology, plan: &Plan, targets: &[String]) -> Result<(Load, Loa
     Ok((median(reps.crr), median(reps.rr), runs, cpu))
 }
 
+/// The no-proxy row: the clients straight to the pod addresses, with nf_conntrack tracking
+/// them as it would under kube-proxy.
+fn direct(t: &Topology, plan: &Plan, ct_rules: &std::path::Path, after: bool) -> Result<Measure> {
+    node_exec(t, "nft", &["-f", ct_rules.to_str().unwrap()])?;
+    let targets: Vec<String> = (0..ENDPOINTS)
+        .map(|i| format!("{}:{ECHO_PORT}", pod_ip(i)))
+        .collect();
+    let measured = dataplane(t, plan, &targets);
+    node_exec(t, "nft", &["delete", "table", "ip", "bench-ct"])?;
+    let (crr, rr, runs, cpu) = measured?;
+    Ok(Measure {
+        after,
+        crr: Some(crr),
+        rr: Some(rr),
+        crr_runs: runs,
+        cpu_s_per_10k: Some(cpu),
+        ..Measure::empty(Mode::NoProxy, 0)
+    })
+}
+
 /// Shows what runs now: on the bar in a terminal, as a log line otherwise (CI).
 fn step(bar: &ProgressBar, msg: String) {
     if bar.is_hidden() {
@@ -153,11 +173,14 @@ pub fn run(opts: &CompareOpts) -> Result<()> {
             None => true,
         })
         .collect();
+    // The no-proxy row is measured first and again last (bench-notes: order effects), and the
+    // ratios are against the mean of the two.
+    let direct_again = runnable.contains(&Mode::NoProxy) && runnable.len() > 1;
     let steps = runnable
         .iter()
         .map(|m| {
             if *m == Mode::NoProxy {
-                1
+                1 + u64::from(direct_again)
             } else {
                 sizes.len() as u64
             }
@@ -187,26 +210,7 @@ pub fn run(opts: &CompareOpts) -> Result<()> {
         let mut p = Programmed { proxy: None };
         if mode == Mode::NoProxy {
             step(&bar, format!("{}: data plane", mode.label()));
-            node_exec(&t, "nft", &["-f", ct_rules.to_str().unwrap()])?;
-            let direct: Vec<String> = (0..ENDPOINTS)
-                .map(|i| format!("{}:{ECHO_PORT}", pod_ip(i)))
-                .collect();
-            let (crr, rr, runs, cpu) = dataplane(&t, &plan, &direct)?;
-            node_exec(&t, "nft", &["delete", "table", "ip", "bench-ct"])?;
-            results.push(Measure {
-                mode,
-                services: 0,
-                program_s: None,
-                program_stopped_after_s: None,
-                endpoint_change_stopped_after_s: None,
-                crr: Some(crr),
-                rr: Some(rr),
-                crr_runs: runs,
-                cpu_s_per_10k: Some(cpu),
-                kernel_mem_mib: None,
-                endpoint_change_ms: None,
-                endpoint_change_samples_ms: vec![],
-            });
+            results.push(direct(&t, &plan, &ct_rules, false)?);
             bar.inc(1);
             continue;
         }
@@ -237,21 +241,12 @@ pub fn run(opts: &CompareOpts) -> Result<()> {
                 mem = ferry_maps_mib()?;
             }
             let mut m = Measure {
-                mode,
-                services: n,
-                program_stopped_after_s: None,
-                endpoint_change_stopped_after_s: None,
                 program_s: plan
                     .program_sizes
                     .contains(&n)
                     .then_some(took.as_secs_f64()),
-                crr: None,
-                rr: None,
-                crr_runs: vec![],
-                cpu_s_per_10k: None,
                 kernel_mem_mib: (n == plan.change_at).then_some(mem),
-                endpoint_change_ms: None,
-                endpoint_change_samples_ms: vec![],
+                ..Measure::empty(mode, n)
             };
             if plan.dataplane_sizes.contains(&n) {
                 step(
@@ -304,6 +299,14 @@ pub fn run(opts: &CompareOpts) -> Result<()> {
             bar.inc(1);
         }
         teardown(&mut t, mode, &mut p)?;
+    }
+    if direct_again {
+        step(
+            &bar,
+            format!("{}: data plane, again", Mode::NoProxy.label()),
+        );
+        results.push(direct(&t, &plan, &ct_rules, true)?);
+        bar.inc(1);
     }
     bar.finish_with_message("done");
     std::fs::remove_file(ct_rules).ok();
