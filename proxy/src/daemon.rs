@@ -41,6 +41,8 @@ pub struct Config {
     /// The cgroup v2 the socket programs serve (with every cgroup below it); default: the
     /// hierarchy's root, every process of the node.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// Cluster DNS served on this node (`None`: off).
+    pub dns: Option<crate::dns::DnsOptions>,
 }
 
 struct Daemon {
@@ -55,6 +57,8 @@ struct Daemon {
     view: LiveView,
     /// The health check node ports of local-traffic LoadBalancers.
     health: crate::healthcheck::HealthChecks,
+    /// The cluster DNS server, fed from the same changes.
+    dns: Option<crate::dns::NodeDns>,
     /// The routes to other nodes' pod CIDRs last installed.
     node_routes: Option<std::collections::BTreeMap<ipnetwork::Ipv4Network, Ipv4Addr>>,
 }
@@ -68,6 +72,9 @@ impl Daemon {
         // After a complete list, frontends nobody names any more go too (also those a
         // previous daemon installed).
         let complete = changes.iter().any(Change::is_list);
+        if let Some(dns) = &self.dns {
+            dns.apply(&changes);
+        }
         for c in changes {
             self.view.change(c);
         }
@@ -218,6 +225,9 @@ impl Daemon {
             live.insert(labels);
         }
         self.metrics.retain_frontends(&|l| live.contains(l));
+        if let Some(dns) = &self.dns {
+            self.metrics.observe_dns(&dns.server.stats.snapshot());
+        }
     }
 }
 
@@ -256,6 +266,10 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
     let reconciler =
         Reconciler::recover(&mut datapath.maps).context("recovering state from pinned maps")?;
     socket_lb(&mut datapath, &cfg)?;
+    let dns = match &cfg.dns {
+        Some(opts) => Some(crate::dns::start(opts).await?),
+        None => None,
+    };
     let metrics = Metrics::new();
     metrics.frontends.set(reconciler.frontend_count() as i64);
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<ScrapeRequest>(16);
@@ -272,11 +286,13 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
         node: NodeInfo {
             name: cfg.node_name.clone(),
             addresses: node_ips,
+            local_dns: cfg.dns.as_ref().map(|o| o.local_dns()),
         },
         attached: BTreeSet::new(),
         collector: conntrack::Collector::default(),
         view: LiveView::default(),
         node_routes: None,
+        dns,
         health: Default::default(),
     };
 
@@ -314,6 +330,9 @@ pub async fn run(cfg: Config, mut source: impl ServiceSource) -> Result<()> {
                     }
                 };
                 if let Some(nodes) = nodes {
+                    if let Some(dns) = &d.dns {
+                        dns.allow_nodes(&nodes);
+                    }
                     let want = crate::routes::desired(&nodes, &d.node.name);
                     if d.node_routes.as_ref() != Some(&want) {
                         match crate::routes::sync(&want).await {

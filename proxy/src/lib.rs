@@ -3,11 +3,13 @@
 //! eBPF maps (`reconcile`, `datapath`), attaches the datapath to matching interfaces (`links`),
 //! collects conntrack (`conntrack`) and exports metrics (`metrics`). With connect-time load
 //! balancing, the socket programs are attached to a cgroup (`datapath`) and connected UDP
-//! sockets of removed backends are destroyed (`sockets`).
+//! sockets of removed backends are destroyed (`sockets`). The node's cluster DNS server
+//! (the `dns` crate) is fed from the same changes (`dns`).
 
 pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod healthcheck;
 pub mod links;
 pub mod maps;

@@ -116,7 +116,8 @@ pub async fn list_links() -> Result<Vec<Link>> {
 }
 
 /// IPv4 addresses of this network namespace that accept NodePort traffic: every address but
-/// loopback and those on pod interfaces (`exclude`).
+/// loopback, link-local ones (the node-local DNS address lives there) and those on pod
+/// interfaces (`exclude`).
 pub async fn node_addresses(exclude: &Globs) -> Result<Vec<Ipv4Addr>> {
     let (conn, handle, _) = new_connection().context("netlink connection")?;
     let task = tokio::spawn(conn);
@@ -141,7 +142,7 @@ pub async fn node_addresses(exclude: &Globs) -> Result<Vec<Ipv4Addr>> {
         }
         for attr in &a.attributes {
             if let AddressAttribute::Local(std::net::IpAddr::V4(ip)) = attr {
-                if !ip.is_loopback() && !out.contains(ip) {
+                if !ip.is_loopback() && !ip.is_link_local() && !out.contains(ip) {
                     out.push(*ip);
                 }
             }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Parser;
 use proxy::daemon::{self, Config};
+use proxy::dns::DnsOptions;
 use proxy::links::Globs;
 use proxy::source::{ApiSource, FileSource};
 
@@ -59,9 +60,46 @@ struct Args {
     /// the root of the cgroup v2 hierarchy, found in the mount table).
     #[arg(long)]
     socket_lb_cgroup: Option<PathBuf>,
+    /// Serve cluster DNS on this node, on this node-local address (a dummy link `ferry-dns` is
+    /// created for it); the cluster DNS Service's port 53 leads here. Off when not given.
+    #[arg(long)]
+    dns_addr: Option<Ipv4Addr>,
+    /// The port of the DNS server (53 unless a test needs another).
+    #[arg(long, default_value_t = 53)]
+    dns_port: u16,
+    /// The cluster domain the DNS server is authoritative for.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Upstream resolver for names outside the cluster (ip or ip:port); repeatable. Default:
+    /// the nameservers of the node's /etc/resolv.conf.
+    #[arg(long = "dns-upstream")]
+    dns_upstreams: Vec<String>,
+    /// Source range allowed to query the DNS server besides loopback and, from the API, every
+    /// node's addresses and pod range; repeatable. Default: the private ranges (RFC 1918).
+    #[arg(long = "dns-allow", default_values = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"])]
+    dns_allow: Vec<ipnetwork::IpNetwork>,
+    /// DNS queries per second one client address may send (bursts of twice that); 0: no limit.
+    #[arg(long, default_value_t = 2000)]
+    dns_client_qps: u32,
+    /// The cluster DNS Service (namespace/name) whose port 53 leads to this node's server.
+    #[arg(long, default_value = "kube-system/kube-dns")]
+    dns_service: String,
     /// Detach the datapath and remove everything pinned under --bpf-dir, then exit.
     #[arg(long)]
     cleanup: bool,
+}
+
+/// `ip` or `ip:port` (port 53 when not given).
+fn parse_upstream(s: &str) -> Result<SocketAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip: std::net::IpAddr = s.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--dns-upstream {s:?}: give an address, optionally with a port (10.0.0.2:53)"
+        )
+    })?;
+    Ok(SocketAddr::new(ip, 53))
 }
 
 fn main() -> std::process::ExitCode {
@@ -99,6 +137,29 @@ fn run() -> Result<()> {
         ct_gc_interval: Duration::from_secs_f64(args.conntrack_gc_interval.max(0.01)),
         socket_lb: args.socket_lb,
         socket_lb_cgroup: args.socket_lb_cgroup,
+        dns: match args.dns_addr {
+            None => None,
+            Some(addr) => Some(DnsOptions {
+                addr,
+                port: args.dns_port,
+                domain: args.cluster_domain,
+                upstreams: args
+                    .dns_upstreams
+                    .iter()
+                    .map(|u| parse_upstream(u))
+                    .collect::<Result<_>>()?,
+                allow: args.dns_allow,
+                client_qps: args.dns_client_qps,
+                service: match args.dns_service.split_once('/') {
+                    Some((ns, n)) if !ns.is_empty() && !n.is_empty() => (ns.into(), n.into()),
+                    _ => anyhow::bail!(
+                        "--dns-service {:?}: give it as namespace/name, e.g. kube-system/kube-dns",
+                        args.dns_service
+                    ),
+                },
+                manage_link: true,
+            }),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

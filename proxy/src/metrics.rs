@@ -23,6 +23,11 @@ use proxy_common::ServiceStats;
 use tracing::{info, warn};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FrontendLabels {
     pub service: String,
     pub frontend: String,
@@ -44,6 +49,9 @@ pub struct Metrics {
     pub bytes: Family<FrontendLabels, Counter>,
     pub socket_translations: Family<FrontendLabels, Counter>,
     pub refused: Family<FrontendLabels, Counter>,
+    pub dns: Family<DnsLabels, Counter>,
+    /// The DNS server's counters as last read.
+    dns_seen: Mutex<HashMap<&'static str, u64>>,
     /// Unix seconds of the last successful sync; 0 before the first.
     pub last_sync: AtomicU64,
     /// Last packet/byte totals read per frontend, to turn them into counter increments.
@@ -75,6 +83,8 @@ impl Metrics {
             bytes: Family::default(),
             socket_translations: Family::default(),
             refused: Family::default(),
+            dns: Family::default(),
+            dns_seen: Mutex::new(HashMap::new()),
             last_sync: AtomicU64::new(0),
             seen: Mutex::new(HashMap::new()),
         };
@@ -145,6 +155,11 @@ impl Metrics {
                 "New flows and connects to a frontend refused because it had no endpoint",
                 m.refused.clone(),
             );
+            r.register(
+                "ferry_dns_queries",
+                "DNS queries by what became of them: queries (all), local (answered from the cluster's records), forwarded, cache_hits, refused, rate_limited, malformed, servfail, truncated",
+                m.dns.clone(),
+            );
         }
         Arc::new(m)
     }
@@ -161,6 +176,20 @@ impl Metrics {
             .inc_by(grown.sockets);
         self.refused.get_or_create(&labels).inc_by(grown.refused);
         *last = now;
+    }
+
+    /// Adds the growth of the DNS server's counters since the last read.
+    pub fn observe_dns(&self, now: &[(&'static str, u64)]) {
+        let mut seen = self.dns_seen.lock().unwrap();
+        for (name, v) in now {
+            let last = seen.entry(name).or_default();
+            self.dns
+                .get_or_create(&DnsLabels {
+                    result: name.to_string(),
+                })
+                .inc_by(v.saturating_sub(*last));
+            *last = *v;
+        }
     }
 
     /// Drops the series of frontends that no longer exist.

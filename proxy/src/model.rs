@@ -36,7 +36,21 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 pub struct NodeInfo {
     pub name: String,
     pub addresses: Vec<Ipv4Addr>,
+    /// The cluster DNS Service answered by this node's own DNS server.
+    pub local_dns: Option<LocalDns>,
 }
+
+/// The cluster DNS Service (`kube-system/kube-dns`) whose port-53 frontends lead to the node's
+/// own DNS server, whatever endpoints the Service has: DNS never crosses nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalDns {
+    pub namespace: String,
+    pub name: String,
+    pub addr: Ipv4Addr,
+}
+
+/// The port DNS is served on.
+pub const DNS_PORT: u16 = 53;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -484,7 +498,17 @@ fn add_service_frontends(
             .get(&(port_name, proto))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let internal = select_endpoints(all, internal_local.then_some(node.name.as_str()), proto);
+        let mut internal =
+            select_endpoints(all, internal_local.then_some(node.name.as_str()), proto);
+        if let Some(dns) = &node.local_dns {
+            if dns.namespace == ns && dns.name == name && port == DNS_PORT {
+                internal = vec![BackendAddr {
+                    addr: dns.addr,
+                    port: DNS_PORT,
+                    proto,
+                }];
+            }
+        }
         let external = select_endpoints(all, external_local.then_some(node.name.as_str()), proto);
         let spec_for = |backends: &Vec<BackendAddr>, nodeport: bool| FrontendSpec {
             service: label.clone(),
@@ -620,6 +644,7 @@ mod tests {
         NodeInfo {
             name: "node-a".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 77, 1)],
+            local_dns: None,
         }
     }
 

@@ -231,6 +231,7 @@ mod tests {
         NodeInfo {
             name: "n".into(),
             addresses: vec!["192.168.1.1".parse().unwrap()],
+            local_dns: None,
         }
     }
 
