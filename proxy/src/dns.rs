@@ -1,8 +1,9 @@
 //! Cluster DNS on this node: the `dns` crate's server, fed from the daemon's own watch of
 //! Services and EndpointSlices, answering on a node-local address. The address sits on a
-//! dummy link of the host (`ferry-dns`, as NodeLocal DNSCache does it), and the cluster DNS
-//! Service's port-53 frontends lead there (`model::LocalDns`), so a pod's query never leaves
-//! its node and, through the socket programs, needs no conntrack entry at all.
+//! dummy link of the host (`ferry-dns`, as NodeLocal DNSCache does it; `lo` on a kernel
+//! without dummy links), and the cluster DNS Service's port-53 frontends lead there
+//! (`model::LocalDns`), so a pod's query never leaves its node and, through the socket
+//! programs, needs no conntrack entry at all.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -14,7 +15,7 @@ use futures::TryStreamExt as _;
 use ipnetwork::{IpNetwork, Ipv4Network};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::{new_connection, LinkDummy, LinkUnspec};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::model::LocalDns;
 use crate::source::Change;
@@ -159,31 +160,42 @@ impl NodeDns {
     }
 }
 
-/// The dummy link with `addr`/32, up (created or completed; an address already there is kept).
+/// Puts `addr`/32 on the dummy link, up (created or completed; an address already there is
+/// kept). A kernel without the dummy driver gets it on `lo` instead, where it is as local.
 async fn ensure_link(addr: Ipv4Addr) -> Result<()> {
     let (conn, handle, _) = new_connection().context("netlink")?;
     tokio::spawn(conn);
-    let find = || async {
-        let mut links = handle.link().get().match_name(LINK.to_string()).execute();
-        match links.try_next().await {
-            Ok(l) => Ok(l),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-            Err(e) => Err(anyhow::Error::from(e)),
+    let find = |name: &'static str| {
+        let handle = handle.clone();
+        async move {
+            let mut links = handle.link().get().match_name(name.to_string()).execute();
+            match links.try_next().await {
+                Ok(l) => Ok(l),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
         }
     };
-    let link = match find().await? {
-        Some(l) => l,
-        None => {
-            handle
-                .link()
-                .add(LinkDummy::new(LINK).build())
-                .execute()
-                .await
-                .context("creating the dummy link")?;
-            find()
-                .await?
-                .context("the dummy link is missing after its creation")?
-        }
+    let (name, link) = match find(LINK).await? {
+        Some(l) => (LINK, l),
+        None => match handle
+            .link()
+            .add(LinkDummy::new(LINK).build())
+            .execute()
+            .await
+        {
+            Ok(()) => (
+                LINK,
+                find(LINK)
+                    .await?
+                    .context("the dummy link is missing after its creation")?,
+            ),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EOPNOTSUPP => {
+                warn!("this kernel has no dummy links: the node-local DNS address goes on lo");
+                ("lo", find("lo").await?.context("no lo link")?)
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context("creating the dummy link")),
+        },
     };
     let idx = link.header.index;
     handle
@@ -210,8 +222,8 @@ async fn ensure_link(addr: Ipv4Addr) -> Result<()> {
             .add(idx, addr.into(), 32)
             .execute()
             .await
-            .with_context(|| format!("adding {addr}/32"))?;
+            .with_context(|| format!("adding {addr}/32 to {name}"))?;
     }
-    info!(link = LINK, %addr, "node-local DNS address ready");
+    info!(link = name, %addr, "node-local DNS address ready");
     Ok(())
 }

@@ -107,6 +107,8 @@ pub struct Topology {
     /// `None`: they run with `--socket-lb=false`, so the tc programs carry every flow and no
     /// test's socket programs see another test's processes.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// More flags for the proxies this topology starts (e.g. `--dns-addr`).
+    pub proxy_args: Vec<String>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -208,6 +210,7 @@ impl Topology {
             extra_interfaces: Vec::new(),
             node_name: "node-a".into(),
             socket_lb_cgroup: None,
+            proxy_args: Vec::new(),
         };
         t.ext = ext?;
         let n = t.node.name.clone();
@@ -497,6 +500,7 @@ impl Topology {
                 "--bpf-host-routing",
                 &self.host_routing.to_string(),
             ])
+            .args(&self.proxy_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG")

@@ -11,7 +11,8 @@ use crate::sh;
 /// for the comparisons, bpftool to inspect maps, iperf3 for bulk throughput, a font for charts,
 /// protoc for the etcd client's generated code, etcd for the control plane's etcd backend,
 /// tzdata for CronJobs' time zones, the reference CNI plugins (ptp, host-local, portmap) that
-/// ferry-cni is compared with.
+/// ferry-cni is compared with, dig (bind9-dnsutils) for the DNS tests, dnsperf and unbound
+/// (the reference server) for the DNS benchmark.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -31,6 +32,9 @@ const APT_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    "bind9-dnsutils",
+    "dnsperf",
+    "unbound",
 ];
 
 /// Python packages the tests run (pinned), with the module each is imported as: the
