@@ -11,7 +11,7 @@ use ferry_testbed::echo::tcp_ask;
 use ferry_testbed::yaml::{service, Endpoint};
 use ferry_testbed::{in_netns, pod_ip, Topology};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const CLIENT: usize = 3;
 
 fn servers(t: &Topology, n: usize) -> BTreeSet<String> {

@@ -20,7 +20,7 @@ use ferry_testbed::echo::{servers_seen, tcp_ask};
 use ferry_testbed::netns::Netns;
 use ferry_testbed::{in_netns, Topology, ECHO_PORT};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
 /// Which servers answer `n` requests to the Service (failed requests are left out).
 fn servers(client: &Netns, n: usize) -> BTreeSet<String> {

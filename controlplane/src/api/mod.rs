@@ -10,6 +10,7 @@ pub mod admission;
 mod alloc;
 pub mod auth;
 mod body;
+pub mod cluster_dns;
 pub mod discovery;
 mod impersonation;
 pub mod kubernetes_service;
@@ -123,6 +124,9 @@ impl Api {
             .await
             .map_err(|e| anyhow::anyhow!("creating the kubernetes Service: {}", e.message))?;
         tokio::spawn(kubernetes_service::keep(Arc::downgrade(&api)));
+        api.create_cluster_dns_service()
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the cluster DNS Service: {}", e.message))?;
         Ok(api)
     }
 
