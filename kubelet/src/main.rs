@@ -60,6 +60,17 @@ struct Args {
     /// (a development cluster's teardown; a production kubelet leaves its pods running).
     #[arg(long)]
     remove_pods_on_exit: bool,
+    /// The cluster DNS server(s) ClusterFirst pods resolve with (the kube-dns Service's address,
+    /// 10.96.0.10 in a default cluster). Repeatable; none: pods get the node's resolv.conf.
+    #[arg(long)]
+    cluster_dns: Vec<std::net::IpAddr>,
+    /// The cluster's DNS domain, first in ClusterFirst pods' search list.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The node's resolver configuration: Default pods' resolv.conf and the search domains
+    /// ClusterFirst pods inherit.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
     /// The port announced in the Node's daemonEndpoints.
     #[arg(long, default_value_t = 10250)]
     port: u16,
@@ -176,7 +187,27 @@ async fn run() -> Result<()> {
     });
     let events = ferry_common::events::Recorder::new(client.clone(), "kubelet");
     let services = kubelet::services::Services::watch(client.clone());
+    let host_resolv = match std::fs::read_to_string(&a.resolv_conf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %a.resolv_conf.display(), "no node resolv.conf: Default pods get no name servers");
+            String::new()
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading --resolv-conf {}", a.resolv_conf.display()))
+        }
+    };
+    let dns = kubelet::pods::DnsSettings {
+        cluster_dns: a.cluster_dns,
+        cluster_domain: a.cluster_domain,
+        host: kubelet::pods::ResolvConf::parse(&host_resolv),
+    };
+    if dns.cluster_dns.is_empty() {
+        tracing::warn!("no --cluster-dns: ClusterFirst pods get the node's resolv.conf");
+    }
     let k = Arc::new(Kubelet {
+        dns,
         events,
         services,
         client,

@@ -448,3 +448,241 @@ spec:
     });
     eprintln!("teardown took {:?}", start.elapsed());
 }
+
+/// The log of pod `name` once it has finished (restartPolicy Never), as `== <section>` blocks.
+fn finished_sections(cp: &ControlPlane, name: &str) -> Vec<(String, String)> {
+    eventually(&format!("{name} finishes"), Duration::from_secs(90), || {
+        cp.ok(&["get", "pod", name, "-o", "jsonpath={.status.phase}"])
+            .is_ok_and(|s| s == "Succeeded" || s == "Failed")
+    });
+    let log = cp.ok(&["logs", name]).unwrap();
+    let mut out = vec![("head".to_string(), String::new())];
+    for line in log.lines() {
+        if let Some(title) = line.strip_prefix("== ") {
+            out.push((title.to_string(), String::new()));
+        } else {
+            let last = out.last_mut().unwrap();
+            last.1.push_str(line);
+            last.1.push('\n');
+        }
+    }
+    out
+}
+
+fn section<'a>(s: &'a [(String, String)], title: &str) -> &'a str {
+    &s.iter()
+        .find(|(t, _)| t == title)
+        .unwrap_or_else(|| panic!("no section {title} in {s:?}"))
+        .1
+}
+
+#[test]
+fn pods_resolve_cluster_names_through_the_node_dns() {
+    let mut t = Topology::new(0).expect("topology");
+    t.extra_interfaces = vec!["fy*".into()];
+    // Names outside the cluster go nowhere: nothing listens on the discard port.
+    t.proxy_args = [
+        "--dns-addr",
+        "169.254.20.10",
+        "--dns-upstream",
+        "127.0.0.1:9",
+    ]
+    .map(String::from)
+    .to_vec();
+    let dirs = RuntimeDirs::new();
+    let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
+        .expect("control plane");
+    let _controllers = cp.spawn_controllers(&[]).expect("controllers");
+    let _proxy = t
+        .start_proxy_api(&cp.kubeconfig("kube-proxy"))
+        .expect("ferry-proxy");
+    let _kubelet = Kubelet::start_with(&t, &cp, &dirs, POD_CIDR, &["--cluster-dns", "10.96.0.10"]);
+
+    // The control plane made the cluster DNS Service at the tenth address.
+    let dns_ip = cp
+        .ok(&[
+            "get",
+            "svc",
+            "-n",
+            "kube-system",
+            "kube-dns",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .unwrap();
+    assert_eq!(dns_ip, "10.96.0.10");
+
+    // A StatefulSet behind a headless Service, a ClusterIP Service to delete later, an
+    // ExternalName to change later.
+    apply(
+        &cp,
+        "apiVersion: v1
+kind: Service
+metadata: {name: nginx, namespace: default}
+spec:
+  clusterIP: None
+  selector: {app: nginx}
+  ports: [{name: web, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gone, namespace: default}
+spec:
+  selector: {app: nginx}
+  ports: [{name: web, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: default}
+spec: {type: ExternalName, externalName: nginx.default.svc.cluster.local}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web, namespace: default}
+spec:
+  serviceName: nginx
+  replicas: 1
+  selector: {matchLabels: {app: nginx}}
+  template:
+    metadata: {labels: {app: nginx}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: c
+        image: ferry.local/busybox:1
+        imagePullPolicy: IfNotPresent
+        command: [sleep, '3600']
+",
+    );
+    eventually("web-0 runs", Duration::from_secs(90), || {
+        cp.ok(&["get", "pod", "web-0", "-o", "jsonpath={.status.podIP}"])
+            .is_ok_and(|s| !s.is_empty())
+    });
+    let web0 = cp
+        .ok(&["get", "pod", "web-0", "-o", "jsonpath={.status.podIP}"])
+        .unwrap();
+    let gone = cp
+        .ok(&["get", "svc", "gone", "-o", "jsonpath={.spec.clusterIP}"])
+        .unwrap();
+
+    // ClusterFirst: short names through the search list (libc, as applications resolve; ping
+    // prints what it resolved), the rest with nslookup.
+    let script = "cat /etc/resolv.conf; echo \"hostname=$(hostname)\"; cat /etc/hosts; \
+        for n in kubernetes.default kubernetes.default.svc kubernetes.default.svc.cluster.local web-0.nginx gone; do \
+          echo \"== $n\"; ping -c1 -W1 $n 2>&1 | head -1; done; \
+        echo '== srv'; nslookup -type=srv _web._tcp.nginx.default.svc.cluster.local; \
+        echo '== ptr'; nslookup 10.96.0.1; \
+        echo '== ext'; nslookup -type=cname ext.default.svc.cluster.local; \
+        ip=$(hostname -i); echo '== pod'; echo $ip; nslookup $(echo $ip | tr . -).default.pod.cluster.local; \
+        echo '== end'";
+    apply(
+        &cp,
+        &busybox_pod(
+            "q1",
+            "{}",
+            script,
+            "  restartPolicy: Never\n  hostname: q1\n  subdomain: nginx\n  \
+             hostAliases: [{ip: 192.0.2.7, hostnames: [foo.local, bar.local]}]\n",
+        ),
+    );
+    let q1 = finished_sections(&cp, "q1");
+    let head = section(&q1, "head");
+    for want in [
+        "nameserver 10.96.0.10",
+        "search default.svc.cluster.local svc.cluster.local cluster.local",
+        "options ndots:5",
+        "hostname=q1",
+        "127.0.0.1\tlocalhost",
+        "\tq1.nginx.default.svc.cluster.local\tq1",
+        "192.0.2.7\tfoo.local\tbar.local",
+    ] {
+        assert!(head.contains(want), "{want:?} missing from:\n{head}");
+    }
+    for n in [
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ] {
+        assert!(
+            section(&q1, n).contains(&format!("PING {n} (10.96.0.1)")),
+            "{n}: {}",
+            section(&q1, n)
+        );
+    }
+    assert!(
+        section(&q1, "web-0.nginx").contains(&format!("({web0})")),
+        "{q1:?}"
+    );
+    assert!(
+        section(&q1, "gone").contains(&format!("({gone})")),
+        "{q1:?}"
+    );
+    let srv = section(&q1, "srv");
+    assert!(
+        srv.contains("80 web-0.nginx.default.svc.cluster.local"),
+        "SRV: {srv}"
+    );
+    let ptr = section(&q1, "ptr");
+    assert!(
+        ptr.contains("kubernetes.default.svc.cluster.local"),
+        "PTR: {ptr}"
+    );
+    let ext = section(&q1, "ext");
+    assert!(
+        ext.contains("canonical name = nginx.default.svc.cluster.local"),
+        "CNAME: {ext}"
+    );
+    let pod = section(&q1, "pod");
+    let ip = pod.lines().next().unwrap();
+    assert!(ip.starts_with("10.244.70."), "the pod's own address: {pod}");
+    assert!(
+        pod.contains(&format!("Address: {ip}")),
+        "the pod A record: {pod}"
+    );
+
+    // Changes at run time: the ExternalName points elsewhere, a deleted Service is gone. The
+    // asking pod brings its own resolver configuration (dnsPolicy None).
+    cp.ok(&[
+        "patch",
+        "svc",
+        "ext",
+        "-p",
+        r#"{"spec":{"externalName":"kubernetes.default.svc.cluster.local"}}"#,
+    ])
+    .unwrap();
+    cp.ok(&["delete", "svc", "gone"]).unwrap();
+    let script = "cat /etc/resolv.conf; \
+        echo '== ext'; nslookup -type=cname ext.default.svc.cluster.local; \
+        echo '== gone'; nslookup gone.default.svc.cluster.local; \
+        echo '== web-0.nginx'; ping -c1 -W1 web-0.nginx 2>&1 | head -1; echo '== end'";
+    apply(
+        &cp,
+        &busybox_pod(
+            "q2",
+            "{}",
+            script,
+            "  restartPolicy: Never\n  dnsPolicy: None\n  dnsConfig:\n    \
+             nameservers: [10.96.0.10]\n    searches: [default.svc.cluster.local]\n    \
+             options: [{name: ndots, value: '2'}]\n",
+        ),
+    );
+    let q2 = finished_sections(&cp, "q2");
+    let head = section(&q2, "head");
+    assert!(
+        head.contains("nameserver 10.96.0.10")
+            && head.contains("search default.svc.cluster.local\n")
+            && head.contains("options ndots:2"),
+        "{head}"
+    );
+    let ext = section(&q2, "ext");
+    assert!(
+        ext.contains("canonical name = kubernetes.default.svc.cluster.local"),
+        "CNAME after the change: {ext}"
+    );
+    let gone = section(&q2, "gone");
+    assert!(gone.contains("NXDOMAIN"), "a deleted Service: {gone}");
+    assert!(
+        section(&q2, "web-0.nginx").contains(&format!("({web0})")),
+        "{q2:?}"
+    );
+}

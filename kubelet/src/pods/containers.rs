@@ -182,6 +182,14 @@ impl Worker {
                 ..Default::default()
             });
         }
+        // The managed hosts file, unless the container mounts its own.
+        if !mounts.iter().any(|m| m.container_path == "/etc/hosts") {
+            mounts.push(cri::Mount {
+                container_path: "/etc/hosts".into(),
+                host_path: self.hosts_path().display().to_string(),
+                ..Default::default()
+            });
+        }
         let labels: HashMap<String, String> = [
             (CONTAINER_NAME.to_string(), c.name.clone()),
             (POD_UID.to_string(), self.uid()),

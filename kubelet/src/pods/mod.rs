@@ -4,10 +4,12 @@
 //! back-off, runs the probes, writes the pod's status, and on deletion stops the containers
 //! within the grace period, removes the sandbox and deletes the pod for good.
 //!
-//! Files: `worker` (one pod's loop), `sandbox`, `containers`, `status`; this file holds the
+//! Files: `worker` (one pod's loop), `sandbox`, `containers`, `status`, `dns` (resolv.conf,
+//! hosts, hostname); this file holds the
 //! dispatcher that gives each pod its worker, and the phase.
 
 mod containers;
+mod dns;
 mod sandbox;
 mod status;
 mod worker;
@@ -27,6 +29,7 @@ use tokio::sync::watch;
 
 use crate::cri::Cri;
 
+pub use dns::{DnsSettings, ResolvConf};
 use worker::Worker;
 
 /// Labels the kubelet puts on sandboxes and containers, to find them again after a restart.
@@ -79,6 +82,8 @@ pub struct Kubelet {
     pub events: ferry_common::events::Recorder,
     /// The Services, for the containers' service variables.
     pub services: crate::services::Services,
+    /// Cluster DNS and the node's resolver, for the pods' resolv.conf.
+    pub dns: DnsSettings,
 }
 
 /// Watches the pods bound to this node and keeps one worker per pod; removes sandboxes that

@@ -1,4 +1,5 @@
-//! A pod's sandbox: its CRI configuration (DNS, ports, host network), its volumes, and
+//! A pod's sandbox: its CRI configuration (DNS, hostname, ports, host network), its hosts file,
+//! its volumes, and
 //! creating it (CNI runs inside containerd) with a retry delay after a failure.
 
 use std::collections::HashMap;
@@ -10,7 +11,7 @@ use kube::ResourceExt;
 
 use crate::cri::v1 as cri;
 
-use super::{Worker, POD_NAME, POD_NAMESPACE, POD_UID};
+use super::{dns, Worker, POD_NAME, POD_NAMESPACE, POD_UID};
 
 pub(super) struct Sandbox {
     pub(super) id: String,
@@ -58,7 +59,11 @@ impl Worker {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let hostname = spec.hostname.clone().unwrap_or_else(|| self.pod.name_any());
+        let ns = self.pod.namespace().unwrap_or_default();
+        let (hostname, _) =
+            dns::hostname(&spec, &self.pod.name_any(), &ns, &self.k.dns.cluster_domain)
+                .map_err(anyhow::Error::msg)?;
+        let dns_config = dns::dns_config(&spec, &ns, &self.k.dns).map_err(anyhow::Error::msg)?;
         let network = if self.host_network() {
             cri::NamespaceMode::Node
         } else {
@@ -71,7 +76,8 @@ impl Worker {
                 namespace: self.pod.namespace().unwrap_or_default(),
                 attempt: 0,
             }),
-            hostname: hostname.chars().take(63).collect(),
+            hostname,
+            dns_config: Some(dns_config),
             log_directory: self.pod_dir().join("logs").display().to_string(),
             port_mappings,
             labels,
@@ -115,6 +121,23 @@ impl Worker {
         Ok(out)
     }
 
+    /// The pod's managed hosts file, mounted at `/etc/hosts` in each of its containers.
+    pub(super) fn hosts_path(&self) -> PathBuf {
+        self.pod_dir().join("etc-hosts")
+    }
+
+    fn write_hosts(&self, ip: &str) -> Result<()> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let ns = self.pod.namespace().unwrap_or_default();
+        let names = dns::hostname(&spec, &self.pod.name_any(), &ns, &self.k.dns.cluster_domain)
+            .map_err(anyhow::Error::msg)?;
+        let path = self.hosts_path();
+        std::fs::create_dir_all(self.pod_dir())
+            .with_context(|| format!("creating {}", self.pod_dir().display()))?;
+        std::fs::write(&path, dns::hosts_file(&spec, ip, &names))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
     pub(super) async fn ensure_sandbox(&mut self) -> bool {
         if self.sandbox.is_some() {
             return true;
@@ -140,6 +163,7 @@ impl Worker {
             } else {
                 status.network.map(|n| n.ip).unwrap_or_default()
             };
+            self.write_hosts(&ip)?;
             anyhow::Ok(Sandbox { id, ip, config })
         }
         .await;

@@ -178,6 +178,17 @@ impl Kubelet {
     /// ferry-kubelet for node-a in `t`'s node namespace (it starts containerd in `dirs` and
     /// imports Ferry's images), with the node's kubeconfig from `cp`.
     pub fn start(t: &Topology, cp: &ControlPlane, dirs: &RuntimeDirs, pod_cidr: &str) -> Kubelet {
+        Self::start_with(t, cp, dirs, pod_cidr, &[])
+    }
+
+    /// Like `start`, with more flags.
+    pub fn start_with(
+        t: &Topology,
+        cp: &ControlPlane,
+        dirs: &RuntimeDirs,
+        pod_cidr: &str,
+        extra: &[&str],
+    ) -> Kubelet {
         std::fs::create_dir_all(&dirs.run).unwrap();
         let log = dirs.run.join("kubelet.log");
         let f = std::fs::File::create(&log).unwrap();
@@ -196,6 +207,7 @@ impl Kubelet {
             .arg(bin_path("ferry-cni").unwrap())
             .arg("--bpf-dir")
             .arg(&t.bpf_dir)
+            .args(extra)
             .stdout(f.try_clone().unwrap())
             .stderr(f);
         let child = t.node.spawn(&mut cmd).expect("ferry-kubelet");
