@@ -4,13 +4,15 @@
 //! - `records`: the cluster's names, kept per object as changes arrive;
 //! - `answer`: the Kubernetes DNS specification's answers from those records;
 //! - `forward`: other names, asked of the node's upstream resolvers, with a cache;
-//! - `server`: UDP and TCP listeners and the bounds every client is held to.
+//! - `server`: UDP and TCP listeners and the bounds every client is held to;
+//! - `reply_cache`: the encoded answers of repeated queries, for one generation of the records.
 //!
 //! Wire format by `hickory-proto`; nothing here parses DNS by hand.
 
 pub mod answer;
 pub mod forward;
 pub mod records;
+mod reply_cache;
 pub mod server;
 
 pub use answer::Zone;

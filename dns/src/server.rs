@@ -18,13 +18,14 @@ use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::Record;
 use ipnetwork::IpNetwork;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::answer::{self, Answer, Zone};
 use crate::forward::Forwarder;
 use crate::records::Records;
+use crate::reply_cache::ReplyCache;
 
 /// The payload size this server advertises and uses for UDP answers to EDNS clients at most.
 const OUR_PAYLOAD: u16 = 1232;
@@ -32,6 +33,10 @@ const OUR_PAYLOAD: u16 = 1232;
 const MAX_UDP: usize = 4096;
 /// Clients the rate limiter remembers at most.
 const MAX_CLIENTS: usize = 65_536;
+/// Receive buffer of each UDP socket (bursts of 10,000 queries wait there, not dropped).
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Encoded local answers kept (about 100 bytes of key and 200 of answer each).
+const REPLY_CACHE_ENTRIES: usize = 20_000;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -117,6 +122,18 @@ impl RateLimiter {
     }
 }
 
+/// A UDP socket on `addr` that others of this process may share (SO_REUSEPORT), with a
+/// receive buffer for bursts.
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = s.set_recv_buffer_size(UDP_RECV_BUFFER);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
 /// What the synchronous part of handling decided.
 enum Step {
     Reply(Vec<u8>),
@@ -138,6 +155,8 @@ pub struct Server {
     limiter: RateLimiter,
     forwards: Arc<Semaphore>,
     tcp_slots: Arc<Semaphore>,
+    /// Encoded local answers of the current records, by query bytes (UDP).
+    replies: ReplyCache,
     /// Who may ask (starts as `cfg.allow`; the daemon widens it as it learns the nodes).
     allow: RwLock<Vec<IpNetwork>>,
     pub stats: Stats,
@@ -157,6 +176,7 @@ impl Server {
             },
             forwards: Arc::new(Semaphore::new(cfg.max_forwards.max(1))),
             tcp_slots: Arc::new(Semaphore::new(cfg.max_tcp_connections.max(1))),
+            replies: ReplyCache::new(REPLY_CACHE_ENTRIES),
             allow: RwLock::new(cfg.allow.clone()),
             zone,
             records,
@@ -174,26 +194,40 @@ impl Server {
     /// same for UDP and TCP) and serves until the process ends. Returns the bound addresses.
     pub async fn start(self: Arc<Self>) -> Result<Vec<SocketAddr>> {
         let mut bound = Vec::new();
+        // One UDP socket per core on the same port (SO_REUSEPORT: the kernel spreads clients
+        // over them), each with its own thread, as unbound does.
+        let sockets = std::thread::available_parallelism().map_or(1, |n| n.get());
         for addr in self.cfg.listen.clone() {
-            let udp = UdpSocket::bind(addr)
-                .await
-                .with_context(|| format!("DNS: binding UDP {addr}"))?;
-            let addr = udp.local_addr()?;
+            let first = udp_socket(addr).with_context(|| format!("DNS: binding UDP {addr}"))?;
+            let addr = first.local_addr()?;
+            let mut udp = vec![first];
+            for _ in 1..sockets {
+                udp.push(udp_socket(addr).with_context(|| format!("DNS: binding UDP {addr}"))?);
+            }
             let tcp = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("DNS: binding TCP {addr}"))?;
-            info!(%addr, zone = self.zone.domain(), upstreams = ?self.forwarder.upstreams(), "DNS serving");
-            tokio::spawn(self.clone().serve_udp(Arc::new(udp)));
+            info!(%addr, zone = self.zone.domain(), upstreams = ?self.forwarder.upstreams(), udp_sockets = udp.len(), "DNS serving");
+            for (i, sock) in udp.into_iter().enumerate() {
+                let (me, rt) = (self.clone(), tokio::runtime::Handle::current());
+                std::thread::Builder::new()
+                    .name(format!("dns-udp-{i}"))
+                    .spawn(move || me.serve_udp(sock, rt))
+                    .context("DNS: starting a UDP thread")?;
+            }
             tokio::spawn(self.clone().serve_tcp(tcp));
             bound.push(addr);
         }
         Ok(bound)
     }
 
-    async fn serve_udp(self: Arc<Self>, sock: Arc<UdpSocket>) {
+    /// One UDP socket's loop, on a thread of its own (blocking receive and send, as
+    /// unbound's threads do: no wake-ups of the async runtime per datagram). Forwarded
+    /// queries go to the runtime and are answered from there.
+    fn serve_udp(self: Arc<Self>, sock: std::net::UdpSocket, rt: tokio::runtime::Handle) {
         let mut buf = vec![0u8; MAX_UDP];
         loop {
-            let (n, from) = match sock.recv_from(&mut buf).await {
+            let (n, from) = match sock.recv_from(&mut buf) {
                 Ok(x) => x,
                 Err(e) => {
                     // ICMP errors of earlier answers surface here; the socket is fine.
@@ -203,7 +237,7 @@ impl Server {
             };
             match self.step(&buf[..n], from.ip(), false) {
                 Step::Reply(out) => {
-                    let _ = sock.send_to(&out, from).await;
+                    let _ = sock.send_to(&out, from);
                 }
                 Step::Drop => {}
                 Step::Forward {
@@ -216,16 +250,20 @@ impl Server {
                         Stats::inc(&self.stats.servfail);
                         let r = answer::response_to(&req, ResponseCode::ServFail);
                         if let Some(out) = self.encode(&req, r, limit) {
-                            let _ = sock.send_to(&out, from).await;
+                            let _ = sock.send_to(&out, from);
                         }
                         continue;
                     };
-                    let (me, sock) = (self.clone(), sock.clone());
-                    tokio::spawn(async move {
+                    let Ok(reply_sock) = sock.try_clone() else {
+                        continue;
+                    };
+                    let me = self.clone();
+                    rt.spawn(async move {
                         let out = me.forward(&req, &query, partial.map(|b| *b), limit).await;
                         drop(permit);
                         if let Some(out) = out {
-                            let _ = sock.send_to(&out, from).await;
+                            // A datagram send does not wait for the peer.
+                            let _ = reply_sock.send_to(&out, from);
                         }
                     });
                 }
@@ -303,6 +341,14 @@ impl Server {
             Stats::inc(&self.stats.rate_limited);
             return Step::Drop;
         }
+        // A query repeating one already answered from these records: its bytes again.
+        if !tcp && self.allowed(from) {
+            let generation = self.records.read().unwrap().generation();
+            if let Some(out) = self.replies.get(generation, bytes) {
+                Stats::inc(&self.stats.local);
+                return Step::Reply(out);
+            }
+        }
         let req = match Message::from_vec(bytes) {
             Ok(m) => m,
             Err(_) => {
@@ -344,14 +390,21 @@ impl Server {
                 return self.reply(&req, r, limit);
             }
         };
-        let decided = {
+        let (decided, generation) = {
             let records = self.records.read().unwrap();
-            answer::answer(&self.zone, &records, &req, &query)
+            (
+                answer::answer(&self.zone, &records, &req, &query),
+                records.generation(),
+            )
         };
         match decided {
             Answer::Local(resp) => {
                 Stats::inc(&self.stats.local);
-                self.reply(&req, resp, limit)
+                let step = self.reply(&req, resp, limit);
+                if let (Step::Reply(out), false) = (&step, tcp) {
+                    self.replies.put(generation, bytes, out);
+                }
+                step
             }
             Answer::Forward => Step::Forward {
                 req: Box::new(req),
