@@ -8,9 +8,10 @@
 //! ```
 //! The node lives in its own network namespace so the cluster's links, routes and eBPF
 //! programs never touch the host's; the host reaches the API server, NodePorts, ClusterIPs and
-//! pods over one veth pair, with routes for the Service and pod ranges. Ctrl-C removes every
-//! pod, stops every process and removes the namespace, links, routes and pins. The control
-//! plane's state stays under /var/lib/ferry/up/controlplane (delete it for a fresh cluster).
+//! pods over one veth pair, with routes for the Service and pod ranges and the node-local DNS
+//! address. Ctrl-C removes every pod, stops every process and removes the namespace, links,
+//! routes and pins. The control plane's state stays under /var/lib/ferry/up/controlplane (delete
+//! it for a fresh cluster).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,10 +34,17 @@ const NODE_IP: &str = "192.168.77.1";
 const HOST_IP: &str = "192.168.77.2";
 const HOST_LINK: &str = "ferry0";
 const POD_CIDR: &str = "10.244.0.0/24";
-const HOST_ROUTES: &[&str] = &["10.96.0.0/12", "10.244.0.0/16"];
+/// The Service and pod ranges, and the node-local DNS address: the node's socket programs act on
+/// the host's processes too (they share the cgroup hierarchy), and send the host's queries to
+/// the cluster DNS address there.
+const HOST_ROUTES: &[&str] = &["10.96.0.0/12", "10.244.0.0/16", "169.254.20.10/32"];
 const DATA: &str = "/var/lib/ferry/up";
 const RUN: &str = "/run/ferry";
 const BPF_DIR: &str = "/sys/fs/bpf/ferry";
+/// The node-local address ferry-proxy answers DNS on, and the cluster DNS Service's address
+/// (the tenth of the default service range, where the control plane puts kube-dns).
+const NODE_DNS: &str = "169.254.20.10";
+const CLUSTER_DNS: &str = "10.96.0.10";
 
 /// Everything `up` started; dropping it tears the cluster down in order.
 struct Cluster {
@@ -217,6 +225,8 @@ pub fn run_cluster(exit_after: Option<u64>, smoke: bool) -> Result<()> {
             "fy*",
             "--bpf-dir",
             BPF_DIR,
+            "--dns-addr",
+            NODE_DNS,
         ],
     )?;
     eprintln!("[up] ferry-kubelet (starts containerd, imports Ferry's images)");
@@ -242,6 +252,8 @@ pub fn run_cluster(exit_after: Option<u64>, smoke: bool) -> Result<()> {
             "--bpf-dir",
             BPF_DIR,
             "--remove-pods-on-exit",
+            "--cluster-dns",
+            CLUSTER_DNS,
         ],
     )?;
     wait_for("node ferry to be Ready", Duration::from_secs(90), || {
@@ -266,6 +278,7 @@ pub fn run_cluster(exit_after: Option<u64>, smoke: bool) -> Result<()> {
         root.display()
     );
     println!("  curl http://{NODE_IP}:30080/     # the NodePort; each answer names its pod");
+    println!("  dig @{CLUSTER_DNS} +short hello.default.svc.cluster.local   # cluster DNS");
     println!("Logs: {DATA}/logs. Ctrl-C stops everything and cleans up.");
     if smoke {
         return smoke_test(&admin, &root);
@@ -295,7 +308,7 @@ spec:
   - name: c
     image: ferry.local/busybox:1
     imagePullPolicy: IfNotPresent
-    command: [sh, -c, 'if echo | nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT >/dev/null; then echo api-reachable; else echo api-unreachable; fi']
+    command: [sh, -c, 'if echo | nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT >/dev/null; then echo api-reachable; fi; if echo | nc -w 3 kubernetes.default.svc 443 >/dev/null; then echo api-by-name; fi']
 "#;
 
 /// The README's two lines, checked: every replica answers over the NodePort and the ClusterIP
@@ -369,9 +382,28 @@ fn smoke_test(admin: &Path, root: &Path) -> Result<()> {
     if !said.contains("api-reachable") {
         bail!("a pod could not reach the API through the kubernetes Service: {said}");
     }
+    if !said.contains("api-by-name") {
+        bail!("a pod could not reach the API as kubernetes.default.svc (cluster DNS): {said}");
+    }
     eprintln!(
-        "[up] smoke: a pod reaches the API at $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"
+        "[up] smoke: a pod reaches the API at $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT and as kubernetes.default.svc"
     );
+    // The printed DNS line, from the host.
+    let name = "hello.default.svc.cluster.local";
+    let dig = run(
+        "dig",
+        &[
+            &format!("@{CLUSTER_DNS}"),
+            "+short",
+            "+time=2",
+            "+tries=3",
+            name,
+        ],
+    )?;
+    if dig.trim() != vip {
+        bail!("dig @{CLUSTER_DNS} {name} answered {dig:?}, not the Service's {vip}");
+    }
+    eprintln!("[up] smoke: {name} resolves to {vip} at the cluster DNS address {CLUSTER_DNS}");
     // The README's other lines work too.
     for args in [
         &["get", "pods", "-o", "wide"][..],
