@@ -22,6 +22,9 @@ pub enum Which {
     /// The datapath program alone: ns per packet for each path (new flow, established,
     /// reply, non-service) against an empty tc program, measured with BPF_PROG_TEST_RUN.
     Prog(Opts),
+    /// Cluster DNS with 10,000 Services against unbound serving the same static zone:
+    /// queries/s and latency with dnsperf, and Service create to name resolvable.
+    Dns(Opts),
     /// ferry-cni against ptp + host-local: ADD and DEL latency for 100 pods.
     Cni(Opts),
     /// Pod startup on one node with containerd: create to Running and to Ready for 30 pods,
@@ -45,6 +48,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Scheduler(o) => crate_bench("controlplane", "scheduler", o.quick),
         Which::Endpoints(o) => crate_bench("proxy", "endpoint_latency", o.quick),
         Which::Prog(o) => crate_bench("proxy", "prog", o.quick),
+        Which::Dns(o) => crate_bench("proxy", "dns", o.quick),
         Which::Cni(o) => crate::bench_cni::run(o.quick),
         Which::Pods(o) => {
             crate::images::build()?;
