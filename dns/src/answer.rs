@@ -179,6 +179,25 @@ fn relative<'a>(name: &'a str, zone: &str) -> Option<&'a str> {
     Some(rel)
 }
 
+/// A name that stands for `addrs`: NXDOMAIN when there are none, their A records when asked
+/// for A, no data otherwise.
+fn addresses(
+    out: &mut Out,
+    owner: &Name,
+    ttl: u32,
+    qtype: RecordType,
+    addrs: &[Ipv4Addr],
+) -> ResponseCode {
+    if addrs.is_empty() {
+        return ResponseCode::NXDomain;
+    }
+    if qtype == RecordType::A {
+        out.answers
+            .extend(addrs.iter().map(|ip| a(owner, ttl, *ip)));
+    }
+    ResponseCode::NoError
+}
+
 /// `4.3.2.1.in-addr.arpa` as 1.2.3.4.
 fn reverse_v4(name: &str) -> Option<Ipv4Addr> {
     let rest = name.strip_suffix(".in-addr.arpa")?;
@@ -269,14 +288,7 @@ fn lookup(
                         .collect();
                     addrs.sort_unstable();
                     addrs.dedup();
-                    if addrs.is_empty() {
-                        return NXDomain;
-                    }
-                    if qtype == RecordType::A {
-                        out.answers
-                            .extend(addrs.iter().map(|ip| a(owner, ttl, *ip)));
-                    }
-                    NoError
+                    addresses(out, owner, ttl, qtype, &addrs)
                 }
                 Kind::ExternalName(target) => {
                     let Ok(target_name) = Name::from_ascii(format!("{target}.")) else {
@@ -325,14 +337,7 @@ fn lookup(
                 .filter(|(e, addr)| endpoint_label(e, *addr) == *ep)
                 .map(|(_, a)| a)
                 .collect();
-            if addrs.is_empty() {
-                return NXDomain;
-            }
-            if qtype == RecordType::A {
-                out.answers
-                    .extend(addrs.iter().map(|ip| a(owner, ttl, *ip)));
-            }
-            NoError
+            addresses(out, owner, ttl, qtype, &addrs)
         }
         [ip, _ns, "pod"] => match undashed(ip) {
             Some(addr) => {

@@ -100,6 +100,14 @@ pub fn dashed(addr: Ipv4Addr) -> String {
     format!("{}-{}-{}-{}", o[0], o[1], o[2], o[3])
 }
 
+/// The keys of `have` that `all` lacks.
+fn missing<V, W>(have: &HashMap<Key, V>, all: &HashMap<Key, W>) -> Vec<Key> {
+    have.keys()
+        .filter(|k| !all.contains_key(*k))
+        .cloned()
+        .collect()
+}
+
 #[derive(Default)]
 pub struct Records {
     services: HashMap<Key, Svc>,
@@ -181,13 +189,7 @@ impl Records {
     /// Every Service there is: those not in `all` are gone.
     pub fn replace_services<'a>(&mut self, all: impl IntoIterator<Item = (Key, &'a Service)>) {
         let all: HashMap<Key, &Service> = all.into_iter().collect();
-        let gone: Vec<Key> = self
-            .services
-            .keys()
-            .filter(|k| !all.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
+        for k in missing(&self.services, &all) {
             self.set_service(&k, None);
         }
         for (k, s) in all {
@@ -198,13 +200,7 @@ impl Records {
     /// Every EndpointSlice there is: those not in `all` are gone.
     pub fn replace_slices<'a>(&mut self, all: impl IntoIterator<Item = (Key, &'a EndpointSlice)>) {
         let all: HashMap<Key, &EndpointSlice> = all.into_iter().collect();
-        let gone: Vec<Key> = self
-            .slices
-            .keys()
-            .filter(|k| !all.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
+        for k in missing(&self.slices, &all) {
             self.set_slice(&k, None);
         }
         for (k, s) in all {

@@ -18,11 +18,12 @@
 //!
 //! Arguments: `--quick` (fewer Services, shorter turns), `--out DIR`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -35,8 +36,9 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, PostParams};
-use kube::runtime::{watcher, WatchStreamExt};
 use serde_json::json;
+
+use common::FirstSeen;
 
 const NODE_DNS: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
 const REFERENCE_PORT: u16 = 5300;
@@ -263,24 +265,10 @@ async fn main() -> Result<()> {
     };
     ferry_testbed::clean_up_on_signal();
     let mut t = Topology::new(0)?;
-    // This thread (and the runtime's) work in the node namespace.
-    {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(t.node.path())?;
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "entering the node namespace: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    t.node.exec("ip", &["link", "set", "lo", "up"])?;
+    // This thread (the runtime's only one) works in the node namespace.
+    t.node.enter()?;
     let cp = ControlPlane::start_in(Some(&t.node.name), &[])?;
-    let client = {
-        let kc = kube::config::Kubeconfig::read_from(cp.kubeconfig("admin"))?;
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-        kube::Client::try_from(cfg)?
-    };
+    let client = common::client(&cp, "admin").await?;
     populate(&client, services).await?;
     eprintln!("[bench dns] starting ferry-proxy --dns-addr {NODE_DNS} over {services} Services");
     // No rate limit per client (dnsperf is one client) and nowhere to forward to.
@@ -351,27 +339,11 @@ async fn main() -> Result<()> {
     }
 
     // Create to resolvable, against the API's own delivery to a plain watch.
-    let seen: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
-    let watch = {
-        let seen = seen.clone();
-        let api: Api<Service> = Api::namespaced(client.clone(), "default");
-        tokio::spawn(async move {
-            let mut s = watcher(api, watcher::Config::default())
-                .applied_objects()
-                .boxed();
-            while let Some(ev) = s.next().await {
-                match ev {
-                    Ok(svc) => {
-                        if let Some(n) = svc.metadata.name.clone() {
-                            seen.lock().unwrap().entry(n).or_insert_with(Instant::now);
-                        }
-                    }
-                    Err(e) => eprintln!("[bench dns] the baseline watch: {e}"),
-                }
-            }
-        })
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await; // the watch's initial list
+    let seen = FirstSeen::watch(
+        Api::<Service>::namespaced(client.clone(), "default"),
+        |svc| svc.metadata.name.clone(),
+    )
+    .await;
     let api: Api<Service> = Api::namespaced(client.clone(), "default");
     let sock = UdpSocket::bind("0.0.0.0:0")?;
     sock.set_read_timeout(Some(Duration::from_millis(20)))?;
@@ -409,16 +381,10 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         create.await??;
-        for _ in 0..200 {
-            if let Some(at) = seen.lock().unwrap().get(&name) {
-                delivered.push(at.duration_since(t0).as_secs_f64() * 1e3);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        delivered.extend(seen.after_ms(&name, t0).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    watch.abort();
+    drop(seen);
     resolvable.sort_by(f64::total_cmp);
     delivered.sort_by(f64::total_cmp);
     if delivered.is_empty() {

@@ -12,10 +12,10 @@
 //!
 //! Arguments: `--quick` (fewer Services and samples), `--out DIR`.
 
-use std::collections::HashMap;
+mod common;
+
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -27,9 +27,10 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::{watcher, WatchStreamExt};
 use proxy_common::{Backend, ServiceKey, ServiceValue, PROTO_TCP};
 use serde_json::json;
+
+use common::FirstSeen;
 
 const TARGET_P99_MS: f64 = 10.0;
 
@@ -119,23 +120,10 @@ async fn main() -> Result<()> {
     let (services, samples) = if quick { (2_000, 60) } else { (10_000, 300) };
     ferry_testbed::clean_up_on_signal();
     let mut t = Topology::new(1)?;
-    // This thread (and the runtime's) talk to the API server in the node namespace.
-    {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(t.node.path())?;
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "entering the node namespace: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
+    // This thread (the runtime's only one) talks to the API server in the node namespace.
+    t.node.enter()?;
     let cp = ControlPlane::start_in(Some(&t.node.name), &[])?;
-    let client = {
-        let kc = kube::config::Kubeconfig::read_from(cp.kubeconfig("admin"))?;
-        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-        kube::Client::try_from(cfg)?
-    };
+    let client = common::client(&cp, "admin").await?;
     populate(&client, services).await?;
     eprintln!("[bench endpoints] starting ferry-proxy over {services} Services");
     let started = Instant::now();
@@ -147,25 +135,14 @@ async fn main() -> Result<()> {
     }
 
     // The baseline: a plain watch in this process, noting when each new address shows up.
-    let seen: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
-    let watch = {
-        let seen = seen.clone();
-        let api: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
-        tokio::spawn(async move {
-            let mut s = watcher(api, watcher::Config::default())
-                .applied_objects()
-                .boxed();
-            while let Some(Ok(slice)) = s.next().await {
-                if let Some(ip) = slice.endpoints.first().and_then(|e| e.addresses.first()) {
-                    seen.lock()
-                        .unwrap()
-                        .entry(ip.clone())
-                        .or_insert_with(Instant::now);
-                }
-            }
-        })
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await; // the watch's initial list
+    let seen = FirstSeen::watch(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        |slice| {
+            let e = slice.endpoints.first()?;
+            e.addresses.first().cloned()
+        },
+    )
+    .await;
 
     let slice_api: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
     let (mut live, mut delivered) = (Vec::new(), Vec::new());
@@ -196,19 +173,13 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_micros(50)).await;
         }
         // The plain watch has had at least as long; give it a moment more if it lags.
-        for _ in 0..200 {
-            if let Some(at) = seen.lock().unwrap().get(&ip.to_string()) {
-                delivered.push(at.duration_since(t0).as_secs_f64() * 1e3);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        delivered.extend(seen.after_ms(&ip.to_string(), t0).await);
         if (i + 1) % 50 == 0 {
             eprintln!("[bench endpoints] {} of {samples} samples", i + 1);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    watch.abort();
+    drop(seen);
     live.sort_by(f64::total_cmp);
     delivered.sort_by(f64::total_cmp);
     if delivered.is_empty() {

@@ -16,9 +16,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proxy_common::{PROTO_TCP, PROTO_UDP};
 
 mod health;
+mod local_dns;
 mod source_ranges;
 use health::health_check;
 pub use health::HealthCheck;
+pub use local_dns::LocalDns;
 use source_ranges::source_ranges;
 
 /// The label that ties an EndpointSlice to its Service.
@@ -39,18 +41,6 @@ pub struct NodeInfo {
     /// The cluster DNS Service answered by this node's own DNS server.
     pub local_dns: Option<LocalDns>,
 }
-
-/// The cluster DNS Service (`kube-system/kube-dns`) whose port-53 frontends lead to the node's
-/// own DNS server, whatever endpoints the Service has: DNS never crosses nodes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalDns {
-    pub namespace: String,
-    pub name: String,
-    pub addr: Ipv4Addr,
-}
-
-/// The port DNS is served on.
-pub const DNS_PORT: u16 = 53;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -500,14 +490,12 @@ fn add_service_frontends(
             .unwrap_or(&[]);
         let mut internal =
             select_endpoints(all, internal_local.then_some(node.name.as_str()), proto);
-        if let Some(dns) = &node.local_dns {
-            if dns.namespace == ns && dns.name == name && port == DNS_PORT {
-                internal = vec![BackendAddr {
-                    addr: dns.addr,
-                    port: DNS_PORT,
-                    proto,
-                }];
-            }
+        if let Some(b) = node
+            .local_dns
+            .as_ref()
+            .and_then(|d| d.backend(ns, name, port, proto))
+        {
+            internal = vec![b];
         }
         let external = select_endpoints(all, external_local.then_some(node.name.as_str()), proto);
         let spec_for = |backends: &Vec<BackendAddr>, nodeport: bool| FrontendSpec {
@@ -685,10 +673,15 @@ endpoints:
 
     /// What the Service in `yaml` (a Service, then its slices) asks of node-a.
     pub(super) fn state(yaml: &str) -> Result<ServiceState, ValidationError> {
+        state_on(yaml, &node())
+    }
+
+    /// What the Service in `yaml` asks of `node`.
+    pub(super) fn state_on(yaml: &str, node: &NodeInfo) -> Result<ServiceState, ValidationError> {
         let mut docs = yaml.split("\n---\n");
         let svc: Service = serde_yaml::from_str(docs.next().unwrap()).unwrap();
         let slices: Vec<EndpointSlice> = docs.map(|d| serde_yaml::from_str(d).unwrap()).collect();
-        service_desired(&svc, &slices, &node())
+        service_desired(&svc, &slices, node)
     }
 
     /// The frontends of the Service in `yaml`.

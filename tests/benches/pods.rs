@@ -249,10 +249,7 @@ fn main() -> Result<()> {
     t.extra_interfaces = vec!["fy*".into()];
     // The API server listens on the node namespace's loopback: this process joins that
     // namespace before its runtime's threads start (they inherit it).
-    let ns = std::fs::File::open(t.node.path())?;
-    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("entering the node namespace");
-    }
+    t.node.enter()?;
     tokio::runtime::Runtime::new()?.block_on(run(t))
 }
 

@@ -32,6 +32,17 @@ impl Netns {
         format!("/run/netns/{}", self.name)
     }
 
+    /// Moves the calling thread into this namespace (threads it starts later inherit it).
+    pub fn enter(&self) -> Result<()> {
+        let path = self.path();
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("entering the network namespace {}", self.name));
+        }
+        Ok(())
+    }
+
     pub fn delete(&self) {
         if !self.name.is_empty() {
             let _ = crate::run("ip", &["netns", "del", &self.name]);
@@ -105,12 +116,9 @@ pub fn in_netns<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T> {
-    let path = ns.path();
+    let ns2 = ns.clone();
     std::thread::spawn(move || -> Result<T> {
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
+        ns2.enter()?;
         Ok(f())
     })
     .join()
