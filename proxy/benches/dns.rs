@@ -338,7 +338,9 @@ async fn main() -> Result<()> {
         lat.insert(name, p);
     }
 
-    // Create to resolvable, against the API's own delivery to a plain watch.
+    // Create to resolvable, against the API's own delivery to a plain watch. A new client:
+    // the API server has closed the first one's idle connection during the queries.
+    let client = common::client(&cp, "admin").await?;
     let seen = FirstSeen::watch(
         Api::<Service>::namespaced(client.clone(), "default"),
         |svc| svc.metadata.name.clone(),
