@@ -330,7 +330,10 @@ impl Server {
             let mut framed = Vec::with_capacity(out.len() + 2);
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
             framed.extend_from_slice(&out);
-            conn.write_all(&framed).await?;
+            // A client that does not read its answers is dropped like an idle one.
+            tokio::time::timeout(idle, conn.write_all(&framed))
+                .await
+                .context("the client does not read its answer")??;
         }
     }
 

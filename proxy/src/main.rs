@@ -60,8 +60,9 @@ struct Args {
     /// the root of the cgroup v2 hierarchy, found in the mount table).
     #[arg(long)]
     socket_lb_cgroup: Option<PathBuf>,
-    /// Serve cluster DNS on this node, on this node-local address (a dummy link `ferry-dns` is
-    /// created for it); the cluster DNS Service's port 53 leads here. Off when not given.
+    /// Serve cluster DNS on this node, on this node-local address (put on a dummy link
+    /// `ferry-dns`, or on `lo` when the kernel has no dummy links); the cluster DNS Service's
+    /// port 53 leads here. Off when not given.
     #[arg(long)]
     dns_addr: Option<Ipv4Addr>,
     /// The port of the DNS server (53 unless a test needs another).
