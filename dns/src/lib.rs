@@ -5,7 +5,8 @@
 //! - `answer`: the Kubernetes DNS specification's answers from those records;
 //! - `forward`: other names, asked of the node's upstream resolvers, with a cache;
 //! - `server`: UDP and TCP listeners and the bounds every client is held to;
-//! - `reply_cache`: the encoded answers of repeated queries, for one generation of the records.
+//! - `reply_cache`: the encoded answers of repeated queries, for one generation of the records;
+//! - `udp_batch`: datagrams received and answered in batches (recvmmsg, sendmmsg).
 //!
 //! Wire format by `hickory-proto`; nothing here parses DNS by hand.
 
@@ -14,6 +15,7 @@ pub mod forward;
 pub mod records;
 mod reply_cache;
 pub mod server;
+mod udp_batch;
 
 pub use answer::Zone;
 pub use forward::{ForwardConfig, Forwarder};

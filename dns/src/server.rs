@@ -26,6 +26,7 @@ use crate::answer::{self, Answer, Zone};
 use crate::forward::Forwarder;
 use crate::records::Records;
 use crate::reply_cache::ReplyCache;
+use crate::udp_batch::Batch;
 
 /// The payload size this server advertises and uses for UDP answers to EDNS clients at most.
 const OUR_PAYLOAD: u16 = 1232;
@@ -35,6 +36,8 @@ const MAX_UDP: usize = 4096;
 const MAX_CLIENTS: usize = 65_536;
 /// Receive buffer of each UDP socket (bursts of 10,000 queries wait there, not dropped).
 const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Datagrams taken per receive call (and answers sent per send call).
+const UDP_BATCH: usize = 32;
 /// Encoded local answers kept (about 100 bytes of key and 200 of answer each).
 const REPLY_CACHE_ENTRIES: usize = 20_000;
 
@@ -222,51 +225,62 @@ impl Server {
     }
 
     /// One UDP socket's loop, on a thread of its own (blocking receive and send, as
-    /// unbound's threads do: no wake-ups of the async runtime per datagram). Forwarded
-    /// queries go to the runtime and are answered from there.
+    /// unbound's threads do: no wake-ups of the async runtime per datagram), taking every
+    /// query waiting in one system call and sending their answers in one. Forwarded queries
+    /// go to the runtime and are answered from there.
     fn serve_udp(self: Arc<Self>, sock: std::net::UdpSocket, rt: tokio::runtime::Handle) {
-        let mut buf = vec![0u8; MAX_UDP];
+        use std::os::fd::AsRawFd;
+        let fd = sock.as_raw_fd();
+        let mut batch = Batch::new(UDP_BATCH, MAX_UDP);
+        let mut replies = Vec::with_capacity(UDP_BATCH);
         loop {
-            let (n, from) = match sock.recv_from(&mut buf) {
-                Ok(x) => x,
+            let n = match batch.recv(fd) {
+                Ok(n) => n,
                 Err(e) => {
                     // ICMP errors of earlier answers surface here; the socket is fine.
                     debug!("DNS UDP receive: {e}");
                     continue;
                 }
             };
-            match self.step(&buf[..n], from.ip(), false) {
-                Step::Reply(out) => {
-                    let _ = sock.send_to(&out, from);
+            replies.clear();
+            for i in 0..n {
+                let Some((bytes, from)) = batch.datagram(i) else {
+                    continue;
+                };
+                match self.step(bytes, from.ip(), false) {
+                    Step::Reply(out) => replies.push((i, out)),
+                    Step::Drop => {}
+                    Step::Forward {
+                        req,
+                        query,
+                        partial,
+                        limit,
+                    } => {
+                        let Ok(permit) = self.forwards.clone().try_acquire_owned() else {
+                            Stats::inc(&self.stats.servfail);
+                            let r = answer::response_to(&req, ResponseCode::ServFail);
+                            if let Some(out) = self.encode(&req, r, limit) {
+                                replies.push((i, out));
+                            }
+                            continue;
+                        };
+                        let Ok(reply_sock) = sock.try_clone() else {
+                            continue;
+                        };
+                        let me = self.clone();
+                        rt.spawn(async move {
+                            let out = me.forward(&req, &query, partial.map(|b| *b), limit).await;
+                            drop(permit);
+                            if let Some(out) = out {
+                                // A datagram send does not wait for the peer.
+                                let _ = reply_sock.send_to(&out, from);
+                            }
+                        });
+                    }
                 }
-                Step::Drop => {}
-                Step::Forward {
-                    req,
-                    query,
-                    partial,
-                    limit,
-                } => {
-                    let Ok(permit) = self.forwards.clone().try_acquire_owned() else {
-                        Stats::inc(&self.stats.servfail);
-                        let r = answer::response_to(&req, ResponseCode::ServFail);
-                        if let Some(out) = self.encode(&req, r, limit) {
-                            let _ = sock.send_to(&out, from);
-                        }
-                        continue;
-                    };
-                    let Ok(reply_sock) = sock.try_clone() else {
-                        continue;
-                    };
-                    let me = self.clone();
-                    rt.spawn(async move {
-                        let out = me.forward(&req, &query, partial.map(|b| *b), limit).await;
-                        drop(permit);
-                        if let Some(out) = out {
-                            // A datagram send does not wait for the peer.
-                            let _ = reply_sock.send_to(&out, from);
-                        }
-                    });
-                }
+            }
+            if let Err(e) = batch.send(fd, &replies) {
+                debug!("DNS UDP send: {e}");
             }
         }
     }
