@@ -52,6 +52,17 @@ pub struct NamedPort {
     pub port: u16,
 }
 
+impl NamedPort {
+    /// A Service's or a slice's port, when it has a name (only named ports have SRV records).
+    fn new(name: Option<&str>, protocol: Option<&str>, port: Option<i32>) -> Option<Self> {
+        Some(NamedPort {
+            name: name.filter(|n| !n.is_empty())?.to_ascii_lowercase(),
+            proto: Proto::parse(protocol)?,
+            port: u16::try_from(port?).ok()?,
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// A cluster IP (the IPv4 ones of `clusterIPs`).
@@ -305,17 +316,7 @@ fn reduce_service(s: &Service) -> Svc {
         .ports
         .unwrap_or_default()
         .iter()
-        .filter_map(|p| {
-            Some(NamedPort {
-                name: p
-                    .name
-                    .clone()
-                    .filter(|n| !n.is_empty())?
-                    .to_ascii_lowercase(),
-                proto: Proto::parse(p.protocol.as_deref())?,
-                port: u16::try_from(p.port).ok()?,
-            })
-        })
+        .filter_map(|p| NamedPort::new(p.name.as_deref(), p.protocol.as_deref(), Some(p.port)))
         .collect();
     Svc {
         kind,
@@ -343,17 +344,7 @@ fn reduce_slice(s: &EndpointSlice) -> Option<Slice> {
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| {
-            Some(NamedPort {
-                name: p
-                    .name
-                    .clone()
-                    .filter(|n| !n.is_empty())?
-                    .to_ascii_lowercase(),
-                proto: Proto::parse(p.protocol.as_deref())?,
-                port: u16::try_from(p.port?).ok()?,
-            })
-        })
+        .filter_map(|p| NamedPort::new(p.name.as_deref(), p.protocol.as_deref(), p.port))
         .collect();
     Some(Slice {
         service,
