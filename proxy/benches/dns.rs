@@ -31,14 +31,13 @@ use ferry_testbed::bench::{conditions, percentile, BenchArgs};
 use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::netns::Netns;
 use ferry_testbed::Topology;
-use futures::{StreamExt, TryStreamExt};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
-use common::FirstSeen;
+use common::{vip, FirstSeen};
 
 const NODE_DNS: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
 const REFERENCE_PORT: u16 = 5300;
@@ -48,41 +47,26 @@ const TARGET_CREATE_P99_MS: f64 = 50.0;
 /// server's per-core sockets (with 4, one thread could get them all in one turn).
 const CLIENTS: u32 = 16;
 
-fn vip(j: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 100, (j / 250) as u8, (j % 250 + 1) as u8)
-}
-
 fn fqdn(j: usize) -> String {
     format!("s{j}.default.svc.{ZONE}")
 }
 
+/// The Services `s<j>`, each with a named port (for its SRV record); no endpoints needed.
 async fn populate(client: &kube::Client, services: usize) -> Result<()> {
     let api: Api<Service> = Api::namespaced(client.clone(), "default");
-    let started = Instant::now();
-    futures::stream::iter(0..services)
-        .map(|j| {
-            let api = api.clone();
-            async move {
-                let svc: Service = serde_json::from_value(json!({
-                    "metadata": {"name": format!("s{j}")},
-                    "spec": {"clusterIP": vip(j).to_string(),
-                             "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-                }))?;
-                api.create(&PostParams::default(), &svc).await?;
-                if (j + 1) % 2000 == 0 {
-                    eprintln!(
-                        "[bench dns] {} of {services} Services created ({:.1} s)",
-                        j + 1,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                Ok::<_, anyhow::Error>(())
-            }
-        })
-        .buffer_unordered(32)
-        .try_collect::<Vec<_>>()
-        .await?;
-    Ok(())
+    common::create_all("dns", "Services", services, |j| {
+        let api = api.clone();
+        async move {
+            let svc: Service = serde_json::from_value(json!({
+                "metadata": {"name": format!("s{j}")},
+                "spec": {"clusterIP": vip(j).to_string(),
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+            }))?;
+            api.create(&PostParams::default(), &svc).await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// unbound's configuration: the same records as a static zone, as many threads as cores, and

@@ -23,20 +23,15 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use ferry_testbed::bench::{conditions, percentile, BenchArgs};
 use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::Topology;
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use proxy_common::{Backend, ServiceKey, ServiceValue, PROTO_TCP};
 use serde_json::json;
 
-use common::FirstSeen;
+use common::{vip, FirstSeen};
 
 const TARGET_P99_MS: f64 = 10.0;
-
-fn vip(j: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 100, (j / 250) as u8, (j % 250 + 1) as u8)
-}
 
 fn new_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250 + 1) as u8)
@@ -78,38 +73,26 @@ impl Maps {
 async fn populate(client: &kube::Client, services: usize) -> Result<()> {
     let svc_api: Api<Service> = Api::namespaced(client.clone(), "default");
     let slice_api: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
-    let started = Instant::now();
-    futures::stream::iter(0..services)
-        .map(|j| {
-            let (svc_api, slice_api) = (svc_api.clone(), slice_api.clone());
-            async move {
-                let svc: Service = serde_json::from_value(json!({
-                    "metadata": {"name": format!("s{j}")},
-                    "spec": {"clusterIP": vip(j).to_string(), "ports": [{"port": 80, "targetPort": 8080}]}
-                }))?;
-                svc_api.create(&PostParams::default(), &svc).await?;
-                let slice: EndpointSlice = serde_json::from_value(json!({
-                    "metadata": {"name": format!("s{j}"),
-                                 "labels": {"kubernetes.io/service-name": format!("s{j}")}},
-                    "addressType": "IPv4",
-                    "ports": [{"port": 8080}],
-                    "endpoints": [{"addresses": ["10.250.0.1"]}]
-                }))?;
-                slice_api.create(&PostParams::default(), &slice).await?;
-                if (j + 1) % 2000 == 0 {
-                    eprintln!(
-                        "[bench endpoints] {} of {services} Services and slices created ({:.1} s)",
-                        j + 1,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                Ok::<_, anyhow::Error>(())
-            }
-        })
-        .buffer_unordered(32)
-        .try_collect::<Vec<_>>()
-        .await?;
-    Ok(())
+    common::create_all("endpoints", "Services and slices", services, |j| {
+        let (svc_api, slice_api) = (svc_api.clone(), slice_api.clone());
+        async move {
+            let svc: Service = serde_json::from_value(json!({
+                "metadata": {"name": format!("s{j}")},
+                "spec": {"clusterIP": vip(j).to_string(), "ports": [{"port": 80, "targetPort": 8080}]}
+            }))?;
+            svc_api.create(&PostParams::default(), &svc).await?;
+            let slice: EndpointSlice = serde_json::from_value(json!({
+                "metadata": {"name": format!("s{j}"),
+                             "labels": {"kubernetes.io/service-name": format!("s{j}")}},
+                "addressType": "IPv4",
+                "ports": [{"port": 8080}],
+                "endpoints": [{"addresses": ["10.250.0.1"]}]
+            }))?;
+            slice_api.create(&PostParams::default(), &slice).await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 #[tokio::main(flavor = "current_thread")]

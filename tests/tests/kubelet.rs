@@ -476,6 +476,15 @@ fn section<'a>(s: &'a [(String, String)], title: &str) -> &'a str {
         .1
 }
 
+/// Section `title` of a pod's log holds `want`.
+fn expect(sections: &[(String, String)], title: &str, want: &str) {
+    let text = section(sections, title);
+    assert!(
+        text.contains(want),
+        "{title}: {want:?} missing from:\n{text}"
+    );
+}
+
 #[test]
 fn pods_resolve_cluster_names_through_the_node_dns() {
     let mut t = Topology::new(0).expect("topology");
@@ -586,7 +595,6 @@ spec:
         ),
     );
     let q1 = finished_sections(&cp, "q1");
-    let head = section(&q1, "head");
     for want in [
         "nameserver 10.96.0.10",
         "search default.svc.cluster.local svc.cluster.local cluster.local",
@@ -596,41 +604,23 @@ spec:
         "\tq1.nginx.default.svc.cluster.local\tq1",
         "192.0.2.7\tfoo.local\tbar.local",
     ] {
-        assert!(head.contains(want), "{want:?} missing from:\n{head}");
+        expect(&q1, "head", want);
     }
     for n in [
         "kubernetes.default",
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
     ] {
-        assert!(
-            section(&q1, n).contains(&format!("PING {n} (10.96.0.1)")),
-            "{n}: {}",
-            section(&q1, n)
-        );
+        expect(&q1, n, &format!("PING {n} (10.96.0.1)"));
     }
-    assert!(
-        section(&q1, "web-0.nginx").contains(&format!("({web0})")),
-        "{q1:?}"
-    );
-    assert!(
-        section(&q1, "gone").contains(&format!("({gone})")),
-        "{q1:?}"
-    );
-    let srv = section(&q1, "srv");
-    assert!(
-        srv.contains("80 web-0.nginx.default.svc.cluster.local"),
-        "SRV: {srv}"
-    );
-    let ptr = section(&q1, "ptr");
-    assert!(
-        ptr.contains("kubernetes.default.svc.cluster.local"),
-        "PTR: {ptr}"
-    );
-    let ext = section(&q1, "ext");
-    assert!(
-        ext.contains("canonical name = nginx.default.svc.cluster.local"),
-        "CNAME: {ext}"
+    expect(&q1, "web-0.nginx", &format!("({web0})"));
+    expect(&q1, "gone", &format!("({gone})"));
+    expect(&q1, "srv", "80 web-0.nginx.default.svc.cluster.local");
+    expect(&q1, "ptr", "kubernetes.default.svc.cluster.local");
+    expect(
+        &q1,
+        "ext",
+        "canonical name = nginx.default.svc.cluster.local",
     );
     let pod = section(&q1, "pod");
     let ip = pod.lines().next().unwrap();
@@ -674,15 +664,11 @@ spec:
             && head.contains("options ndots:2"),
         "{head}"
     );
-    let ext = section(&q2, "ext");
-    assert!(
-        ext.contains("canonical name = kubernetes.default.svc.cluster.local"),
-        "CNAME after the change: {ext}"
+    expect(
+        &q2,
+        "ext",
+        "canonical name = kubernetes.default.svc.cluster.local",
     );
-    let gone = section(&q2, "gone");
-    assert!(gone.contains("NXDOMAIN"), "a deleted Service: {gone}");
-    assert!(
-        section(&q2, "web-0.nginx").contains(&format!("({web0})")),
-        "{q2:?}"
-    );
+    expect(&q2, "gone", "NXDOMAIN");
+    expect(&q2, "web-0.nginx", &format!("({web0})"));
 }

@@ -1,13 +1,16 @@
-//! What the proxy's API-driven benchmarks share (endpoint latency, DNS): an API client, and
-//! the baseline they time a change against, a plain watch in the benchmark process.
+//! What the proxy's API-driven benchmarks share (endpoint latency, DNS): an API client, the
+//! Services they fill the cluster with, and the baseline they time a change against, a plain
+//! watch in the benchmark process.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ferry_testbed::controlplane::ControlPlane;
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use kube::runtime::{watcher, WatchStreamExt as _};
 
 /// A client with the identity of `<who>.kubeconfig`.
@@ -15,6 +18,40 @@ pub async fn client(cp: &ControlPlane, who: &str) -> Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(cp.kubeconfig(who))?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
     Ok(kube::Client::try_from(cfg)?)
+}
+
+/// The cluster IP of the benchmarks' Service `s<j>`.
+pub fn vip(j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100, (j / 250) as u8, (j % 250 + 1) as u8)
+}
+
+/// Runs `create(j)` for every j below `n`, 32 requests in flight, saying every 2,000 how far
+/// it got (`bench` names the benchmark, `what` the objects).
+pub async fn create_all<F, Fut>(bench: &str, what: &str, n: usize, create: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|j| {
+            let fut = create(j);
+            async move {
+                fut.await?;
+                if (j + 1) % 2000 == 0 {
+                    eprintln!(
+                        "[bench {bench}] {} of {n} {what} created ({:.1} s)",
+                        j + 1,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
 }
 
 /// When each object first showed up at a plain watch of `api`, by `key`: the API's own
