@@ -103,9 +103,10 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(forward::forward(ctx, &flow));
     }
 
-    // 4. Not for a Service: passes untouched.
+    // 4. Not for a Service: passes untranslated, straight into the pod when it is for one of
+    //    this node's.
     conntrack::forget_reused_tuple(&flow);
-    Ok(TC_ACT_OK)
+    Ok(forward::pass(ctx, &flow))
 }
 
 /// The egress of the same interfaces. A backend that is the node itself (the API server behind

@@ -66,8 +66,80 @@ impl Flow {
 
 /// The flow of an IPv4 TCP/UDP packet; `Ok(None)` for traffic the load balancer leaves alone,
 /// `Err` when a header the packet claims to have is cut short.
+///
+/// The common packet (IPv4 without options, its headers in the linear part) is read in place,
+/// as the verifier allows after one bounds check; any other is read through the copying
+/// helper, which reaches into paged data too.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
+    match parse_direct(ctx) {
+        Some(flow) => Ok(flow),
+        None => parse_copied(ctx),
+    }
+}
+
+/// A header field at `off`: read in place when it is in the linear part (one bounds check),
+/// else copied out by the helper.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let data = ctx.data();
+    if data + off + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: within the packet's linear part, as just checked.
+        Ok(unsafe { *((data + off) as *const T) })
+    } else {
+        ctx.load(off).map_err(|_| ())
+    }
+}
+
+/// Bytes of an IPv4 header without options.
+const IP_HLEN: usize = 20;
+/// The TCP header's bytes up to its flags: the most the parser reads of L4.
+const L4_READ: usize = TCP_FLAGS_OFF + 1;
+
+/// `None` when the packet is not the common case (the caller reads it the slow way).
+#[inline(always)]
+fn parse_direct(ctx: &TcContext) -> Option<Option<Flow>> {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN + IP_HLEN + L4_READ > end {
+        return None; // short (a small UDP datagram, a bare ICMP) or not linear
+    }
+    // SAFETY: the bounds check above covers every byte read below.
+    let at = |off: usize| data + off;
+    let eth_proto = u16::from_be(unsafe { *(at(12) as *const u16) });
+    if eth_proto != ETH_P_IP {
+        return Some(None);
+    }
+    if unsafe { *(at(ETH_HLEN) as *const u8) } != 0x45 {
+        return None; // IP options (or not version 4): the general parser decides
+    }
+    let proto = unsafe { *(at(IP_PROTO_OFF) as *const u8) };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Some(None);
+    }
+    let frag = u16::from_be(unsafe { *(at(IP_FRAG_OFF) as *const u16) });
+    if frag & 0x1fff != 0 {
+        return Some(None);
+    }
+    let l4_off = ETH_HLEN + IP_HLEN;
+    let tcp_flags = if proto == PROTO_TCP {
+        unsafe { *(at(l4_off + TCP_FLAGS_OFF) as *const u8) }
+    } else {
+        0
+    };
+    Some(Some(Flow {
+        saddr: unsafe { *(at(IP_SRC_OFF) as *const u32) },
+        daddr: unsafe { *(at(IP_DST_OFF) as *const u32) },
+        sport: unsafe { *(at(l4_off + SPORT_OFF) as *const u16) },
+        dport: unsafe { *(at(l4_off + DPORT_OFF) as *const u16) },
+        proto,
+        tcp_flags,
+        l4_off,
+    }))
+}
+
+#[inline(always)]
+fn parse_copied(ctx: &TcContext) -> Result<Option<Flow>, ()> {
     let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
     if eth_proto != ETH_P_IP {
         return Ok(None);
