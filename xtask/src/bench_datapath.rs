@@ -187,7 +187,11 @@ fn markdown(r: &Report) -> String {
         sl.transactions,
         verdict(sl.p99_us < 1000.0),
     );
-    if let Some(sock) = r.rows.iter().find(|x| x.name.contains("socket LB")) {
+    if let Some(sock) = r
+        .rows
+        .iter()
+        .find(|x| x.name.starts_with("Ferry socket LB"))
+    {
         let (c, t) = (sock.crr.rate / base_crr, sock.rr.rate / base_rr);
         let _ = writeln!(
             s,
@@ -222,7 +226,7 @@ pub fn run(quick: bool) -> Result<()> {
         }
     };
     let sizes = [1usize, 1_000, 10_000];
-    let steps = (sizes.len() + 4) * plan.reps;
+    let steps = (sizes.len() + 5) * plan.reps;
     let mut step = 0;
 
     let mut t = Topology::with_prefix(&format!("fb{}", std::process::id()), BACKENDS + 1)?;
@@ -360,6 +364,17 @@ pub fn run(quick: bool) -> Result<()> {
         &format!("Ferry socket LB, N={n} Services"),
         n,
         &targets,
+        &mut step,
+        steps,
+    )?);
+    // The same client and programs, to pod IPs: what the attached programs cost per packet
+    // (nothing to translate), apart from the translation at connect.
+    rows.push(measure(
+        &t,
+        &plan,
+        "direct to pod IPs, socket LB attached",
+        0,
+        &direct,
         &mut step,
         steps,
     )?);
