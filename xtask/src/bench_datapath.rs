@@ -6,7 +6,9 @@
 //! at random among N = 1, 1,000 and 10,000 programmed Services. For each row: new connections/s
 //! (TCP_CRR-style) and round trips/s on persistent connections with p50/p99 latency
 //! (TCP_RR-style). Ferry forwards translated packets itself (BPF host routing); one more row
-//! shows it handing them to the host stack instead (`--bpf-host-routing=false`). Then how fast a
+//! shows it handing them to the host stack instead (`--bpf-host-routing=false`); (c) at the
+//! largest N through the socket programs (connect-time translation), and to the pods directly
+//! with those programs attached (what they cost apart from the translation). Then how fast a
 //! connect to a Service without endpoints is refused (the datapath's ICMP port unreachable),
 //! next to a connect to a closed port of a pod (the kernel's RST) in the same run, and the time
 //! to program 10,000 Services x 10 endpoints from scratch.
