@@ -15,7 +15,7 @@
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use ferry_testbed::{pod_ip, Topology, ECHO_PORT};
@@ -123,6 +123,26 @@ fn measure(
     })
 }
 
+/// The direct rows measured each next to a socket LB repetition.
+const PAIRED: &str = "direct to pod IPs, paired with socket LB";
+
+/// One row from repetitions measured apart (each a row of one repetition).
+fn merge(reps: Vec<Row>) -> Row {
+    let first = &reps[0];
+    let (name, services) = (first.name.clone(), first.services);
+    let crr_runs = reps.iter().flat_map(|r| r.crr_runs.clone()).collect();
+    let rr_runs = reps.iter().flat_map(|r| r.rr_runs.clone()).collect();
+    let (crr, rr): (Vec<Load>, Vec<Load>) = reps.into_iter().map(|r| (r.crr, r.rr)).unzip();
+    Row {
+        name,
+        services,
+        crr: median(crr),
+        rr: median(rr),
+        crr_runs,
+        rr_runs,
+    }
+}
+
 fn verdict(met: bool) -> &'static str {
     if met {
         "met"
@@ -189,18 +209,29 @@ fn markdown(r: &Report) -> String {
         sl.transactions,
         verdict(sl.p99_us < 1000.0),
     );
-    if let Some(sock) = r
+    let sock = r
         .rows
         .iter()
-        .find(|x| x.name.starts_with("Ferry socket LB"))
-    {
-        let (c, t) = (sock.crr.rate / base_crr, sock.rr.rate / base_rr);
+        .find(|x| x.name.starts_with("Ferry socket LB"));
+    let paired = r.rows.iter().find(|x| x.name == PAIRED);
+    if let (Some(sock), Some(paired)) = (sock, paired) {
+        // Each repetition against the direct one measured next to it; their median.
+        let ratios = |a: &[f64], b: &[f64]| -> (f64, String) {
+            let mut v: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+            let list = v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>();
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2], list.join(", "))
+        };
+        let (c, cs) = ratios(&sock.crr_runs, &paired.crr_runs);
+        let (t, ts) = ratios(&sock.rr_runs, &paired.rr_runs);
         let _ = writeln!(
             s,
-            "Socket LB at N={} vs direct: {c:.2}x conn/s (target >= 0.98x: {}), {t:.2}x round trips/s (target >= 0.98x: {}).",
+            "Socket LB at N={} vs the direct path measured next to each repetition (before it, then after it, in turn): {c:.2}x conn/s (target >= 0.98x: {}; repetitions {cs}), {t:.2}x round trips/s (target >= 0.98x: {}; repetitions {ts}); vs the before and after rows: {:.2}x, {:.2}x.",
             sock.services,
             verdict(c >= 0.98),
-            verdict(t >= 0.98)
+            verdict(t >= 0.98),
+            sock.crr.rate / base_crr,
+            sock.rr.rate / base_rr,
         );
     }
     let _ = writeln!(
@@ -228,7 +259,7 @@ pub fn run(quick: bool) -> Result<()> {
         }
     };
     let sizes = [1usize, 1_000, 10_000];
-    let steps = (sizes.len() + 5) * plan.reps;
+    let steps = (sizes.len() + 6) * plan.reps;
     let mut step = 0;
 
     let mut t = Topology::with_prefix(&format!("fb{}", std::process::id()), BACKENDS + 1)?;
@@ -350,40 +381,64 @@ pub fn run(quick: bool) -> Result<()> {
     std::fs::remove_dir_all(&t.bpf_dir).ok();
 
     // Connect-time load balancing at the largest N: the client runs in the cgroup the socket
-    // programs serve, so they translate each connect and the packets cross no program.
+    // programs serve, so they translate each connect and the packets need no translation.
+    // Each repetition is paired with one of the direct path, nothing attached (the daemon
+    // stopped, its pins gone, a pause for the kernel to free its maps) and the client in the
+    // same cgroup, before it and after it in turn (D S, S D, D S, ...), so this VM's drift over
+    // a run hits both alike (the bench notes: alternate, do not batch). With the
+    // programs attached, the same client also reaches the pods directly: what the attached
+    // programs cost per packet, apart from the translation at connect.
     let n = *sizes.last().unwrap();
-    eprintln!("[bench] Ferry socket LB, {n} Services");
+    eprintln!("[bench] Ferry socket LB, {n} Services, alternating with the direct path");
     t.enable_socket_lb()?;
-    let p = t.start_proxy(
-        &(services_yaml(n, BACKENDS, true) + &ferry_yaml(&[bench_svc(EMPTY, vec![])])),
-    )?;
+    let yaml = services_yaml(n, BACKENDS, true) + &ferry_yaml(&[bench_svc(EMPTY, vec![])]);
     let targets: Vec<String> = (0..plan.concurrency)
         .map(|_| format!("{}:80", vip(rng.next() as usize % n)))
         .collect();
-    rows.push(measure(
-        &t,
-        &plan,
-        &format!("Ferry socket LB, N={n} Services"),
-        n,
-        &targets,
-        &mut step,
-        steps,
-    )?);
-    // The same client and programs, to pod IPs: what the attached programs cost per packet
-    // (nothing to translate), apart from the translation at connect.
-    rows.push(measure(
-        &t,
-        &plan,
-        "direct to pod IPs, socket LB attached",
-        0,
-        &direct,
-        &mut step,
-        steps,
-    )?);
-    let refused_no_endpoints_socket_lb = refused(&t, format!("{}:80", vip(EMPTY)))?;
-    t.stop(p.pid, libc::SIGTERM)?;
-    std::fs::remove_dir_all(&t.bpf_dir).ok();
+    let once = Plan { reps: 1, ..plan };
+    let (mut paired, mut sock, mut attached) = (Vec::new(), Vec::new(), Vec::new());
+    let mut refused_no_endpoints_socket_lb = None;
+    let direct_alone = |t: &Topology, step: &mut usize| -> Result<Row> {
+        std::thread::sleep(Duration::from_secs(2));
+        measure(t, &once, PAIRED, 0, &direct, step, steps)
+    };
+    for rep in 0..plan.reps {
+        let direct_first = rep % 2 == 0;
+        if direct_first {
+            paired.push(direct_alone(&t, &mut step)?);
+        }
+        let p = t.start_proxy(&yaml)?;
+        sock.push(measure(
+            &t,
+            &once,
+            &format!("Ferry socket LB, N={n} Services"),
+            n,
+            &targets,
+            &mut step,
+            steps,
+        )?);
+        attached.push(measure(
+            &t,
+            &once,
+            "direct to pod IPs, socket LB attached",
+            0,
+            &direct,
+            &mut step,
+            steps,
+        )?);
+        if rep + 1 == plan.reps {
+            refused_no_endpoints_socket_lb = Some(refused(&t, format!("{}:80", vip(EMPTY)))?);
+        }
+        t.stop(p.pid, libc::SIGTERM)?;
+        std::fs::remove_dir_all(&t.bpf_dir).ok();
+        if !direct_first {
+            paired.push(direct_alone(&t, &mut step)?);
+        }
+    }
     t.disable_socket_lb();
+    rows.extend([paired, sock, attached].map(merge));
+    let refused_no_endpoints_socket_lb =
+        refused_no_endpoints_socket_lb.expect("at least one repetition");
 
     // Back to the direct path with nothing attached, for order effects.
     rows.push(measure(
