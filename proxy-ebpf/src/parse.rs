@@ -67,14 +67,19 @@ impl Flow {
 /// The flow of an IPv4 TCP/UDP packet; `Ok(None)` for traffic the load balancer leaves alone,
 /// `Err` when a header the packet claims to have is cut short.
 ///
-/// The common packet (IPv4 without options, its headers in the linear part) is read in place,
-/// as the verifier allows after one bounds check; any other is read through the copying
-/// helper, which reaches into paged data too.
+/// The common packet (IPv4 without options, every byte the parser reads in the linear part) is
+/// read in place after one bounds check, as the verifier allows; any other is read through the
+/// copying helper, which reaches into paged data too. One parser serves both.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
-    match parse_direct(ctx) {
-        Some(flow) => Ok(flow),
-        None => parse_copied(ctx),
+    let data = ctx.data();
+    if data + ETH_HLEN + IP_HLEN + L4_READ <= ctx.data_end()
+        // SAFETY: within the bounds just checked.
+        && unsafe { *((data + ETH_HLEN) as *const u8) } == IPV4_NO_OPTIONS
+    {
+        flow(&InPlace(data))
+    } else {
+        flow(&Copied(ctx))
     }
 }
 
@@ -93,85 +98,84 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
 
 /// Bytes of an IPv4 header without options.
 const IP_HLEN: usize = 20;
+/// Version 4, five words of header: no options.
+const IPV4_NO_OPTIONS: u8 = 0x45;
 /// The TCP header's bytes up to its flags: the most the parser reads of L4.
 const L4_READ: usize = TCP_FLAGS_OFF + 1;
 
-/// `None` when the packet is not the common case (the caller reads it the slow way).
-#[inline(always)]
-fn parse_direct(ctx: &TcContext) -> Option<Option<Flow>> {
-    let data = ctx.data();
-    let end = ctx.data_end();
-    if data + ETH_HLEN + IP_HLEN + L4_READ > end {
-        return None; // short (a small UDP datagram, a bare ICMP) or not linear
+/// Where the parser's fields come from.
+trait Fields {
+    fn get<T: Copy>(&self, off: usize) -> Result<T, ()>;
+    /// The IP header's length given its first byte (version and IHL).
+    fn ip_hlen(&self, vihl: u8) -> usize;
+}
+
+/// The linear part at this address, checked by `parse` for every offset `flow` asks for: a
+/// header without options, so the L4 offset is a constant the verifier can follow.
+struct InPlace(usize);
+
+impl Fields for InPlace {
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        // SAFETY: within the bounds `parse` checked.
+        Ok(unsafe { *((self.0 + off) as *const T) })
     }
-    // SAFETY: the bounds check above covers every byte read below.
-    let at = |off: usize| data + off;
-    let eth_proto = u16::from_be(unsafe { *(at(12) as *const u16) });
-    if eth_proto != ETH_P_IP {
-        return Some(None);
+
+    #[inline(always)]
+    fn ip_hlen(&self, _vihl: u8) -> usize {
+        IP_HLEN
     }
-    if unsafe { *(at(ETH_HLEN) as *const u8) } != 0x45 {
-        return None; // IP options (or not version 4): the general parser decides
+}
+
+/// Any packet, through the copying helper.
+struct Copied<'a>(&'a TcContext);
+
+impl Fields for Copied<'_> {
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        self.0.load(off).map_err(|_| ())
     }
-    let proto = unsafe { *(at(IP_PROTO_OFF) as *const u8) };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Some(None);
+
+    #[inline(always)]
+    fn ip_hlen(&self, vihl: u8) -> usize {
+        ((vihl & 0x0f) as usize) * 4
     }
-    let frag = u16::from_be(unsafe { *(at(IP_FRAG_OFF) as *const u16) });
-    if frag & 0x1fff != 0 {
-        return Some(None);
-    }
-    let l4_off = ETH_HLEN + IP_HLEN;
-    let tcp_flags = if proto == PROTO_TCP {
-        unsafe { *(at(l4_off + TCP_FLAGS_OFF) as *const u8) }
-    } else {
-        0
-    };
-    Some(Some(Flow {
-        saddr: unsafe { *(at(IP_SRC_OFF) as *const u32) },
-        daddr: unsafe { *(at(IP_DST_OFF) as *const u32) },
-        sport: unsafe { *(at(l4_off + SPORT_OFF) as *const u16) },
-        dport: unsafe { *(at(l4_off + DPORT_OFF) as *const u16) },
-        proto,
-        tcp_flags,
-        l4_off,
-    }))
 }
 
 #[inline(always)]
-fn parse_copied(ctx: &TcContext) -> Result<Option<Flow>, ()> {
-    let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+fn flow(f: &impl Fields) -> Result<Option<Flow>, ()> {
+    let eth_proto = u16::from_be(f.get::<u16>(12)?);
     if eth_proto != ETH_P_IP {
         return Ok(None);
     }
-    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let vihl: u8 = f.get(ETH_HLEN)?;
     if vihl >> 4 != 4 {
         return Ok(None);
     }
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if ihl < 20 {
+    let ihl = f.ip_hlen(vihl);
+    if ihl < IP_HLEN {
         return Ok(None);
     }
-    let proto: u8 = ctx.load(IP_PROTO_OFF).map_err(|_| ())?;
+    let proto: u8 = f.get(IP_PROTO_OFF)?;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(None);
     }
     // Non-first fragments carry no ports: leave them alone.
-    let frag = u16::from_be(ctx.load::<u16>(IP_FRAG_OFF).map_err(|_| ())?);
+    let frag = u16::from_be(f.get::<u16>(IP_FRAG_OFF)?);
     if frag & 0x1fff != 0 {
         return Ok(None);
     }
     let l4_off = ETH_HLEN + ihl;
     let tcp_flags = if proto == PROTO_TCP {
-        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).map_err(|_| ())?
+        f.get::<u8>(l4_off + TCP_FLAGS_OFF)?
     } else {
         0
     };
     Ok(Some(Flow {
-        saddr: ctx.load(IP_SRC_OFF).map_err(|_| ())?,
-        daddr: ctx.load(IP_DST_OFF).map_err(|_| ())?,
-        sport: ctx.load(l4_off + SPORT_OFF).map_err(|_| ())?,
-        dport: ctx.load(l4_off + DPORT_OFF).map_err(|_| ())?,
+        saddr: f.get(IP_SRC_OFF)?,
+        daddr: f.get(IP_DST_OFF)?,
+        sport: f.get(l4_off + SPORT_OFF)?,
+        dport: f.get(l4_off + DPORT_OFF)?,
         proto,
         tcp_flags,
         l4_off,
