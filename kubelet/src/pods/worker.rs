@@ -141,18 +141,18 @@ impl Worker {
                 }
                 return Ok(());
             }
-            let phase = self.sync().await;
-            if phase.finished() && !self.sandbox_stopped {
-                if let Some(s) = self.sandbox.as_ref() {
-                    // A finished pod keeps its status but gives back its address.
-                    let id = s.id.clone();
-                    match self.cri.stop_sandbox(&id).await {
-                        Ok(()) => self.sandbox_stopped = true,
-                        Err(e) => tracing::warn!(pod = %self.key, "{e:#}"),
-                    }
+            if finished_in_api(&self.pod) {
+                // A pod the API shows finished never runs again, whoever finished it (this
+                // worker, or a kubelet before a restart): its status stays as written, and a
+                // sandbox of it still up (adopted after a restart) stops.
+                self.stop_finished_sandbox().await;
+            } else {
+                let phase = self.sync().await;
+                if phase.finished() {
+                    self.stop_finished_sandbox().await;
                 }
+                self.write_status().await;
             }
-            self.write_status().await;
             tokio::select! {
                 r = rx.changed() => if r.is_err() {
                     self.teardown(0).await;
@@ -160,6 +160,20 @@ impl Worker {
                 },
                 _ = tokio::time::sleep(TICK) => {}
             }
+        }
+    }
+
+    /// A finished pod keeps its status but gives back its address: its sandbox stops, once.
+    async fn stop_finished_sandbox(&mut self) {
+        if self.sandbox_stopped {
+            return;
+        }
+        let Some(id) = self.sandbox.as_ref().map(|s| s.id.clone()) else {
+            return;
+        };
+        match self.cri.stop_sandbox(&id).await {
+            Ok(()) => self.sandbox_stopped = true,
+            Err(e) => tracing::warn!(pod = %self.key, "{e:#}"),
         }
     }
 
@@ -319,4 +333,10 @@ impl Worker {
         let _ = std::fs::remove_dir_all(self.pod_dir());
         tracing::info!(pod = %self.key, "pod stopped");
     }
+}
+
+/// Whether the API shows the pod Succeeded or Failed.
+fn finished_in_api(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
 }
