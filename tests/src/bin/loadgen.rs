@@ -29,9 +29,14 @@ enum Mode {
 struct Args {
     #[arg(long, value_enum)]
     mode: Mode,
-    /// Target address(es); each worker thread takes the next one in turn. Repeatable.
+    /// Target address(es); each worker thread takes the next one in turn (see `--spread`).
+    /// Repeatable.
     #[arg(long = "target", required = true)]
     targets: Vec<SocketAddr>,
+    /// Each connection to a target picked at random among all (as a Service picks a backend)
+    /// instead of each worker keeping its own.
+    #[arg(long)]
+    spread: bool,
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
     #[arg(long, default_value_t = 3.0)]
@@ -133,9 +138,26 @@ fn main() {
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(a.seconds);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
     let mut threads = Vec::new();
     for w in 0..a.concurrency {
-        let target = a.targets[w % a.targets.len()];
+        let own = a.targets[w % a.targets.len()];
+        let targets = a.targets.clone();
+        let spread = a.spread;
+        // xorshift64 seeded per worker and run: cheap, and plenty for picking among targets.
+        let mut x = (seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        let mut next_target = move || {
+            if !spread {
+                return own;
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            targets[(x % targets.len() as u64) as usize]
+        };
         let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
         let (mode, max, source) = (a.mode, a.max, a.source);
         threads.push(std::thread::spawn(move || {
@@ -149,7 +171,7 @@ fn main() {
                 }
                 let t0 = Instant::now();
                 let ok = match mode {
-                    Mode::Crr => connect(target, source)
+                    Mode::Crr => connect(next_target(), source)
                         .and_then(|mut s| {
                             // The server answers and closes first (no TIME_WAIT on the client).
                             ask(&mut s, &mut buf, b"!")?;
@@ -158,13 +180,13 @@ fn main() {
                         })
                         .is_ok(),
                     Mode::Refused => matches!(
-                        connect(target, source),
+                        connect(next_target(), source),
                         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
                     ),
                     Mode::Probe => unreachable!("handled in main"),
                     Mode::Rr => {
                         if conn.is_none() {
-                            conn = connect(target, source).ok();
+                            conn = connect(next_target(), source).ok();
                         }
                         match conn.as_mut().map(|s| ask(s, &mut buf, b"?")) {
                             Some(Ok(_)) => true,
