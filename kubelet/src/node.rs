@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::chrono::Utc;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -48,6 +49,11 @@ fn capacity() -> serde_json::Value {
         .unwrap_or(0);
     json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"), "pods": "110",
            "ephemeral-storage": "10Gi"})
+}
+
+/// The node's capacity as quantities (what an unset limit means to the downward API).
+pub fn capacity_quantities() -> std::collections::BTreeMap<String, Quantity> {
+    serde_json::from_value(capacity()).unwrap_or_default()
 }
 
 fn kernel_version() -> String {

@@ -13,7 +13,7 @@ const MIN_SHARES: i64 = 2;
 
 /// A quantity's value (`500m` = 0.5, `64Mi` = 67108864, `1e3` = 1000), for cgroup settings
 /// where a rounding to the byte or millicore is all that matters.
-fn value(q: &Quantity) -> Result<f64, String> {
+pub(crate) fn value(q: &Quantity) -> Result<f64, String> {
     let s = q.0.trim();
     let bad = || format!("{s:?} is not a quantity (e.g. 500m, 2, 128Mi, 1G)");
     let split = s

@@ -672,3 +672,123 @@ spec:
     expect(&q2, "gone", "NXDOMAIN");
     expect(&q2, "web-0.nginx", &format!("({web0})"));
 }
+
+#[test]
+fn containers_read_configmaps_secrets_and_the_downward_api_in_their_environment() {
+    let mut t = Topology::new(0).expect("topology");
+    t.extra_interfaces = vec!["fy*".into()];
+    let dirs = RuntimeDirs::new();
+    let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
+        .expect("control plane");
+    let _controllers = cp.spawn_controllers(&[]).expect("controllers");
+    let _proxy = t
+        .start_proxy_api(&cp.kubeconfig("kube-proxy"))
+        .expect("ferry-proxy");
+    let _kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
+    apply(
+        &cp,
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {name: app, namespace: default}
+data: {mode: fast, greeting: hello, OVERRIDE: from-configmap}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: db, namespace: default}
+data: {password: czNjcmV0}
+",
+    );
+    // Literals win over envFrom, envFrom over the Services' variables; an optional missing
+    // key sets nothing; resources in units of their divisor; labels by key.
+    let print =
+        "echo '== env'; for v in MODE PASS CFG_greeting CFG_mode OVERRIDE MEM CPU TIER NAME; \
+                 do eval echo $v=\\$$v; done; echo OPT=${OPT-unset}; echo DB_password=$DB_password";
+    apply(
+        &cp,
+        &busybox_pod(
+            "envs",
+            "{tier: web}",
+            print,
+            "    env:
+    - {name: MODE, valueFrom: {configMapKeyRef: {name: app, key: mode}}}
+    - {name: PASS, valueFrom: {secretKeyRef: {name: db, key: password}}}
+    - {name: OPT, valueFrom: {configMapKeyRef: {name: app, key: nope, optional: true}}}
+    - {name: MEM, valueFrom: {resourceFieldRef: {resource: limits.memory, divisor: 1Mi}}}
+    - {name: CPU, valueFrom: {resourceFieldRef: {resource: requests.cpu, divisor: 1m}}}
+    - {name: TIER, valueFrom: {fieldRef: {fieldPath: \"metadata.labels['tier']\"}}}
+    - {name: NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    - {name: OVERRIDE, value: literal}
+    envFrom:
+    - {configMapRef: {name: app}, prefix: CFG_}
+    - {configMapRef: {name: app}}
+    - {secretRef: {name: db}, prefix: DB_}
+    - {secretRef: {name: absent, optional: true}}
+    resources: {limits: {memory: 96Mi, cpu: 250m}}
+  restartPolicy: Never
+  nodeName: node-a
+",
+        ),
+    );
+    let s = finished_sections(&cp, "envs");
+    for want in [
+        "MODE=fast\n",
+        "PASS=s3cret\n",
+        "CFG_greeting=hello\n",
+        "CFG_mode=fast\n",
+        "OVERRIDE=literal\n",
+        "MEM=96\n",
+        "CPU=250\n",
+        "TIER=web\n",
+        "NAME=envs\n",
+        "OPT=unset\n",
+        "DB_password=s3cret\n",
+    ] {
+        expect(&s, "env", want);
+    }
+
+    // A required ConfigMap that does not exist yet: the container waits with Kubernetes'
+    // reason and message, and starts once the ConfigMap is there.
+    apply(
+        &cp,
+        &busybox_pod(
+            "waits",
+            "{}",
+            "echo '== env'; echo LATER=$LATER",
+            "    env:
+    - {name: LATER, valueFrom: {configMapKeyRef: {name: later, key: k}}}
+  restartPolicy: Never
+  nodeName: node-a
+",
+        ),
+    );
+    eventually(
+        "waits is held in CreateContainerConfigError",
+        Duration::from_secs(60),
+        || {
+            let w = &container_status(&cp, "waits")["state"]["waiting"];
+            w["reason"] == "CreateContainerConfigError"
+                && w["message"] == "configmap \"later\" not found"
+        },
+    );
+    apply(
+        &cp,
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {name: later, namespace: default}
+data: {other: x}
+",
+    );
+    eventually("a missing key is named", Duration::from_secs(30), || {
+        container_status(&cp, "waits")["state"]["waiting"]["message"]
+            == "couldn't find key k in ConfigMap default/later"
+    });
+    apply(
+        &cp,
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {name: later, namespace: default}
+data: {k: arrived}
+",
+    );
+    expect(&finished_sections(&cp, "waits"), "env", "LATER=arrived\n");
+}

@@ -11,6 +11,7 @@ use kube::ResourceExt;
 use crate::cri::v1 as cri;
 use crate::probe::Prober;
 
+use super::env::Objects;
 use super::status::{nanos_to_time, now};
 use super::{
     Worker, BACKOFF_BASE, BACKOFF_MAX, BACKOFF_RESET, CONTAINER_NAME, POD_NAME, POD_NAMESPACE,
@@ -99,72 +100,11 @@ impl Slot {
 }
 
 impl Worker {
-    /// Env values: the Services' variables, then the container's own (which win): literals
-    /// and the downward API fields a pod commonly reads.
-    pub(super) fn env(&self, c: &Container) -> Result<Vec<cri::KeyValue>, String> {
-        let ip = self
-            .sandbox
-            .as_ref()
-            .map(|s| s.ip.clone())
-            .unwrap_or_default();
-        let mut out = Vec::new();
-        for e in c.env.iter().flatten() {
-            let value = if let Some(v) = &e.value {
-                v.clone()
-            } else if let Some(f) = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()) {
-                match f.field_path.as_str() {
-                    "metadata.name" => self.pod.name_any(),
-                    "metadata.namespace" => self.pod.namespace().unwrap_or_default(),
-                    "metadata.uid" => self.uid(),
-                    "spec.nodeName" => self.k.node_name.clone(),
-                    "spec.serviceAccountName" => self
-                        .pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.service_account_name.clone())
-                        .unwrap_or_default(),
-                    "status.podIP" => ip.clone(),
-                    "status.hostIP" => self.k.node_ip.clone(),
-                    other => {
-                        return Err(format!(
-                            "env {:?}: fieldRef {other:?} is not supported by ferry-kubelet",
-                            e.name
-                        ))
-                    }
-                }
-            } else if e.value_from.is_some() {
-                return Err(format!(
-                    "env {:?}: only value and valueFrom.fieldRef are supported by ferry-kubelet",
-                    e.name
-                ));
-            } else {
-                String::new()
-            };
-            out.push(cri::KeyValue {
-                key: e.name.clone(),
-                value,
-            });
-        }
-        let links = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.enable_service_links)
-            .unwrap_or(true);
-        let ns = self.pod.namespace().unwrap_or_default();
-        let mut services = self.k.services.env(&ns, links);
-        for kv in &out {
-            services.remove(&kv.key);
-        }
-        let mut all: Vec<cri::KeyValue> = services
-            .into_iter()
-            .map(|(key, value)| cri::KeyValue { key, value })
-            .collect();
-        all.extend(out);
-        Ok(all)
-    }
-
-    pub(super) fn container_config(&self, slot: &Slot) -> Result<cri::ContainerConfig, String> {
+    pub(super) fn container_config(
+        &self,
+        slot: &Slot,
+        objects: &Objects,
+    ) -> Result<cri::ContainerConfig, String> {
         let c = &slot.spec;
         let volumes = self.volumes()?;
         let mut mounts = Vec::new();
@@ -211,7 +151,7 @@ impl Worker {
             command: c.command.clone().unwrap_or_default(),
             args: c.args.clone().unwrap_or_default(),
             working_dir: c.working_dir.clone().unwrap_or_default(),
-            envs: self.env(c)?,
+            envs: self.env(c, objects)?,
             mounts,
             labels,
             log_path: format!("{}/{}.log", c.name, slot.restarts),
@@ -293,7 +233,11 @@ impl Worker {
             if !self.ensure_image(slot).await {
                 return;
             }
-            let config = match self.container_config(slot) {
+            let config = match self.env_objects(&slot.spec).await {
+                Ok(objects) => self.container_config(slot, &objects),
+                Err(e) => Err(e),
+            };
+            let config = match config {
                 Ok(c) => c,
                 Err(msg) => {
                     slot.wait("CreateContainerConfigError", msg);
