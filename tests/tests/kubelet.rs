@@ -792,3 +792,97 @@ data: {k: arrived}
     );
     expect(&finished_sections(&cp, "waits"), "env", "LATER=arrived\n");
 }
+
+#[test]
+fn configmap_and_secret_volumes_are_written_read_only_and_follow_their_sources() {
+    let mut t = Topology::new(0).expect("topology");
+    t.extra_interfaces = vec!["fy*".into()];
+    let dirs = RuntimeDirs::new();
+    let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
+        .expect("control plane");
+    let _controllers = cp.spawn_controllers(&[]).expect("controllers");
+    let _proxy = t
+        .start_proxy_api(&cp.kubeconfig("kube-proxy"))
+        .expect("ferry-proxy");
+    let _kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
+    let web = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web, namespace: default}}\n\
+             data: {{index.html: {v}, other: x}}\n"
+        )
+    };
+    apply(&cp, &web("v1"));
+    apply(
+        &cp,
+        "apiVersion: v1
+kind: Secret
+metadata: {name: creds, namespace: default}
+data: {user: YWRtaW4=}
+",
+    );
+    // Every second: each mount's content, the secret file's mode, whether a volume is writable.
+    let report = "while true; do echo \"web=$(cat /etc/web/index.html) item=$(cat /etc/items/pages/one.txt) \
+                  sub=$(cat /etc/sub/index.html) user=$(cat /etc/creds/user) \
+                  mode=$(ls -lL /etc/creds/user | cut -c1-10) items=$(ls /etc/items | tr '\\n' ,) \
+                  write=$(touch /etc/web/x 2>/dev/null && echo rw || echo ro)\"; sleep 1; done";
+    apply(
+        &cp,
+        &busybox_pod(
+            "reader",
+            "{}",
+            report,
+            "    volumeMounts:
+    - {name: web, mountPath: /etc/web}
+    - {name: items, mountPath: /etc/items}
+    - {name: web, mountPath: /etc/sub/index.html, subPath: index.html}
+    - {name: creds, mountPath: /etc/creds}
+  nodeName: node-a
+  volumes:
+  - {name: web, configMap: {name: web}}
+  - {name: items, configMap: {name: web, items: [{key: index.html, path: pages/one.txt}]}}
+  - {name: creds, secret: {secretName: creds, defaultMode: 256}}
+",
+        ),
+    );
+    let last = || {
+        cp.ok(&["logs", "reader", "--tail=1"])
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let want = "web=v1 item=v1 sub=v1 user=admin mode=-r-------- items=pages, write=ro";
+    eventually("reader reports its mounts", Duration::from_secs(90), || {
+        last() == want
+    });
+    // A change reaches the mounted files in place (a subPath mount keeps what it started with).
+    apply(&cp, &web("v2"));
+    let want = "web=v2 item=v2 sub=v1 user=admin mode=-r-------- items=pages, write=ro";
+    eventually("the change reaches the volume", Duration::from_secs(60), || {
+        last() == want
+    });
+
+    // A required ConfigMap that is missing holds the pod with Kubernetes' message.
+    apply(
+        &cp,
+        &busybox_pod(
+            "nomount",
+            "{}",
+            "true",
+            "    volumeMounts: [{name: v, mountPath: /v}]
+  restartPolicy: Never
+  nodeName: node-a
+  volumes: [{name: v, configMap: {name: absent}}]
+",
+        ),
+    );
+    eventually(
+        "nomount waits for its ConfigMap",
+        Duration::from_secs(60),
+        || {
+            let w = &container_status(&cp, "nomount")["state"]["waiting"];
+            w["reason"] == "ContainerCreating"
+                && w["message"]
+                    == "MountVolume.SetUp failed for volume \"v\" : configmap \"absent\" not found"
+        },
+    );
+}

@@ -109,16 +109,34 @@ impl Worker {
         let volumes = self.volumes()?;
         let mut mounts = Vec::new();
         for m in c.volume_mounts.iter().flatten() {
-            let host = volumes.get(&m.name).ok_or_else(|| {
-                format!(
-                    "volumeMount {:?}: the pod has no volume of that name",
-                    m.name
-                )
-            })?;
+            let mut host = volumes
+                .get(&m.name)
+                .ok_or_else(|| {
+                    format!(
+                        "volumeMount {:?}: the pod has no volume of that name",
+                        m.name
+                    )
+                })?
+                .clone();
+            if let Some(sub) = m.sub_path.as_deref().filter(|p| !p.is_empty()) {
+                if sub.starts_with('/') || sub.split('/').any(|c| c == "..") {
+                    return Err(format!(
+                        "volumeMount {:?}: subPath {sub:?} must be relative and must not contain '..'",
+                        m.name
+                    ));
+                }
+                host = host.join(sub);
+                // A subPath of a writable directory volume is made if missing, as kubelet does.
+                if !self.api_volume(&m.name) && !host.exists() && host.starts_with(self.pod_dir()) {
+                    std::fs::create_dir_all(&host)
+                        .map_err(|e| format!("volumeMount {:?}: subPath {sub:?}: {e}", m.name))?;
+                }
+            }
             mounts.push(cri::Mount {
                 container_path: m.mount_path.clone(),
                 host_path: host.display().to_string(),
-                readonly: m.read_only.unwrap_or(false),
+                // ConfigMap and Secret volumes are always read-only, as in Kubernetes.
+                readonly: m.read_only.unwrap_or(false) || self.api_volume(&m.name),
                 ..Default::default()
             });
         }
@@ -231,6 +249,11 @@ impl Worker {
                 return;
             }
             if !self.ensure_image(slot).await {
+                return;
+            }
+            if let Err(msg) = self.sync_api_volumes().await {
+                self.event(true, "FailedMount", msg.clone());
+                slot.wait("ContainerCreating", msg);
                 return;
             }
             let config = match self.env_objects(&slot.spec).await {

@@ -4,8 +4,9 @@
 //! back-off, runs the probes, writes the pod's status, and on deletion stops the containers
 //! within the grace period, removes the sandbox and deletes the pod for good.
 //!
-//! Files: `worker` (one pod's loop), `sandbox`, `containers`, `env` (the environment, from
-//! ConfigMaps, Secrets and the downward API), `status`, `dns` (resolv.conf, hosts, hostname);
+//! Files: `worker` (one pod's loop), `sandbox`, `volumes`, `containers`, `env` (the
+//! environment, from ConfigMaps, Secrets and the downward API), `status`, `dns` (resolv.conf,
+//! hosts, hostname);
 //! this file holds the dispatcher that gives each pod its worker, and the phase.
 
 mod containers;
@@ -13,6 +14,7 @@ mod dns;
 mod env;
 mod sandbox;
 mod status;
+mod volumes;
 mod worker;
 
 use std::collections::HashMap;

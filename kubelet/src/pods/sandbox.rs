@@ -1,6 +1,5 @@
 //! A pod's sandbox: its CRI configuration (DNS, hostname, ports, host network), its hosts file,
-//! its volumes, and
-//! creating it (CNI runs inside containerd) with a retry delay after a failure.
+//! and creating it (CNI runs inside containerd) with a retry delay after a failure.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -95,30 +94,6 @@ impl Worker {
             }),
             ..Default::default()
         })
-    }
-
-    /// emptyDir and hostPath volumes as host directories; other kinds are refused by name.
-    pub(super) fn volumes(&self) -> Result<HashMap<String, PathBuf>, String> {
-        let mut out = HashMap::new();
-        for v in self
-            .pod
-            .spec
-            .iter()
-            .flat_map(|s| s.volumes.iter().flatten())
-        {
-            let path = if v.empty_dir.is_some() {
-                self.pod_dir().join("volumes").join(&v.name)
-            } else if let Some(h) = &v.host_path {
-                PathBuf::from(&h.path)
-            } else {
-                return Err(format!(
-                    "volume {:?}: only emptyDir and hostPath volumes are supported by ferry-kubelet",
-                    v.name
-                ));
-            };
-            out.insert(v.name.clone(), path);
-        }
-        Ok(out)
     }
 
     /// The pod's managed hosts file, mounted at `/etc/hosts` in each of its containers.

@@ -36,6 +36,10 @@ pub(super) struct Worker {
     /// Each condition's status and when it last changed.
     pub(super) conditions: BTreeMap<&'static str, (bool, String)>,
     pub(super) written: Value,
+    /// What each configMap and secret volume was last written with, and when they were last
+    /// read (None: not yet).
+    pub(super) volume_prints: HashMap<String, u64>,
+    pub(super) volumes_synced: Option<Instant>,
 }
 
 impl Worker {
@@ -60,6 +64,8 @@ impl Worker {
             start_time: now(),
             conditions: BTreeMap::new(),
             written: Value::Null,
+            volume_prints: HashMap::new(),
+            volumes_synced: None,
         }
     }
 
@@ -150,6 +156,8 @@ impl Worker {
                 let phase = self.sync().await;
                 if phase.finished() {
                     self.stop_finished_sandbox().await;
+                } else {
+                    self.refresh_api_volumes().await;
                 }
                 self.write_status().await;
             }
