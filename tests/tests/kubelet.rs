@@ -794,7 +794,8 @@ data: {k: arrived}
 }
 
 #[test]
-fn configmap_and_secret_volumes_are_written_read_only_and_follow_their_sources() {
+fn configmap_secret_downward_and_projected_volumes_are_written_read_only_and_follow_their_sources()
+{
     let mut t = Topology::new(0).expect("topology");
     t.extra_interfaces = vec!["fy*".into()];
     let dirs = RuntimeDirs::new();
@@ -824,42 +825,74 @@ data: {user: YWRtaW4=}
     let report = "while true; do echo \"web=$(cat /etc/web/index.html) item=$(cat /etc/items/pages/one.txt) \
                   sub=$(cat /etc/sub/index.html) user=$(cat /etc/creds/user) \
                   mode=$(ls -lL /etc/creds/user | cut -c1-10) items=$(ls /etc/items | tr '\\n' ,) \
-                  write=$(touch /etc/web/x 2>/dev/null && echo rw || echo ro)\"; sleep 1; done";
+                  write=$(touch /etc/web/x 2>/dev/null && echo rw || echo ro) \
+                  proj=$(cat /etc/all/web.html),$(cat /etc/all/user),$(cat /etc/all/mem),$(cat /etc/all/name) \
+                  labels=$(cat /etc/all/labels | tr '\\n' ' ')\"; sleep 1; done";
     apply(
         &cp,
         &busybox_pod(
             "reader",
-            "{}",
+            "{tier: web}",
             report,
             "    volumeMounts:
     - {name: web, mountPath: /etc/web}
     - {name: items, mountPath: /etc/items}
     - {name: web, mountPath: /etc/sub/index.html, subPath: index.html}
     - {name: creds, mountPath: /etc/creds}
+    - {name: all, mountPath: /etc/all}
+    resources: {limits: {memory: 64Mi}}
   nodeName: node-a
   volumes:
+  - name: all
+    projected:
+      sources:
+      - configMap: {name: web, items: [{key: index.html, path: web.html}]}
+      - secret: {name: creds}
+      - downwardAPI:
+          items:
+          - {path: labels, fieldRef: {fieldPath: metadata.labels}}
+          - {path: name, fieldRef: {fieldPath: metadata.name}}
+          - {path: mem, resourceFieldRef: {containerName: c, resource: limits.memory, divisor: 1Mi}}
   - {name: web, configMap: {name: web}}
   - {name: items, configMap: {name: web, items: [{key: index.html, path: pages/one.txt}]}}
   - {name: creds, secret: {secretName: creds, defaultMode: 256}}
 ",
         ),
     );
+    // The reader's last line (printed when it changes, for a failure's diagnosis).
+    let seen = std::cell::RefCell::new(String::new());
     let last = || {
-        cp.ok(&["logs", "reader", "--tail=1"])
+        let mut line = cp
+            .ok(&["logs", "reader", "--tail=1"])
             .unwrap_or_default()
             .trim()
-            .to_string()
+            .to_string();
+        if line.is_empty() {
+            line = container_status(&cp, "reader")["state"].to_string();
+        }
+        if *seen.borrow() != line {
+            eprintln!("reader: {line}");
+            seen.replace(line.clone());
+        }
+        line
     };
-    let want = "web=v1 item=v1 sub=v1 user=admin mode=-r-------- items=pages, write=ro";
+    let want = "web=v1 item=v1 sub=v1 user=admin mode=-r-------- items=pages, write=ro \
+                proj=v1,admin,64,reader labels=tier=\"web\"";
     eventually("reader reports its mounts", Duration::from_secs(90), || {
         last() == want
     });
-    // A change reaches the mounted files in place (a subPath mount keeps what it started with).
+    // Changes reach the mounted files in place (a subPath mount keeps what it started with):
+    // the ConfigMap's, and the pod's labels in the downward API's file.
     apply(&cp, &web("v2"));
-    let want = "web=v2 item=v2 sub=v1 user=admin mode=-r-------- items=pages, write=ro";
-    eventually("the change reaches the volume", Duration::from_secs(60), || {
-        last() == want
-    });
+    cp.ok(&["label", "pod", "reader", "tier=db", "--overwrite"])
+        .unwrap();
+    let want = "web=v2 item=v2 sub=v1 user=admin mode=-r-------- items=pages, write=ro \
+                proj=v2,admin,64,reader labels=tier=\"db\"";
+    eventually(
+        "the changes reach the volumes",
+        Duration::from_secs(60),
+        || last() == want,
+    );
 
     // A required ConfigMap that is missing holds the pod with Kubernetes' message.
     apply(

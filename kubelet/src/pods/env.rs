@@ -139,7 +139,7 @@ fn valid_name(name: &str) -> bool {
 /// A resource of the container (`limits.cpu`, `requests.memory`, ...) in units of `divisor`,
 /// rounded up, as the downward API gives it; an unset limit is the node's capacity, an unset
 /// request the limit if set (the API's defaulting) or 0.
-fn resource_value(
+pub(super) fn resource_value(
     c: &Container,
     resource: &str,
     divisor: Option<&Quantity>,
@@ -295,7 +295,7 @@ impl Worker {
     }
 
     /// A downward API field of the pod.
-    fn field(&self, path: &str, ip: &str) -> Result<String, String> {
+    pub(super) fn field(&self, path: &str, ip: &str) -> Result<String, String> {
         let meta = &self.pod.metadata;
         // metadata.labels['x'] and metadata.annotations['x'].
         for (prefix, map) in [
@@ -334,11 +334,14 @@ impl Worker {
         })
     }
 
-    fn container_named(&self, name: &str) -> Option<&Container> {
-        self.init
+    /// A container of the pod by name (from the spec: a slot being synced is taken out of
+    /// the worker meanwhile).
+    pub(super) fn container_named(&self, name: &str) -> Option<&Container> {
+        let spec = self.pod.spec.as_ref()?;
+        spec.init_containers
             .iter()
-            .chain(self.apps.iter())
-            .map(|s| &s.spec)
+            .flatten()
+            .chain(spec.containers.iter())
             .find(|c| c.name == name)
     }
 }

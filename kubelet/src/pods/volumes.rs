@@ -1,7 +1,8 @@
-//! A pod's volumes as host directories: emptyDir (under the pod's directory), hostPath, and
-//! configMap and secret volumes, whose files the kubelet writes from the API and keeps current.
+//! A pod's volumes as host directories: emptyDir (under the pod's directory), hostPath, and the
+//! volumes whose files the kubelet writes from the API and keeps current: configMap, secret,
+//! downwardAPI, and projected volumes of those three.
 //!
-//! ConfigMap and Secret contents are written as kubelet's atomic writer does: the files go to a
+//! Their contents are written as kubelet's atomic writer does: the files go to a
 //! new timestamped directory, the `..data` link is switched to it with one rename, and each
 //! top-level entry is a link through `..data`, so a reader sees the old set or the new one,
 //! never a mix. They are read again every `REFRESH` while the pod runs; a container mounting
@@ -13,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, KeyToPath, Secret, Volume};
+use k8s_openapi::api::core::v1::{ConfigMap, DownwardAPIVolumeFile, KeyToPath, Secret, Volume};
 use kube::api::Api;
 use kube::ResourceExt;
 
@@ -24,33 +25,81 @@ pub(super) const REFRESH: Duration = Duration::from_secs(5);
 /// Files of configMap and secret volumes without a mode (Kubernetes' default).
 const DEFAULT_MODE: u32 = 0o644;
 
-/// A configMap or secret volume's source.
-struct Source<'a> {
-    kind: &'static str,
-    name: &'a str,
-    items: &'a [KeyToPath],
-    default_mode: Option<i32>,
-    optional: bool,
+/// One source of a volume written from the API: a ConfigMap's or Secret's keys, or fields of
+/// the pod (downward API).
+enum Part<'a> {
+    Object {
+        kind: &'static str,
+        name: &'a str,
+        items: &'a [KeyToPath],
+        optional: bool,
+    },
+    Downward(&'a [DownwardAPIVolumeFile]),
 }
 
-fn source(v: &Volume) -> Option<Source<'_>> {
-    if let Some(c) = &v.config_map {
-        return Some(Source {
-            kind: "configmap",
-            name: &c.name,
-            items: c.items.as_deref().unwrap_or_default(),
-            default_mode: c.default_mode,
-            optional: c.optional.unwrap_or(false),
-        });
+/// A configMap, secret, downwardAPI or projected volume: its parts and default file mode.
+struct Written<'a> {
+    parts: Vec<Part<'a>>,
+    default_mode: Option<i32>,
+}
+
+fn object<'a>(
+    kind: &'static str,
+    name: &'a str,
+    items: &'a Option<Vec<KeyToPath>>,
+    optional: Option<bool>,
+) -> Part<'a> {
+    Part::Object {
+        kind,
+        name,
+        items: items.as_deref().unwrap_or_default(),
+        optional: optional.unwrap_or(false),
     }
-    let s = v.secret.as_ref()?;
-    Some(Source {
-        kind: "secret",
-        name: s.secret_name.as_deref().unwrap_or_default(),
-        items: s.items.as_deref().unwrap_or_default(),
-        default_mode: s.default_mode,
-        optional: s.optional.unwrap_or(false),
-    })
+}
+
+/// The parts of a volume the kubelet writes from the API (None for other kinds). A projected
+/// source ferry-kubelet cannot write is refused by name.
+fn written(v: &Volume) -> Option<Result<Written<'_>, String>> {
+    let w = |parts, default_mode| {
+        Some(Ok(Written {
+            parts,
+            default_mode,
+        }))
+    };
+    if let Some(c) = &v.config_map {
+        return w(
+            vec![object("configmap", &c.name, &c.items, c.optional)],
+            c.default_mode,
+        );
+    }
+    if let Some(s) = &v.secret {
+        let name = s.secret_name.as_deref().unwrap_or_default();
+        return w(
+            vec![object("secret", name, &s.items, s.optional)],
+            s.default_mode,
+        );
+    }
+    if let Some(d) = &v.downward_api {
+        let items = d.items.as_deref().unwrap_or_default();
+        return w(vec![Part::Downward(items)], d.default_mode);
+    }
+    let p = v.projected.as_ref()?;
+    let mut parts = Vec::new();
+    for src in p.sources.iter().flatten() {
+        if let Some(c) = &src.config_map {
+            parts.push(object("configmap", &c.name, &c.items, c.optional));
+        } else if let Some(s) = &src.secret {
+            parts.push(object("secret", &s.name, &s.items, s.optional));
+        } else if let Some(d) = &src.downward_api {
+            parts.push(Part::Downward(d.items.as_deref().unwrap_or_default()));
+        } else {
+            return Some(Err(format!(
+                "volume {:?}: projected sources other than configMap, secret and downwardAPI are not supported by ferry-kubelet yet",
+                v.name
+            )));
+        }
+    }
+    w(parts, p.default_mode)
 }
 
 /// A relative path inside a volume: no `..`, not absolute, not empty.
@@ -71,54 +120,98 @@ fn mode(m: Option<i32>, what: &str) -> Result<u32, String> {
     }
 }
 
-/// The files of a volume: path -> (content, mode), from the object's keys and the volume's
-/// `items` (only those keys, at their paths) and modes.
+/// A downward API file as rendered: path, content, its item's mode.
+type Rendered = (String, Vec<u8>, Option<i32>);
+
+/// A part's content as read: an object's keys (None: not found), or the downward API files.
+enum Read {
+    Object(Option<BTreeMap<String, Vec<u8>>>),
+    Downward(Vec<Rendered>),
+}
+
+/// The files of a volume: path -> (content, mode), from each part in order: an object's keys
+/// (or only its `items`, at their paths), the downward API's files; modes from the item or the
+/// volume's default.
 fn files(
     volume: &str,
-    src: &Source,
-    data: Option<BTreeMap<String, Vec<u8>>>,
+    w: &Written,
+    read: Vec<Read>,
 ) -> Result<BTreeMap<String, (Vec<u8>, u32)>, String> {
     let prefix = format!("volume {volume:?}");
-    let Some(data) = data else {
-        if src.optional {
-            return Ok(BTreeMap::new());
-        }
-        return Err(format!(
-            "MountVolume.SetUp failed for volume {volume:?} : {} \"{}\" not found",
-            src.kind, src.name
-        ));
+    let default = mode(w.default_mode, &format!("{prefix}: defaultMode"))?;
+    let item_mode = |m: Option<i32>, what: &str| match m {
+        Some(_) => mode(m, &format!("{prefix}: items {what:?} mode")),
+        None => Ok(default),
     };
-    let default = mode(src.default_mode, &format!("{prefix}: defaultMode"))?;
+    let checked = |path: &str| {
+        if safe_path(path) {
+            Ok(path.to_string())
+        } else {
+            Err(format!(
+                "{prefix}: items path {path:?} must be relative and must not contain '..'"
+            ))
+        }
+    };
     let mut out = BTreeMap::new();
-    if src.items.is_empty() {
-        for (k, v) in data {
-            out.insert(k, (v, default));
-        }
-        return Ok(out);
-    }
-    for item in src.items {
-        if !safe_path(&item.path) {
-            return Err(format!(
-                "{prefix}: items path {:?} must be relative and must not contain '..'",
-                item.path
-            ));
-        }
-        let Some(v) = data.get(&item.key) else {
-            if src.optional {
-                continue;
+    for (part, read) in w.parts.iter().zip(read) {
+        match (part, read) {
+            (
+                Part::Object {
+                    kind,
+                    name,
+                    items,
+                    optional,
+                },
+                Read::Object(data),
+            ) => {
+                let Some(data) = data else {
+                    if *optional {
+                        continue;
+                    }
+                    return Err(format!(
+                        "MountVolume.SetUp failed for volume {volume:?} : {kind} \"{name}\" not found"
+                    ));
+                };
+                if items.is_empty() {
+                    for (k, v) in data {
+                        out.insert(checked(&k)?, (v, default));
+                    }
+                    continue;
+                }
+                for item in items.iter() {
+                    let Some(v) = data.get(&item.key) else {
+                        if *optional {
+                            continue;
+                        }
+                        return Err(format!(
+                            "MountVolume.SetUp failed for volume {volume:?} : {kind} references non-existent config key: {}",
+                            item.key
+                        ));
+                    };
+                    out.insert(
+                        checked(&item.path)?,
+                        (v.clone(), item_mode(item.mode, &item.key)?),
+                    );
+                }
             }
-            return Err(format!(
-                "MountVolume.SetUp failed for volume {volume:?} : {} references non-existent config key: {}",
-                src.kind, item.key
-            ));
-        };
-        let m = match item.mode {
-            Some(_) => mode(item.mode, &format!("{prefix}: items {:?} mode", item.key))?,
-            None => default,
-        };
-        out.insert(item.path.clone(), (v.clone(), m));
+            (Part::Downward(_), Read::Downward(rendered)) => {
+                for (path, content, m) in rendered {
+                    let m = item_mode(m, &path)?;
+                    out.insert(checked(&path)?, (content, m));
+                }
+            }
+            _ => unreachable!("each part is read as its own kind"),
+        }
     }
     Ok(out)
+}
+
+/// Labels or annotations as the downward API writes them: sorted `key="value"` lines.
+fn map_lines(m: &Option<BTreeMap<String, String>>) -> String {
+    m.iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v:?}\n"))
+        .collect()
 }
 
 fn fingerprint(files: &BTreeMap<String, (Vec<u8>, u32)>) -> u64 {
@@ -186,13 +279,13 @@ impl Worker {
             .iter()
             .flat_map(|s| s.volumes.iter().flatten())
         {
-            let path = if v.empty_dir.is_some() || v.config_map.is_some() || v.secret.is_some() {
+            let path = if v.empty_dir.is_some() || written(v).is_some() {
                 self.pod_dir().join("volumes").join(&v.name)
             } else if let Some(h) = &v.host_path {
                 PathBuf::from(&h.path)
             } else {
                 return Err(format!(
-                    "volume {:?}: only emptyDir, hostPath, configMap and secret volumes are supported by ferry-kubelet",
+                    "volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported by ferry-kubelet",
                     v.name
                 ));
             };
@@ -207,69 +300,35 @@ impl Worker {
             .spec
             .iter()
             .flat_map(|s| s.volumes.iter().flatten())
-            .any(|v| v.name == name && source(v).is_some())
+            .any(|v| v.name == name && written(v).is_some())
     }
 
-    /// Writes the configMap and secret volumes whose source changed since the last time (all of
-    /// them the first time). An error names the volume and what is missing.
+    /// Writes the configMap, secret, downwardAPI and projected volumes whose content changed
+    /// since the last time (all of them the first time). An error names the volume and what is
+    /// missing.
     pub(super) async fn sync_api_volumes(&mut self) -> Result<(), String> {
-        let ns = self.pod.namespace().unwrap_or_default();
         let volumes: Vec<Volume> = self
             .pod
             .spec
             .iter()
             .flat_map(|s| s.volumes.iter().flatten())
-            .filter(|v| source(v).is_some())
+            .filter(|v| written(v).is_some())
             .cloned()
             .collect();
         for v in &volumes {
-            let src = source(v).expect("filtered above");
-            let data = match src.kind {
-                "configmap" => {
-                    let api: Api<ConfigMap> = Api::namespaced(self.k.client.clone(), &ns);
-                    api.get_opt(src.name)
-                        .await
-                        .map_err(|e| {
-                            format!(
-                                "volume {:?}: reading configmap {ns}/{}: {e}",
-                                v.name, src.name
-                            )
-                        })?
-                        .map(|cm| {
-                            let mut d: BTreeMap<String, Vec<u8>> = cm
-                                .data
-                                .unwrap_or_default()
-                                .into_iter()
-                                .map(|(k, v)| (k, v.into_bytes()))
-                                .collect();
-                            for (k, b) in cm.binary_data.unwrap_or_default() {
-                                d.insert(k, b.0);
-                            }
-                            d
-                        })
-                }
-                _ => {
-                    let api: Api<Secret> = Api::namespaced(self.k.client.clone(), &ns);
-                    api.get_opt(src.name)
-                        .await
-                        .map_err(|e| {
-                            format!("volume {:?}: reading secret {ns}/{}: {e}", v.name, src.name)
-                        })?
-                        .map(|s| {
-                            let mut d: BTreeMap<String, Vec<u8>> = s
-                                .string_data
-                                .unwrap_or_default()
-                                .into_iter()
-                                .map(|(k, v)| (k, v.into_bytes()))
-                                .collect();
-                            for (k, b) in s.data.unwrap_or_default() {
-                                d.insert(k, b.0);
-                            }
-                            d
-                        })
-                }
-            };
-            let files = files(&v.name, &src, data)?;
+            let w = written(v).expect("filtered above")?;
+            let mut read = Vec::new();
+            for part in &w.parts {
+                read.push(match part {
+                    Part::Object { kind, name, .. } => {
+                        Read::Object(self.read_object(kind, name).await.map_err(|e| {
+                            format!("volume {:?}: reading {kind} {name}: {e}", v.name)
+                        })?)
+                    }
+                    Part::Downward(items) => Read::Downward(self.render_downward(&v.name, items)?),
+                });
+            }
+            let files = files(&v.name, &w, read)?;
             let print = fingerprint(&files);
             if self.volume_prints.get(&v.name) == Some(&print) {
                 continue;
@@ -278,11 +337,87 @@ impl Worker {
             write_atomic(&dir, &files)
                 .map_err(|e| format!("volume {:?}: writing {}: {e}", v.name, dir.display()))?;
             if self.volume_prints.insert(v.name.clone(), print).is_some() {
-                tracing::info!(pod = %self.key, volume = %v.name, "volume updated from its {} {}", src.kind, src.name);
+                tracing::info!(pod = %self.key, volume = %v.name, "volume updated");
             }
         }
         self.volumes_synced = Some(Instant::now());
         Ok(())
+    }
+
+    /// A ConfigMap's (data and binaryData) or Secret's keys; None when it does not exist.
+    async fn read_object(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> kube::Result<Option<BTreeMap<String, Vec<u8>>>> {
+        let ns = self.pod.namespace().unwrap_or_default();
+        if kind == "configmap" {
+            let api: Api<ConfigMap> = Api::namespaced(self.k.client.clone(), &ns);
+            return Ok(api.get_opt(name).await?.map(|cm| {
+                let mut d: BTreeMap<String, Vec<u8>> = cm
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
+                for (k, b) in cm.binary_data.unwrap_or_default() {
+                    d.insert(k, b.0);
+                }
+                d
+            }));
+        }
+        let api: Api<Secret> = Api::namespaced(self.k.client.clone(), &ns);
+        Ok(api.get_opt(name).await?.map(|s| {
+            let mut d: BTreeMap<String, Vec<u8>> = s
+                .string_data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            for (k, b) in s.data.unwrap_or_default() {
+                d.insert(k, b.0);
+            }
+            d
+        }))
+    }
+
+    /// The downward API's files: fields of the pod (whole label and annotation maps as
+    /// `key="value"` lines) and resources of a named container.
+    fn render_downward(
+        &self,
+        volume: &str,
+        items: &[DownwardAPIVolumeFile],
+    ) -> Result<Vec<Rendered>, String> {
+        let ip = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.ip.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for item in items {
+            let what = format!("volume {volume:?}: item {:?}", item.path);
+            let content = if let Some(f) = &item.field_ref {
+                match f.field_path.as_str() {
+                    "metadata.labels" => map_lines(&self.pod.metadata.labels),
+                    "metadata.annotations" => map_lines(&self.pod.metadata.annotations),
+                    path => self.field(path, &ip).map_err(|e| format!("{what}: {e}"))?,
+                }
+            } else if let Some(r) = &item.resource_field_ref {
+                let name = r.container_name.as_deref().unwrap_or_default();
+                let c = self.container_named(name).ok_or_else(|| {
+                    format!("{what}: resourceFieldRef needs the containerName of a container of the pod (got {name:?})")
+                })?;
+                let capacity = crate::node::capacity_quantities();
+                super::env::resource_value(c, &r.resource, r.divisor.as_ref(), &capacity)
+                    .map_err(|e| format!("{what}: {e}"))?
+            } else {
+                return Err(format!(
+                    "{what}: names neither fieldRef nor resourceFieldRef"
+                ));
+            };
+            out.push((item.path.clone(), content.into_bytes(), item.mode));
+        }
+        Ok(out)
     }
 
     /// Every `REFRESH` while the pod runs: its configMap and secret volumes follow their
@@ -302,29 +437,35 @@ impl Worker {
 mod tests {
     use super::*;
 
-    fn src<'a>(items: &'a [KeyToPath], optional: bool) -> Source<'a> {
-        Source {
+    fn cm<'a>(items: &'a [KeyToPath], optional: bool) -> Part<'a> {
+        Part::Object {
             kind: "configmap",
             name: "app",
             items,
-            default_mode: Some(0o600),
             optional,
         }
     }
 
-    fn data() -> Option<BTreeMap<String, Vec<u8>>> {
-        Some(
+    fn one(part: Part<'_>, default_mode: Option<i32>) -> Written<'_> {
+        Written {
+            parts: vec![part],
+            default_mode,
+        }
+    }
+
+    fn data() -> Read {
+        Read::Object(Some(
             [
                 ("a".to_string(), b"1".to_vec()),
                 ("b".to_string(), b"2".to_vec()),
             ]
             .into(),
-        )
+        ))
     }
 
     #[test]
     fn every_key_or_the_items_at_their_paths_with_their_modes() {
-        let all = files("v", &src(&[], false), data()).unwrap();
+        let all = files("v", &one(cm(&[], false), Some(0o600)), vec![data()]).unwrap();
         assert_eq!(all["a"], (b"1".to_vec(), 0o600));
         assert_eq!(all.len(), 2);
         let items = [KeyToPath {
@@ -332,24 +473,44 @@ mod tests {
             path: "conf/b.txt".into(),
             mode: Some(0o400),
         }];
-        let some = files("v", &src(&items, false), data()).unwrap();
+        let some = files("v", &one(cm(&items, false), None), vec![data()]).unwrap();
         assert_eq!(some.len(), 1);
         assert_eq!(some["conf/b.txt"], (b"2".to_vec(), 0o400));
+        // Projected: parts in order, the downward API's files with the default mode.
+        let w = Written {
+            parts: vec![cm(&[], false), Part::Downward(&[])],
+            default_mode: None,
+        };
+        let both = files(
+            "v",
+            &w,
+            vec![
+                data(),
+                Read::Downward(vec![("name".into(), b"p".to_vec(), None)]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(both.len(), 3);
+        assert_eq!(both["name"], (b"p".to_vec(), DEFAULT_MODE));
     }
 
     #[test]
     fn missing_sources_and_keys_and_bad_paths_are_named() {
         assert_eq!(
-            files("v", &src(&[], false), None).unwrap_err(),
+            files("v", &one(cm(&[], false), None), vec![Read::Object(None)]).unwrap_err(),
             "MountVolume.SetUp failed for volume \"v\" : configmap \"app\" not found"
         );
-        assert!(files("v", &src(&[], true), None).unwrap().is_empty());
+        assert!(
+            files("v", &one(cm(&[], true), None), vec![Read::Object(None)])
+                .unwrap()
+                .is_empty()
+        );
         let missing = [KeyToPath {
             key: "zz".into(),
             path: "zz".into(),
             mode: None,
         }];
-        assert!(files("v", &src(&missing, false), data())
+        assert!(files("v", &one(cm(&missing, false), None), vec![data()])
             .unwrap_err()
             .contains("non-existent config key: zz"));
         let escape = [KeyToPath {
@@ -357,18 +518,19 @@ mod tests {
             path: "../etc/passwd".into(),
             mode: None,
         }];
-        assert!(files("v", &src(&escape, false), data())
+        assert!(files("v", &one(cm(&escape, false), None), vec![data()])
             .unwrap_err()
             .contains("must not contain '..'"));
-        let bad_mode = Source {
-            default_mode: Some(0o1777),
-            ..src(&[], false)
-        };
-        assert!(files("v", &bad_mode, data())
+        assert!(files("v", &one(cm(&[], false), Some(0o1777)), vec![data()])
             .unwrap_err()
             .contains("defaultMode"));
+        assert_eq!(
+            map_lines(&Some(
+                [("b".into(), "2".into()), ("a".into(), "x\"y".into())].into()
+            )),
+            "a=\"x\\\"y\"\nb=\"2\"\n"
+        );
     }
-
     #[test]
     fn contents_switch_at_once_and_removed_keys_go() {
         let dir = std::env::temp_dir().join(format!("ferry-atomic-{}", std::process::id()));
