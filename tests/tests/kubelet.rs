@@ -894,6 +894,35 @@ data: {user: YWRtaW4=}
         || last() == want,
     );
 
+    // A symlink a container leaves in a volume does not lead another's subPath mount out of
+    // it (CVE-2017-1002101).
+    apply(
+        &cp,
+        "apiVersion: v1
+kind: Pod
+metadata: {name: escape, namespace: default}
+spec:
+  nodeName: node-a
+  restartPolicy: Never
+  initContainers:
+  - {name: plant, image: ferry.local/busybox:1, imagePullPolicy: IfNotPresent,
+     command: [ln, -s, /, /v/root], volumeMounts: [{name: v, mountPath: /v}]}
+  containers:
+  - {name: c, image: ferry.local/busybox:1, imagePullPolicy: IfNotPresent,
+     command: [ls, /host], volumeMounts: [{name: v, mountPath: /host, subPath: root}]}
+  volumes: [{name: v, emptyDir: {}}]
+",
+    );
+    eventually(
+        "escape's subPath is refused",
+        Duration::from_secs(60),
+        || {
+            let w = &container_status(&cp, "escape")["state"]["waiting"];
+            w["reason"] == "CreateContainerConfigError"
+                && w["message"] == "volumeMount \"v\": subPath \"root\" leads outside its volume"
+        },
+    );
+
     // A required ConfigMap that is missing holds the pod with Kubernetes' message.
     apply(
         &cp,

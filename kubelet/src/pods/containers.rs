@@ -125,12 +125,30 @@ impl Worker {
                         m.name
                     ));
                 }
+                let base = host.clone();
                 host = host.join(sub);
                 // A subPath of a writable directory volume is made if missing, as kubelet does.
                 if !self.api_volume(&m.name) && !host.exists() && host.starts_with(self.pod_dir()) {
                     std::fs::create_dir_all(&host)
                         .map_err(|e| format!("volumeMount {:?}: subPath {sub:?}: {e}", m.name))?;
                 }
+                // A container may have put a symlink in a volume it writes: the subPath must
+                // still lead inside the volume once links are followed (CVE-2017-1002101), and
+                // the resolved path is what gets mounted.
+                let outside = || {
+                    format!(
+                        "volumeMount {:?}: subPath {sub:?} leads outside its volume",
+                        m.name
+                    )
+                };
+                let real_base = std::fs::canonicalize(&base)
+                    .map_err(|e| format!("volumeMount {:?}: {}: {e}", m.name, base.display()))?;
+                let real = std::fs::canonicalize(&host)
+                    .map_err(|e| format!("volumeMount {:?}: subPath {sub:?}: {e}", m.name))?;
+                if !real.starts_with(&real_base) {
+                    return Err(outside());
+                }
+                host = real;
             }
             mounts.push(cri::Mount {
                 container_path: m.mount_path.clone(),
