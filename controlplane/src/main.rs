@@ -283,9 +283,10 @@ async fn run() -> Result<()> {
             }
             use controlplane::controllers::{
                 cronjob, daemonset, deployment, endpoints, gc, job, nodeipam, nodelifecycle,
-                replicaset, statefulset,
+                replicaset, serviceaccounts, statefulset,
             };
             let client = endpoints::client(&kubeconfig).await?;
+            let ca = serviceaccounts::kubeconfig_ca(&kubeconfig)?;
             let nodes = nodelifecycle::Options {
                 grace_period: node_monitor_grace_period,
                 monitor_period: node_monitor_period,
@@ -302,6 +303,7 @@ async fn run() -> Result<()> {
                     r = job::run(client.clone()) => r,
                     r = cronjob::run(client.clone()) => r,
                     r = statefulset::run(client.clone()) => r,
+                    r = serviceaccounts::run(client.clone(), ca.clone()) => r,
                     r = async {
                         match cluster_cidr {
                             Some(cluster_cidr) => nodeipam::run(client.clone(), nodeipam::Options {

@@ -305,3 +305,89 @@ fn statefulset_orders_pods_and_names_them_stably() {
     );
     assert!(placement(&c.cp, "app=db")[0].starts_with("db-0="));
 }
+
+#[test]
+fn every_namespace_gets_a_default_service_account_and_the_cluster_ca() {
+    let c = cluster(&[]);
+    let cp = &c.cp;
+    cp.ok(&["create", "namespace", "team"]).unwrap();
+    let uid = || {
+        cp.ok(&[
+            "get",
+            "sa",
+            "default",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .unwrap_or_default()
+    };
+    eventually(
+        "team's default ServiceAccount",
+        Duration::from_secs(30),
+        || !uid().is_empty(),
+    );
+    // The CA the admin's kubeconfig trusts, as in-cluster clients will read it.
+    let ca_data = cp
+        .ok(&[
+            "config",
+            "view",
+            "--raw",
+            "-o",
+            "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+        ])
+        .unwrap();
+    use base64::Engine as _;
+    let ca = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(ca_data.trim())
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
+    let published = |ns: &str| {
+        cp.ok(&[
+            "get",
+            "configmap",
+            "kube-root-ca.crt",
+            "-n",
+            ns,
+            "-o",
+            r"jsonpath={.data.ca\.crt}",
+        ])
+        .unwrap_or_default()
+    };
+    for ns in ["team", "default", "kube-system"] {
+        eventually(
+            &format!("{ns} holds the cluster CA"),
+            Duration::from_secs(30),
+            || published(ns).trim() == ca.trim(),
+        );
+    }
+    // Deleted or changed, they come back.
+    let first = uid();
+    cp.ok(&["delete", "sa", "default", "-n", "team"]).unwrap();
+    eventually(
+        "the default ServiceAccount made again",
+        Duration::from_secs(30),
+        || {
+            let now = uid();
+            !now.is_empty() && now != first
+        },
+    );
+    cp.ok(&[
+        "patch",
+        "configmap",
+        "kube-root-ca.crt",
+        "-n",
+        "team",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"ca.crt":"tampered"}}"#,
+    ])
+    .unwrap();
+    eventually("the CA written back", Duration::from_secs(30), || {
+        published("team").trim() == ca.trim()
+    });
+}

@@ -1,7 +1,8 @@
 //! The controller manager: control loops that watch the API and act on it, as a client of the
 //! API server like any other (`ferry-controlplane controller-manager --kubeconfig ...`).
 //! Endpoints and EndpointSlices; ReplicaSets and ReplicationControllers; Deployments;
-//! DaemonSets; Jobs and CronJobs; StatefulSets; the garbage collector; node lifecycle.
+//! DaemonSets; Jobs and CronJobs; StatefulSets; the garbage collector; node lifecycle; each
+//! namespace's default ServiceAccount and root CA ConfigMap.
 
 pub mod cronjob;
 pub mod daemonset;
@@ -13,6 +14,7 @@ pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod pods;
 pub mod replicaset;
+pub mod serviceaccounts;
 pub mod statefulset;
 
 use futures::{Stream, StreamExt};
