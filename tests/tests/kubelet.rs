@@ -700,9 +700,10 @@ data: {password: czNjcmV0}
     );
     // Literals win over envFrom, envFrom over the Services' variables; an optional missing
     // key sets nothing; resources in units of their divisor; labels by key.
-    let print =
-        "echo '== env'; for v in MODE PASS CFG_greeting CFG_mode OVERRIDE MEM CPU TIER NAME; \
-                 do eval echo $v=\\$$v; done; echo OPT=${OPT-unset}; echo DB_password=$DB_password";
+    // (`$$` is Kubernetes' escape for `$` in a command: the shell gets `\$$v`.)
+    let print = "echo '== env'; for v in MODE PASS CFG_greeting CFG_mode OVERRIDE MEM CPU TIER NAME REF; \
+                 do eval echo $v=\\$$$$v; done; echo OPT=${OPT-unset}; echo DB_password=$DB_password; \
+                 echo ARG=$1";
     apply(
         &cp,
         &busybox_pod(
@@ -718,6 +719,8 @@ data: {password: czNjcmV0}
     - {name: TIER, valueFrom: {fieldRef: {fieldPath: \"metadata.labels['tier']\"}}}
     - {name: NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
     - {name: OVERRIDE, value: literal}
+    - {name: REF, value: \"$(MODE)-$(UNDEFINED)-$$(MODE)\"}
+    args: [zero, \"$(NAME)\"]
     envFrom:
     - {configMapRef: {name: app}, prefix: CFG_}
     - {configMapRef: {name: app}}
@@ -742,6 +745,8 @@ data: {password: czNjcmV0}
         "NAME=envs\n",
         "OPT=unset\n",
         "DB_password=s3cret\n",
+        "REF=fast-$(UNDEFINED)-$(MODE)\n",
+        "ARG=envs\n",
     ] {
         expect(&s, "env", want);
     }

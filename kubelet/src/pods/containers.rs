@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use crate::cri::v1 as cri;
 use crate::probe::Prober;
 
-use super::env::Objects;
+use super::env::{expand, Objects};
 use super::status::{nanos_to_time, now};
 use super::{
     Worker, BACKOFF_BASE, BACKOFF_MAX, BACKOFF_RESET, CONTAINER_NAME, POD_NAME, POD_NAMESPACE,
@@ -106,6 +106,18 @@ impl Worker {
         objects: &Objects,
     ) -> Result<cri::ContainerConfig, String> {
         let c = &slot.spec;
+        let envs = self.env(c, objects)?;
+        // `$(NAME)` in the command and args expands to the container's variables.
+        let vars: HashMap<&str, &str> = envs
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.value.as_str()))
+            .collect();
+        let expanded = |v: &Option<Vec<String>>| -> Vec<String> {
+            v.iter()
+                .flatten()
+                .map(|s| expand(s, |n| vars.get(n).map(|v| v.to_string())))
+                .collect()
+        };
         let volumes = self.volumes()?;
         let mut mounts = Vec::new();
         for m in c.volume_mounts.iter().flatten() {
@@ -184,10 +196,10 @@ impl Worker {
             image: Some(crate::cri::image_spec(
                 c.image.as_deref().unwrap_or_default(),
             )),
-            command: c.command.clone().unwrap_or_default(),
-            args: c.args.clone().unwrap_or_default(),
+            command: expanded(&c.command),
+            args: expanded(&c.args),
             working_dir: c.working_dir.clone().unwrap_or_default(),
-            envs: self.env(c, objects)?,
+            envs,
             mounts,
             labels,
             log_path: format!("{}/{}.log", c.name, slot.restarts),

@@ -249,7 +249,8 @@ impl Worker {
             .unwrap_or_default();
         for e in c.env.iter().flatten() {
             let value = match (&e.value, &e.value_from) {
-                (Some(v), _) => Some(v.clone()),
+                // `$(NAME)` of a variable defined before it expands, as in Kubernetes.
+                (Some(v), _) => Some(expand(v, |n| vars.values.get(n).cloned())),
                 (None, None) => Some(String::new()),
                 (None, Some(from)) => {
                     if let Some(r) = &from.config_map_key_ref {
@@ -344,6 +345,45 @@ impl Worker {
             .chain(spec.containers.iter())
             .find(|c| c.name == name)
     }
+}
+
+/// Kubernetes' variable references: `$(NAME)` becomes the variable's value when `lookup` knows
+/// it and stays as written otherwise; `$$` is a literal `$` (so `$$(NAME)` stays `$(NAME)`).
+pub(super) fn expand(s: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(') {
+            match inner.find(')') {
+                Some(end) => {
+                    let name = &inner[..end];
+                    match lookup(name) {
+                        Some(v) => out.push_str(&v),
+                        None => {
+                            out.push_str("$(");
+                            out.push_str(name);
+                            out.push(')');
+                        }
+                    }
+                    rest = &inner[end + 1..];
+                }
+                None => {
+                    out.push_str("$(");
+                    rest = inner;
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Variables in the order first set, each name once, the last value set winning.
@@ -470,6 +510,23 @@ mod tests {
             .unwrap_err()
             .contains("not a supported resource"));
         assert!(v("limits.cpu", Some("0")).unwrap_err().contains("positive"));
+    }
+
+    #[test]
+    fn references_expand_like_kubernetes() {
+        let vars: HashMap<String, String> = [
+            ("A".to_string(), "x".to_string()),
+            ("B".to_string(), "$(A)".to_string()),
+        ]
+        .into();
+        let e = |s: &str| expand(s, |n| vars.get(n).cloned());
+        assert_eq!(e("$(A)-$(A)"), "x-x");
+        assert_eq!(e("$(UNSET) stays"), "$(UNSET) stays");
+        assert_eq!(e("$$(A) $$ $5 $"), "$(A) $ $5 $");
+        assert_eq!(e("open $(A"), "open $(A");
+        // A value is not expanded twice.
+        assert_eq!(e("$(B)"), "$(A)");
+        assert_eq!(e("no refs"), "no refs");
     }
 
     #[test]
