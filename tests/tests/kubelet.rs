@@ -673,20 +673,44 @@ spec:
     expect(&q2, "web-0.nginx", &format!("({web0})"));
 }
 
-#[test]
-fn containers_read_configmaps_secrets_and_the_downward_api_in_their_environment() {
+/// A node namespace with the control plane, the controllers, ferry-proxy and ferry-kubelet
+/// (containerd); fields drop in order: the kubelet first, the namespace last.
+struct OneNode {
+    _kubelet: Kubelet,
+    _proxy: ferry_testbed::Proxy,
+    _controllers: [ferry_testbed::controlplane::Component; 2],
+    cp: ControlPlane,
+    _dirs: RuntimeDirs,
+    _t: Topology,
+}
+
+fn one_node() -> OneNode {
     let mut t = Topology::new(0).expect("topology");
     t.extra_interfaces = vec!["fy*".into()];
     let dirs = RuntimeDirs::new();
     let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
         .expect("control plane");
-    let _controllers = cp.spawn_controllers(&[]).expect("controllers");
-    let _proxy = t
+    let controllers = cp.spawn_controllers(&[]).expect("controllers");
+    let proxy = t
         .start_proxy_api(&cp.kubeconfig("kube-proxy"))
         .expect("ferry-proxy");
-    let _kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
+    let kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
+    OneNode {
+        _kubelet: kubelet,
+        _proxy: proxy,
+        _controllers: controllers,
+        cp,
+        _dirs: dirs,
+        _t: t,
+    }
+}
+
+#[test]
+fn containers_read_configmaps_secrets_and_the_downward_api_in_their_environment() {
+    let node = one_node();
+    let cp = &node.cp;
     apply(
-        &cp,
+        cp,
         "apiVersion: v1
 kind: ConfigMap
 metadata: {name: app, namespace: default}
@@ -705,7 +729,7 @@ data: {password: czNjcmV0}
                  do eval echo $v=\\$$$$v; done; echo OPT=${OPT-unset}; echo DB_password=$DB_password; \
                  echo ARG=$1";
     apply(
-        &cp,
+        cp,
         &busybox_pod(
             "envs",
             "{tier: web}",
@@ -732,7 +756,7 @@ data: {password: czNjcmV0}
 ",
         ),
     );
-    let s = finished_sections(&cp, "envs");
+    let s = finished_sections(cp, "envs");
     for want in [
         "MODE=fast\n",
         "PASS=s3cret\n",
@@ -754,7 +778,7 @@ data: {password: czNjcmV0}
     // A required ConfigMap that does not exist yet: the container waits with Kubernetes'
     // reason and message, and starts once the ConfigMap is there.
     apply(
-        &cp,
+        cp,
         &busybox_pod(
             "waits",
             "{}",
@@ -770,13 +794,13 @@ data: {password: czNjcmV0}
         "waits is held in CreateContainerConfigError",
         Duration::from_secs(60),
         || {
-            let w = &container_status(&cp, "waits")["state"]["waiting"];
+            let w = &container_status(cp, "waits")["state"]["waiting"];
             w["reason"] == "CreateContainerConfigError"
                 && w["message"] == "configmap \"later\" not found"
         },
     );
     apply(
-        &cp,
+        cp,
         "apiVersion: v1
 kind: ConfigMap
 metadata: {name: later, namespace: default}
@@ -784,42 +808,34 @@ data: {other: x}
 ",
     );
     eventually("a missing key is named", Duration::from_secs(30), || {
-        container_status(&cp, "waits")["state"]["waiting"]["message"]
+        container_status(cp, "waits")["state"]["waiting"]["message"]
             == "couldn't find key k in ConfigMap default/later"
     });
     apply(
-        &cp,
+        cp,
         "apiVersion: v1
 kind: ConfigMap
 metadata: {name: later, namespace: default}
 data: {k: arrived}
 ",
     );
-    expect(&finished_sections(&cp, "waits"), "env", "LATER=arrived\n");
+    expect(&finished_sections(cp, "waits"), "env", "LATER=arrived\n");
 }
 
 #[test]
 fn configmap_secret_downward_and_projected_volumes_are_written_read_only_and_follow_their_sources()
 {
-    let mut t = Topology::new(0).expect("topology");
-    t.extra_interfaces = vec!["fy*".into()];
-    let dirs = RuntimeDirs::new();
-    let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
-        .expect("control plane");
-    let _controllers = cp.spawn_controllers(&[]).expect("controllers");
-    let _proxy = t
-        .start_proxy_api(&cp.kubeconfig("kube-proxy"))
-        .expect("ferry-proxy");
-    let _kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
+    let node = one_node();
+    let cp = &node.cp;
     let web = |v: &str| {
         format!(
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web, namespace: default}}\n\
              data: {{index.html: {v}, other: x}}\n"
         )
     };
-    apply(&cp, &web("v1"));
+    apply(cp, &web("v1"));
     apply(
-        &cp,
+        cp,
         "apiVersion: v1
 kind: Secret
 metadata: {name: creds, namespace: default}
@@ -834,7 +850,7 @@ data: {user: YWRtaW4=}
                   proj=$(cat /etc/all/web.html),$(cat /etc/all/user),$(cat /etc/all/mem),$(cat /etc/all/name) \
                   labels=$(cat /etc/all/labels | tr '\\n' ' ')\"; sleep 1; done";
     apply(
-        &cp,
+        cp,
         &busybox_pod(
             "reader",
             "{tier: web}",
@@ -873,7 +889,7 @@ data: {user: YWRtaW4=}
             .trim()
             .to_string();
         if line.is_empty() {
-            line = container_status(&cp, "reader")["state"].to_string();
+            line = container_status(cp, "reader")["state"].to_string();
         }
         if *seen.borrow() != line {
             eprintln!("reader: {line}");
@@ -888,7 +904,7 @@ data: {user: YWRtaW4=}
     });
     // Changes reach the mounted files in place (a subPath mount keeps what it started with):
     // the ConfigMap's, and the pod's labels in the downward API's file.
-    apply(&cp, &web("v2"));
+    apply(cp, &web("v2"));
     cp.ok(&["label", "pod", "reader", "tier=db", "--overwrite"])
         .unwrap();
     let want = "web=v2 item=v2 sub=v1 user=admin mode=-r-------- items=pages, write=ro \
@@ -902,7 +918,7 @@ data: {user: YWRtaW4=}
     // A symlink a container leaves in a volume does not lead another's subPath mount out of
     // it (CVE-2017-1002101).
     apply(
-        &cp,
+        cp,
         "apiVersion: v1
 kind: Pod
 metadata: {name: escape, namespace: default}
@@ -922,7 +938,7 @@ spec:
         "escape's subPath is refused",
         Duration::from_secs(60),
         || {
-            let w = &container_status(&cp, "escape")["state"]["waiting"];
+            let w = &container_status(cp, "escape")["state"]["waiting"];
             w["reason"] == "CreateContainerConfigError"
                 && w["message"] == "volumeMount \"v\": subPath \"root\" leads outside its volume"
         },
@@ -930,7 +946,7 @@ spec:
 
     // A required ConfigMap that is missing holds the pod with Kubernetes' message.
     apply(
-        &cp,
+        cp,
         &busybox_pod(
             "nomount",
             "{}",
@@ -946,7 +962,7 @@ spec:
         "nomount waits for its ConfigMap",
         Duration::from_secs(60),
         || {
-            let w = &container_status(&cp, "nomount")["state"]["waiting"];
+            let w = &container_status(cp, "nomount")["state"]["waiting"];
             w["reason"] == "ContainerCreating"
                 && w["message"]
                     == "MountVolume.SetUp failed for volume \"v\" : configmap \"absent\" not found"
