@@ -120,11 +120,10 @@ fn names(c: &Container) -> (Vec<String>, Vec<String>) {
 
 /// A Secret's values as text (an environment holds text; Kubernetes takes the bytes as they are).
 fn secret_data(s: Secret) -> BTreeMap<String, String> {
-    let mut out: BTreeMap<String, String> = s.string_data.unwrap_or_default();
-    for (k, v) in s.data.unwrap_or_default() {
-        out.insert(k, String::from_utf8_lossy(&v.0).into_owned());
-    }
-    out
+    super::volumes::merged(s.string_data, s.data)
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+        .collect()
 }
 
 /// Variable names Kubernetes accepts from `envFrom` (relaxed since 1.30): not empty, printable

@@ -15,6 +15,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, DownwardAPIVolumeFile, KeyToPath, Secret, Volume};
+use k8s_openapi::ByteString;
 use kube::api::Api;
 use kube::ResourceExt;
 
@@ -206,6 +207,23 @@ fn files(
     Ok(out)
 }
 
+/// An object's text and binary keys as bytes (a ConfigMap's data and binaryData, a Secret's
+/// stringData and data); a binary key wins over a text key of the same name.
+pub(super) fn merged(
+    text: Option<BTreeMap<String, String>>,
+    bytes: Option<BTreeMap<String, ByteString>>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = text
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect();
+    for (k, b) in bytes.unwrap_or_default() {
+        out.insert(k, b.0);
+    }
+    out
+}
+
 /// Labels or annotations as the downward API writes them: sorted `key="value"` lines.
 fn map_lines(m: &Option<BTreeMap<String, String>>) -> String {
     m.iter()
@@ -353,32 +371,16 @@ impl Worker {
         let ns = self.pod.namespace().unwrap_or_default();
         if kind == "configmap" {
             let api: Api<ConfigMap> = Api::namespaced(self.k.client.clone(), &ns);
-            return Ok(api.get_opt(name).await?.map(|cm| {
-                let mut d: BTreeMap<String, Vec<u8>> = cm
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes()))
-                    .collect();
-                for (k, b) in cm.binary_data.unwrap_or_default() {
-                    d.insert(k, b.0);
-                }
-                d
-            }));
+            return Ok(api
+                .get_opt(name)
+                .await?
+                .map(|cm| merged(cm.data, cm.binary_data)));
         }
         let api: Api<Secret> = Api::namespaced(self.k.client.clone(), &ns);
-        Ok(api.get_opt(name).await?.map(|s| {
-            let mut d: BTreeMap<String, Vec<u8>> = s
-                .string_data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.into_bytes()))
-                .collect();
-            for (k, b) in s.data.unwrap_or_default() {
-                d.insert(k, b.0);
-            }
-            d
-        }))
+        Ok(api
+            .get_opt(name)
+            .await?
+            .map(|s| merged(s.string_data, s.data)))
     }
 
     /// The downward API's files: fields of the pod (whole label and annotation maps as

@@ -11,31 +11,23 @@ use ferry_testbed::run;
 
 use super::{kubectl, node_ready, wait_for, Cluster, CLUSTER_DNS, DATA, NODE_IP};
 
-/// A pod that connects to the API server the way in-cluster clients find it.
-const API_CLIENT: &str = r#"apiVersion: v1
-kind: Pod
-metadata: {name: api-client, namespace: default}
-spec:
-  restartPolicy: Never
-  containers:
-  - name: c
-    image: ferry.local/busybox:1
-    imagePullPolicy: IfNotPresent
-    command: [sh, -c, 'if echo | nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT >/dev/null; then echo api-reachable; fi; if echo | nc -w 3 kubernetes.default.svc 443 >/dev/null; then echo api-by-name; fi']
-"#;
+/// The shell command of a pod that connects to the API server the way in-cluster clients find
+/// it.
+const API_CLIENT: &str = "if echo | nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT >/dev/null; then echo api-reachable; fi; if echo | nc -w 3 kubernetes.default.svc 443 >/dev/null; then echo api-by-name; fi";
 
-/// A pod for the cluster to schedule and run once its daemons were restarted.
-const AFTER_RESTARTS: &str = r#"apiVersion: v1
-kind: Pod
-metadata: {name: after-restarts, namespace: default}
-spec:
-  restartPolicy: Never
-  containers:
-  - name: c
-    image: ferry.local/busybox:1
-    imagePullPolicy: IfNotPresent
-    command: [sh, -c, 'echo ran']
-"#;
+/// Applies a busybox pod `name` in `default` that runs `command` once (restartPolicy Never).
+fn apply_run_once(admin: &Path, name: &str, command: &str) -> Result<()> {
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
+         restartPolicy: Never\n  containers:\n  - name: c\n    image: ferry.local/busybox:1\n    \
+         imagePullPolicy: IfNotPresent\n    command: [sh, -c, '{command}']\n"
+    );
+    let manifest = Path::new(DATA).join(format!("{name}.yaml"));
+    std::fs::write(&manifest, pod)?;
+    let applied = kubectl(admin, &["apply", "-f", manifest.to_str().unwrap()]);
+    std::fs::remove_file(&manifest).ok();
+    applied.map(|_| ())
+}
 
 /// The README's two lines, checked: every replica answers over the NodePort and the ClusterIP
 /// from the host.
@@ -88,10 +80,7 @@ pub(super) fn smoke_test(c: &Cluster, admin: &Path, root: &Path) -> Result<()> {
     }
     // A pod finds the API through the `kubernetes` Service and the variables the kubelet gave
     // it (the API server is a backend on the node itself).
-    let manifest = Path::new(DATA).join("api-client.yaml");
-    std::fs::write(&manifest, API_CLIENT)?;
-    kubectl(admin, &["apply", "-f", manifest.to_str().unwrap()])?;
-    std::fs::remove_file(&manifest).ok();
+    apply_run_once(admin, "api-client", API_CLIENT)?;
     wait_for(
         "the api-client pod to finish",
         Duration::from_secs(60),
@@ -259,10 +248,7 @@ fn survive_kills(
     }
     // The restarted cluster schedules and runs a new pod; the restarted kubelet's workers for
     // the pods it found had their first sync before that (it starts them all at once).
-    let manifest = Path::new(DATA).join("after-restarts.yaml");
-    std::fs::write(&manifest, AFTER_RESTARTS)?;
-    kubectl(admin, &["apply", "-f", manifest.to_str().unwrap()])?;
-    std::fs::remove_file(&manifest).ok();
+    apply_run_once(admin, "after-restarts", "echo ran")?;
     wait_for(
         "a pod created after the restarts to run and finish",
         Duration::from_secs(120),
