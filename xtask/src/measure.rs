@@ -195,10 +195,20 @@ pub fn median(mut v: Vec<Load>) -> Load {
 }
 
 /// The CRR and RR runs of one measurement, with the machine's busy CPU time during the CRR runs.
+#[derive(Default)]
 pub struct Reps {
     pub crr: Vec<Load>,
     pub rr: Vec<Load>,
     pub crr_cpu_s: f64,
+}
+
+impl Reps {
+    /// Adds `other`'s repetitions after these.
+    pub fn append(&mut self, other: Reps) {
+        self.crr.extend(other.crr);
+        self.rr.extend(other.rr);
+        self.crr_cpu_s += other.crr_cpu_s;
+    }
 }
 
 /// `reps` times a CRR run then an RR run from pod `client`; `before` is told each repetition.

@@ -19,14 +19,14 @@ use anyhow::{bail, Result};
 use ferry_testbed::{pod_ip, Topology, ECHO_PORT};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::measure::{median, run_reps, vip, Load, Rng, RunInfo};
+use crate::measure::{median, run_reps, vip, Load, Reps, Rng, RunInfo};
 
 use modes::ENDPOINTS;
 use modes::{
     endpoint_change, ferry_maps_mib, kernel_mem_kib, node_exec, program, svc_list, teardown,
     write_tmp, Mode, Programmed, TooSlow, CHANGES, CLIENT, NEW_ENDPOINT, PROGRAM_LIMIT,
 };
-use report::{markdown, report_series, Measure, Report};
+use report::{markdown, report_series, Measure, Paired, Report};
 
 pub(super) struct Plan {
     pub(super) program_sizes: Vec<usize>,
@@ -38,29 +38,77 @@ pub(super) struct Plan {
 }
 
 fn dataplane(t: &Topology, plan: &Plan, targets: &[String]) -> Result<(Load, Load, Vec<f64>, f64)> {
-    let reps = run_reps(
+    Ok(summary(run_reps(
         t,
         CLIENT,
         targets,
         (plan.secs, plan.reps, plan.concurrency),
         |_| {},
-    )?;
-    let conns: u64 = reps.crr.iter().map(|l| l.transactions).sum();
-    let runs = reps.crr.iter().map(|l| l.rate).collect();
-    let cpu = reps.crr_cpu_s / (conns.max(1) as f64 / 10_000.0);
-    Ok((median(reps.crr), median(reps.rr), runs, cpu))
+    )?))
 }
 
-/// The no-proxy row: the clients straight to the pod addresses, with nf_conntrack tracking
-/// them as it would under kube-proxy.
-fn direct(t: &Topology, plan: &Plan, ct_rules: &std::path::Path, after: bool) -> Result<Measure> {
+/// A mode measured with each repetition next to one of no proxy (before it, then after it, in
+/// turn), the mode torn down completely for the direct one and programmed again after it: the
+/// pairing `bench datapath` uses, so drift over the run (thermal, page cache, other tenants) and
+/// the order of rows fall out of the ratio. Returns the mode's repetitions and the direct ones.
+fn paired_dataplane(
+    t: &mut Topology,
+    plan: &Plan,
+    targets: &[String],
+    ct_rules: &std::path::Path,
+    (mode, svcs, p): (Mode, &[crate::kube_rules::Svc], &mut Programmed),
+) -> Result<(Reps, Reps)> {
+    let one = (plan.secs, 1, plan.concurrency);
+    let (mut sock, mut direct) = (Reps::default(), Reps::default());
+    for rep in 0..plan.reps {
+        let mut measure_direct = |t: &mut Topology, p: &mut Programmed| -> Result<()> {
+            teardown(t, mode, p)?;
+            direct.append(direct_reps(t, one, ct_rules)?);
+            program(t, mode, svcs, p)?;
+            Ok(())
+        };
+        if rep % 2 == 1 {
+            measure_direct(t, p)?;
+        }
+        sock.append(run_reps(t, CLIENT, targets, one, |_| {})?);
+        if rep % 2 == 0 {
+            measure_direct(t, p)?;
+        }
+    }
+    Ok((sock, direct))
+}
+
+/// The no-proxy data plane: the clients straight to the pod addresses, with nf_conntrack
+/// tracking them as it would under kube-proxy; `plan.reps` repetitions.
+fn direct_reps(
+    t: &Topology,
+    load: (f64, usize, usize),
+    ct_rules: &std::path::Path,
+) -> Result<Reps> {
     node_exec(t, "nft", &["-f", ct_rules.to_str().unwrap()])?;
     let targets: Vec<String> = (0..ENDPOINTS)
         .map(|i| format!("{}:{ECHO_PORT}", pod_ip(i)))
         .collect();
-    let measured = dataplane(t, plan, &targets);
+    let measured = run_reps(t, CLIENT, &targets, load, |_| {});
     node_exec(t, "nft", &["delete", "table", "ip", "bench-ct"])?;
-    let (crr, rr, runs, cpu) = measured?;
+    measured
+}
+
+/// CRR median, RR median, the CRR rates, CPU seconds per 10,000 connections.
+fn summary(reps: Reps) -> (Load, Load, Vec<f64>, f64) {
+    let conns: u64 = reps.crr.iter().map(|l| l.transactions).sum();
+    let runs = reps.crr.iter().map(|l| l.rate).collect();
+    let cpu = reps.crr_cpu_s / (conns.max(1) as f64 / 10_000.0);
+    (median(reps.crr), median(reps.rr), runs, cpu)
+}
+
+/// The no-proxy row.
+fn direct(t: &Topology, plan: &Plan, ct_rules: &std::path::Path, after: bool) -> Result<Measure> {
+    let (crr, rr, runs, cpu) = summary(direct_reps(
+        t,
+        (plan.secs, plan.reps, plan.concurrency),
+        ct_rules,
+    )?);
     Ok(Measure {
         after,
         crr: Some(crr),
@@ -256,7 +304,19 @@ pub fn run(opts: &CompareOpts) -> Result<()> {
                 let targets: Vec<String> = (0..plan.concurrency)
                     .map(|_| format!("{}:80", vip(rng.next() as usize % n)))
                     .collect();
-                let (crr, rr, runs, cpu) = dataplane(&t, &plan, &targets)?;
+                let (crr, rr, runs, cpu) = if mode == Mode::FerrySocket && n == plan.change_at {
+                    let (sock, direct) = paired_dataplane(
+                        &mut t,
+                        &plan,
+                        &targets,
+                        &ct_rules,
+                        (mode, &svcs, &mut p),
+                    )?;
+                    m.paired = Some(Paired::new(&sock, &direct));
+                    summary(sock)
+                } else {
+                    dataplane(&t, &plan, &targets)?
+                };
                 m.crr = Some(crr);
                 m.rr = Some(rr);
                 m.crr_runs = runs;
