@@ -202,6 +202,7 @@ async fn measure(
         advertise: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, addr.port()),
         limits: Default::default(),
         node_authorizer: true,
+        signer: None,
     };
     let api = Api::new(store, cfg).await?;
     let server =

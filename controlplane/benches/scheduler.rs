@@ -210,6 +210,7 @@ async fn main() -> Result<()> {
         advertise: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, addr.port()),
         limits: Default::default(),
         node_authorizer: true,
+        signer: None,
     };
     let api = ApiServer::new(store, cfg).await?;
     let server =

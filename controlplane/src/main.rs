@@ -455,6 +455,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
             request_timeout: a.request_timeout,
         },
         node_authorizer,
+        signer: Some(api::serviceaccount::Signer::new(
+            &pki.sa_key_pem,
+            &pki.sa_public_pem,
+        )?),
     };
     let conn_limits = server::ConnLimits {
         handshake_timeout: a.handshake_timeout,

@@ -184,17 +184,39 @@ pub fn ensure(dir: &Path, server: &str, names: &[String], nodes: &[String]) -> R
             written.push(path.clone());
         }
     }
+    let (sa_key_pem, sa_public_pem) = service_account_key(&pki)?;
     Ok(Pki {
         cert_pem,
         key_pem,
         ca_pem: ca.cert_pem.clone(),
+        sa_key_pem,
+        sa_public_pem,
         written,
     })
+}
+
+/// The key service account tokens are signed with (`pki/sa.key`, P-256, made on first start
+/// and kept: tokens issued before a restart stay valid): private and public PEM.
+fn service_account_key(pki: &Path) -> Result<(String, String)> {
+    let path = pki.join("sa.key");
+    let key = if path.exists() {
+        KeyPair::from_pem(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is not a private key", path.display()))?
+    } else {
+        let key = KeyPair::generate()?;
+        write_private(&path, &key.serialize_pem())?;
+        info!(path = %path.display(), "service account signing key created");
+        key
+    };
+    Ok((key.serialize_pem(), key.public_key_pem()))
 }
 
 pub struct Pki {
     pub cert_pem: String,
     pub key_pem: String,
     pub ca_pem: String,
+    /// The service account token signing key (PKCS#8) and its public key, PEM.
+    pub sa_key_pem: String,
+    pub sa_public_pem: String,
     pub written: Vec<PathBuf>,
 }

@@ -18,6 +18,8 @@ pub struct ControlPlane {
     pub port: u16,
     pub url: String,
     args: Vec<String>,
+    /// The address it listens on (loopback unless started with `start_reachable`).
+    bind_ip: String,
 }
 
 /// A free loopback port below the kernel's ephemeral range (32768 and up): a server that is
@@ -66,6 +68,24 @@ impl ControlPlane {
     /// Starts a control plane inside network namespace `netns` (its loopback), so daemons
     /// started in that namespace reach it; kubectl runs there too.
     pub fn start_in(netns: Option<&str>, extra: &[&str]) -> Result<Self> {
+        Self::start_with(netns, "127.0.0.1", extra)
+    }
+
+    /// Starts a control plane inside `netns` listening on all its addresses and advertising
+    /// `advertise` (the `kubernetes` Service's endpoint), so pods reach it as in-cluster
+    /// clients do; kubeconfigs still name loopback.
+    pub fn start_reachable(
+        netns: &str,
+        advertise: std::net::Ipv4Addr,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let advertise = advertise.to_string();
+        let mut args = vec!["--advertise-address", &advertise];
+        args.extend(extra);
+        Self::start_with(Some(netns), "0.0.0.0", &args)
+    }
+
+    fn start_with(netns: Option<&str>, bind_ip: &str, extra: &[&str]) -> Result<Self> {
         let dir = temp_dir("cp");
         std::fs::create_dir_all(&dir)?;
         let mut cp = ControlPlane {
@@ -75,6 +95,7 @@ impl ControlPlane {
             port: free_port()?,
             url: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            bind_ip: bind_ip.to_string(),
         };
         cp.spawn()?;
         Ok(cp)
@@ -82,7 +103,7 @@ impl ControlPlane {
 
     fn spawn(&mut self) -> Result<()> {
         let bin = bin_path("ferry-controlplane")?;
-        let bind = format!("127.0.0.1:{}", self.port);
+        let bind = format!("{}:{}", self.bind_ip, self.port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

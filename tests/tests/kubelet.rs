@@ -680,16 +680,17 @@ struct OneNode {
     _proxy: ferry_testbed::Proxy,
     _controllers: [ferry_testbed::controlplane::Component; 2],
     cp: ControlPlane,
-    _dirs: RuntimeDirs,
-    _t: Topology,
+    dirs: RuntimeDirs,
+    t: Topology,
 }
 
 fn one_node() -> OneNode {
     let mut t = Topology::new(0).expect("topology");
     t.extra_interfaces = vec!["fy*".into()];
     let dirs = RuntimeDirs::new();
-    let cp = ControlPlane::start_in(Some(&t.node.name), &["--node-kubeconfigs", "node-a"])
-        .expect("control plane");
+    let cp =
+        ControlPlane::start_reachable(&t.node.name, NODE_IP, &["--node-kubeconfigs", "node-a"])
+            .expect("control plane");
     let controllers = cp.spawn_controllers(&[]).expect("controllers");
     let proxy = t
         .start_proxy_api(&cp.kubeconfig("kube-proxy"))
@@ -700,8 +701,8 @@ fn one_node() -> OneNode {
         _proxy: proxy,
         _controllers: controllers,
         cp,
-        _dirs: dirs,
-        _t: t,
+        dirs,
+        t,
     }
 }
 
@@ -968,4 +969,196 @@ spec:
                     == "MountVolume.SetUp failed for volume \"v\" : configmap \"absent\" not found"
         },
     );
+}
+
+/// A kubeconfig that authenticates with `token` only (the admin's server and CA, no client
+/// certificate), written next to the control plane's.
+fn token_kubeconfig(cp: &ControlPlane, name: &str, token: &str) -> std::path::PathBuf {
+    let admin: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig("admin")).unwrap()).unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let path = cp.kubeconfig(name);
+    let cfg = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "ferry", "cluster": {"server": cluster["server"],
+            "certificate-authority-data": cluster["certificate-authority-data"]}}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": "ferry", "user": name, "namespace": "default"}}],
+        "current-context": name,
+    });
+    std::fs::write(&path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    path
+}
+
+/// (success, stdout, stderr) of kubectl with `kubeconfig`.
+fn kubectl_with(
+    cp: &ControlPlane,
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+) -> (bool, String, String) {
+    let out = cp.kubectl_as(kubeconfig, args, None);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+#[test]
+fn service_account_tokens_authenticate_kubectl_and_pods_and_rbac_applies() {
+    let node = one_node();
+    let cp = &node.cp;
+    eventually(
+        "the default ServiceAccount exists",
+        Duration::from_secs(30),
+        || cp.ok(&["get", "serviceaccount", "default"]).is_ok(),
+    );
+
+    // TokenRequest: bounds checked, then a token kubectl authenticates with as the account.
+    let short = cp.kubectl(&["create", "token", "default", "--duration=5m"]);
+    assert!(!short.status.success());
+    let err = String::from_utf8_lossy(&short.stderr);
+    assert!(
+        err.contains("may not specify a duration less than 10 minutes"),
+        "{err}"
+    );
+    let token = cp
+        .ok(&["create", "token", "default"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let as_default = token_kubeconfig(cp, "sa-default", &token);
+    let (ok, _, err) = kubectl_with(cp, &as_default, &["get", "pods"]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "User \"system:serviceaccount:default:default\" cannot list resource \"pods\""
+        ),
+        "{err}"
+    );
+    // A token signed by someone else, or changed, is nobody.
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    parts[2] = parts[2].chars().rev().collect();
+    let forged = token_kubeconfig(cp, "sa-forged", &parts.join("."));
+    let (ok, _, err) = kubectl_with(cp, &forged, &["get", "pods"]);
+    assert!(!ok && err.contains("Unauthorized"), "{err}");
+
+    // An account with a Role: its token lists pods, and not secrets.
+    apply(
+        cp,
+        "apiVersion: v1
+kind: ServiceAccount
+metadata: {name: lister, namespace: default}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: pod-reader, namespace: default}
+rules: [{apiGroups: [''], resources: [pods], verbs: [get, list]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: lister-reads-pods, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: pod-reader}
+subjects: [{kind: ServiceAccount, name: lister, namespace: default}]
+",
+    );
+    let lister_token = cp
+        .ok(&["create", "token", "lister"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let as_lister = token_kubeconfig(cp, "sa-lister", &lister_token);
+    eventually(
+        "the lister's binding applies",
+        Duration::from_secs(10),
+        || kubectl_with(cp, &as_lister, &["get", "pods"]).0,
+    );
+    let (ok, _, err) = kubectl_with(cp, &as_lister, &["get", "secrets"]);
+    assert!(
+        !ok && err.contains("cannot list resource \"secrets\""),
+        "{err}"
+    );
+
+    // In a pod: the token, the cluster CA and the namespace are mounted, and an in-cluster
+    // client (kube-rs' Config::incluster, TLS verified against the mounted CA) reaches the API
+    // through the kubernetes Service as the pod's account.
+    let client_pod = |name: &str, account: &str, extra: &str| {
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  nodeName: node-a
+  restartPolicy: Never
+  serviceAccountName: {account}
+{extra}  containers:
+  - {{name: c, image: ferry.local/incluster:1, imagePullPolicy: IfNotPresent, args: [pods, secrets]}}
+"
+        )
+    };
+    apply(cp, &client_pod("client", "lister", ""));
+    let pod = json(cp, &["get", "pod", "client"]);
+    let volume = pod["spec"]["volumes"][0]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(volume.starts_with("kube-api-access-"), "{pod}");
+    assert_eq!(
+        pod["spec"]["containers"][0]["volumeMounts"][0],
+        serde_json::json!({"name": volume, "readOnly": true,
+            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})
+    );
+    let finished = |name: &str| {
+        let p = json(cp, &["get", "pod", name]);
+        matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+    };
+    eventually("the in-cluster client ran", Duration::from_secs(90), || {
+        finished("client")
+    });
+    let logs = cp.ok(&["logs", "client"]).unwrap();
+    eprintln!("client: {logs}");
+    assert!(logs.contains("pods: "), "{logs}");
+    assert!(logs.contains(" items"), "{logs}");
+    assert!(
+        logs.contains("secrets: 403 Forbidden: secrets is forbidden: User \"system:serviceaccount:default:lister\""),
+        "{logs}"
+    );
+
+    // automountServiceAccountToken: false leaves the pod without credentials.
+    apply(
+        cp,
+        &client_pod(
+            "nomount",
+            "lister",
+            "  automountServiceAccountToken: false\n",
+        ),
+    );
+    let pod = json(cp, &["get", "pod", "nomount"]);
+    assert!(pod["spec"]["volumes"].is_null(), "{pod}");
+    eventually(
+        "the client without a token ran",
+        Duration::from_secs(60),
+        || finished("nomount"),
+    );
+    let logs = cp.ok(&["logs", "nomount"]).unwrap();
+    assert!(logs.contains("no in-cluster configuration"), "{logs}");
+
+    // A pod naming an account that does not exist is refused.
+    let out = cp.kubectl_as(
+        &cp.kubeconfig("admin"),
+        &["apply", "-f", "-"],
+        Some(&client_pod("ghost", "nobody", "")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "error looking up service account default/nobody: serviceaccount \"nobody\" not found"
+        ),
+        "{err}"
+    );
+
+    // Deleting the account revokes its tokens at once.
+    cp.ok(&["delete", "serviceaccount", "lister"]).unwrap();
+    let (ok, _, err) = kubectl_with(cp, &as_lister, &["get", "pods"]);
+    assert!(!ok && err.contains("Unauthorized"), "{err}");
 }

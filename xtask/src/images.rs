@@ -6,6 +6,7 @@
 //! | `ferry.local/pause:1`    | `ferry-pause`, every pod sandbox's first process    |
 //! | `ferry.local/busybox:1`  | Debian's static busybox with its applets as links   |
 //! | `ferry.local/echo:1`     | `ferry-echo` on :8080 (answers with the pod's name) |
+//! | `ferry.local/incluster:1`| `ferry-incluster`: an in-cluster API client         |
 //!
 //! Ferry's programs are linked statically (`+crt-static`) so each image is one layer with one
 //! file. Archives are reproducible: fixed times, owners and order, so equal inputs give equal
@@ -42,7 +43,7 @@ pub fn dir() -> PathBuf {
 /// Builds every image archive, points the test bed at them (`FERRY_IMAGES_DIR`) and returns
 /// their paths.
 pub fn build() -> Result<Vec<PathBuf>> {
-    let bins = build_static(&["ferry-pause", "ferry-echo"])?;
+    let bins = build_static(&["ferry-pause", "ferry-echo", "ferry-incluster"])?;
     let busybox = busybox_entries()?;
     let env = json!(["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]);
     let images = [
@@ -70,6 +71,15 @@ pub fn build() -> Result<Vec<PathBuf>> {
             }],
             config: json!({"Entrypoint": ["/ferry-echo"], "Env": env,
                            "ExposedPorts": {"8080/tcp": {}, "8080/udp": {}}}),
+        },
+        Image {
+            file: "incluster.tar",
+            name: "ferry.local/incluster:1",
+            entries: vec![Entry::File {
+                path: "ferry-incluster".into(),
+                from: bins.join("ferry-incluster"),
+            }],
+            config: json!({"Entrypoint": ["/ferry-incluster"], "Env": env}),
         },
     ];
     let out = dir();

@@ -75,6 +75,11 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                     json!(["get", "patch", "update"]),
                 ),
                 "binding" => ("Binding", json!({}), json!(["create"])),
+                "token" => (
+                    "TokenRequest",
+                    json!({"group": "authentication.k8s.io", "version": "v1"}),
+                    json!(["create"]),
+                ),
                 "log" => ("Pod", json!({}), json!(["get"])),
                 "finalize" => (r.kind, json!({}), json!(["update"])),
                 _ => (r.kind, json!({}), json!(["get", "patch", "update"])),

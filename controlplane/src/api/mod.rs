@@ -22,6 +22,7 @@ pub mod patch;
 mod protobuf;
 mod query;
 pub mod resources;
+pub mod serviceaccount;
 pub mod status;
 pub mod table;
 mod verbs;
@@ -61,6 +62,9 @@ pub struct Config {
     /// The Node authorizer and NodeRestriction for `system:node:<name>` users
     /// (`--authorization-mode=Node,RBAC`).
     pub node_authorizer: bool,
+    /// Signs and verifies service account tokens (None: TokenRequest is not served and only
+    /// the token file's tokens authenticate).
+    pub signer: Option<serviceaccount::Signer>,
 }
 
 /// What requests may make the server hold (kube-apiserver's flags of the same names).
@@ -391,16 +395,20 @@ pub fn json_response(code: StatusCode, v: &Value) -> Response {
         .into_response()
 }
 
-fn authenticate(api: &Api, headers: &HeaderMap, peer: &Peer) -> ApiResult<User> {
+async fn authenticate(api: &Api, headers: &HeaderMap, peer: &Peer) -> ApiResult<User> {
     if let Some(h) = headers.get(axum::http::header::AUTHORIZATION) {
         let h = h.to_str().unwrap_or_default();
         if let Some(token) = h.strip_prefix("Bearer ") {
-            return api
-                .cfg
-                .tokens
-                .get(token.trim())
-                .cloned()
-                .ok_or_else(ApiError::unauthorized);
+            let token = token.trim();
+            if let Some(u) = api.cfg.tokens.get(token) {
+                return Ok(u.clone());
+            }
+            if serviceaccount::looks_like_jwt(token) {
+                if let Some(u) = api.authenticate_token(token).await {
+                    return Ok(u);
+                }
+            }
+            return Err(ApiError::unauthorized());
         }
     }
     peer.0.clone().ok_or_else(ApiError::unauthorized)
@@ -470,7 +478,7 @@ pub async fn handle(api: Arc<Api>, peer: Peer, req: Request<Body>) -> Response {
 }
 
 async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Response> {
-    let real = authenticate(api, req.headers(), peer)?;
+    let real = authenticate(api, req.headers(), peer).await?;
     let user = impersonation::effective_user(api, real, req.headers())?;
     let path = req.uri().path().to_string();
     let q = Query::parse(req.uri().query());

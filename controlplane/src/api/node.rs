@@ -75,6 +75,17 @@ pub async fn authorize(api: &Api, node: &str, a: &Attributes, name: Option<&str>
                 Err(e) => Decision::Deny(format!("cannot check the node's pods: {}", e.message)),
             }
         }
+        ("", "serviceaccounts") if a.subresource == "token" && a.verb == "create" => {
+            // Tokens only of an account a pod bound to the node runs as (NodeRestriction then
+            // checks the token is bound to such a pod).
+            match bound_pods(api, node, &a.namespace).await {
+                Ok(pods) if pods.iter().any(|p| pod_account(p) == a.name) => Decision::Allow,
+                Ok(_) => Decision::Deny(format!(
+                    "no relationship found between node '{node}' and this object"
+                )),
+                Err(e) => Decision::Deny(format!("cannot check the node's pods: {}", e.message)),
+            }
+        }
         ("coordination.k8s.io", "leases") => {
             let own_ns = a.namespace == "kube-node-lease";
             let own = own_ns && (a.name == node || (a.verb == "create" && a.name.is_empty()));
@@ -119,6 +130,14 @@ async fn bound_pods(api: &Api, node: &str, ns: &str) -> ApiResult<Vec<Value>> {
         .map(decode)
         .filter(|p| p["spec"]["nodeName"].as_str() == Some(node))
         .collect())
+}
+
+/// The service account a pod runs as.
+fn pod_account(pod: &Value) -> &str {
+    pod["spec"]["serviceAccountName"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
 }
 
 /// The names of the Secrets, ConfigMaps or PersistentVolumeClaims a pod spec refers to.
@@ -192,6 +211,10 @@ pub async fn proposed(
     headers: &axum::http::HeaderMap,
     body: &bytes::Bytes,
 ) -> ApiResult<Option<Value>> {
+    let token = a.group.is_empty() && a.resource == "serviceaccounts" && a.subresource == "token";
+    if token && a.verb == "create" {
+        return Ok(Some(super::body::parse_any(headers, body).await?.value));
+    }
     let relevant = a.group.is_empty() && matches!(a.resource.as_str(), "pods" | "nodes")
         || a.group == "coordination.k8s.io" && a.resource == "leases";
     if !relevant || !a.subresource.is_empty() {
@@ -321,6 +344,30 @@ pub async fn admit(
                 return deny(
                     "can only access node lease with the same name as the requesting node".into(),
                 );
+            }
+            Ok(())
+        }
+        ("", "serviceaccounts", "token") => {
+            let bound = body.map(|b| &b["spec"]["boundObjectRef"]);
+            let pod_name = match bound {
+                Some(r) if r["kind"].as_str() == Some("Pod") => {
+                    r["name"].as_str().unwrap_or_default()
+                }
+                _ => {
+                    return deny(format!(
+                        "node \"{node}\" can only request tokens bound to pods"
+                    ))
+                }
+            };
+            let info = resources::find("", "v1", "pods").expect("pods are served");
+            let pod = match api.store.get(&info.key(&a.namespace, pod_name)).await? {
+                Some(kv) => decode(&kv),
+                None => Value::Null,
+            };
+            if pod["spec"]["nodeName"].as_str() != Some(node) || pod_account(&pod) != a.name {
+                return deny(format!(
+                    "node \"{node}\" can only request tokens for service accounts of pods bound to it"
+                ));
             }
             Ok(())
         }

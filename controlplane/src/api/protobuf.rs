@@ -1,6 +1,6 @@
 //! Kubernetes' protobuf request bodies (`application/vnd.kubernetes.protobuf`), which kubectl's
 //! typed commands send (`kubectl create namespace|deployment|service|configmap|secret|job|
-//! cronjob|role|rolebinding|...`). The envelope is `k8s\0` + runtime.Unknown; the object is
+//! cronjob|role|rolebinding|token|...`). The envelope is `k8s\0` + runtime.Unknown; the object is
 //! decoded by a schema of the messages those commands fill, with the field numbers of
 //! Kubernetes' generated.proto and the JSON names of the API. A field outside the schema is
 //! refused with 415 and a request to send JSON, never silently dropped.
@@ -230,6 +230,21 @@ fn schema(msg: &str) -> Option<Fields> {
             (4, "namespace", Str),
         ],
         "RoleRef" => &[(1, "apiGroup", Str), (2, "kind", Str), (3, "name", Str)],
+        "TokenRequest" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "spec", Msg("TokenRequestSpec")),
+        ],
+        "TokenRequestSpec" => &[
+            (1, "audiences", RepStr),
+            (3, "boundObjectRef", Msg("BoundObjectReference")),
+            (4, "expirationSeconds", I64),
+        ],
+        "BoundObjectReference" => &[
+            (1, "kind", Str),
+            (2, "apiVersion", Str),
+            (3, "name", Str),
+            (4, "uid", Str),
+        ],
         "DeleteOptions" => &[
             (1, "gracePeriodSeconds", I64),
             (3, "orphanDependents", Bool),

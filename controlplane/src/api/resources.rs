@@ -260,7 +260,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
         "serviceaccount",
         true,
         &["sa"],
-        NONE,
+        &["token"],
         NONE,
         NONE,
         core::ServiceAccount

@@ -40,6 +40,8 @@ pub(super) struct Worker {
     /// read (None: not yet).
     pub(super) volume_prints: HashMap<String, u64>,
     pub(super) volumes_synced: Option<Instant>,
+    /// Service account tokens of projected volumes, by audience and lifetime.
+    pub(super) tokens: HashMap<String, super::volumes::CachedToken>,
 }
 
 impl Worker {
@@ -66,6 +68,7 @@ impl Worker {
             written: Value::Null,
             volume_prints: HashMap::new(),
             volumes_synced: None,
+            tokens: HashMap::new(),
         }
     }
 

@@ -15,18 +15,39 @@ use super::{kubectl, node_ready, wait_for, Cluster, CLUSTER_DNS, DATA, NODE_IP};
 /// it.
 const API_CLIENT: &str = "if echo | nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT >/dev/null; then echo api-reachable; fi; if echo | nc -w 3 kubernetes.default.svc 443 >/dev/null; then echo api-by-name; fi";
 
-/// Applies a busybox pod `name` in `default` that runs `command` once (restartPolicy Never).
-fn apply_run_once(admin: &Path, name: &str, command: &str) -> Result<()> {
+/// A busybox container running `command` with sh.
+fn busybox(command: &str) -> String {
+    format!("image: ferry.local/busybox:1, command: [sh, -c, '{command}']")
+}
+
+/// Applies a pod `name` in `default` whose one container (`container`: its image and command
+/// as YAML flow mapping entries) runs once (restartPolicy Never).
+fn apply_run_once(admin: &Path, name: &str, container: &str) -> Result<()> {
     let pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
-         restartPolicy: Never\n  containers:\n  - name: c\n    image: ferry.local/busybox:1\n    \
-         imagePullPolicy: IfNotPresent\n    command: [sh, -c, '{command}']\n"
+         restartPolicy: Never\n  containers:\n  - {{name: c, imagePullPolicy: IfNotPresent, {container}}}\n"
     );
     let manifest = Path::new(DATA).join(format!("{name}.yaml"));
     std::fs::write(&manifest, pod)?;
     let applied = kubectl(admin, &["apply", "-f", manifest.to_str().unwrap()]);
     std::fs::remove_file(&manifest).ok();
     applied.map(|_| ())
+}
+
+/// The logs of pod `name` once it has finished (within a minute).
+fn logs_when_finished(admin: &Path, name: &str) -> Result<String> {
+    wait_for(
+        &format!("the {name} pod to finish"),
+        Duration::from_secs(60),
+        || {
+            kubectl(
+                admin,
+                &["get", "pod", name, "-o", "jsonpath={.status.phase}"],
+            )
+            .is_ok_and(|p| p == "Succeeded" || p == "Failed")
+        },
+    )?;
+    kubectl(admin, &["logs", name])
 }
 
 /// The README's two lines, checked: every replica answers over the NodePort and the ClusterIP
@@ -80,19 +101,8 @@ pub(super) fn smoke_test(c: &Cluster, admin: &Path, root: &Path) -> Result<()> {
     }
     // A pod finds the API through the `kubernetes` Service and the variables the kubelet gave
     // it (the API server is a backend on the node itself).
-    apply_run_once(admin, "api-client", API_CLIENT)?;
-    wait_for(
-        "the api-client pod to finish",
-        Duration::from_secs(60),
-        || {
-            kubectl(
-                admin,
-                &["get", "pod", "api-client", "-o", "jsonpath={.status.phase}"],
-            )
-            .is_ok_and(|p| p == "Succeeded" || p == "Failed")
-        },
-    )?;
-    let said = kubectl(admin, &["logs", "api-client"])?;
+    apply_run_once(admin, "api-client", &busybox(API_CLIENT))?;
+    let said = logs_when_finished(admin, "api-client")?;
     if !said.contains("api-reachable") {
         bail!("a pod could not reach the API through the kubernetes Service: {said}");
     }
@@ -102,6 +112,21 @@ pub(super) fn smoke_test(c: &Cluster, admin: &Path, root: &Path) -> Result<()> {
     eprintln!(
         "[up] smoke: a pod reaches the API at $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT and as kubernetes.default.svc"
     );
+    // An in-cluster client (kube-rs' Config::incluster: the mounted token and CA) is the
+    // namespace's default account, which RBAC gives no pods.
+    apply_run_once(
+        admin,
+        "incluster",
+        "image: ferry.local/incluster:1, args: [pods]",
+    )?;
+    let said = logs_when_finished(admin, "incluster")?;
+    if !said.contains("pods: 403 Forbidden")
+        || !said.contains("system:serviceaccount:default:default")
+    {
+        bail!("an in-cluster client was not authenticated as its service account: {said}");
+    }
+    kubectl(admin, &["delete", "pod", "incluster", "--timeout=60s"])?;
+    eprintln!("[up] smoke: an in-cluster client authenticates as system:serviceaccount:default:default (and RBAC forbids it pods)");
     // Every daemon killed in turn, the Service in use: each is started again, the NodePort
     // keeps answering, the running pods are adopted and the finished one is not run again.
     survive_kills(c, admin, &pods)?;
@@ -248,7 +273,7 @@ fn survive_kills(
     }
     // The restarted cluster schedules and runs a new pod; the restarted kubelet's workers for
     // the pods it found had their first sync before that (it starts them all at once).
-    apply_run_once(admin, "after-restarts", "echo ran")?;
+    apply_run_once(admin, "after-restarts", &busybox("echo ran"))?;
     wait_for(
         "a pod created after the restarts to run and finish",
         Duration::from_secs(120),

@@ -86,6 +86,9 @@ impl Api {
         }
         admission::default(info, &mut obj);
         admission::on_create(info, &mut obj);
+        if hooks == Hooks::Pod {
+            self.admit_pod_service_account(&mut obj).await?;
+        }
         let mut errs = admission::validate_name(info, &name);
         if let Some(g) = obj["metadata"]["generateName"].as_str() {
             if !name.is_empty() && !admission::is_dns1123_subdomain(&name) && errs.is_empty() {

@@ -82,6 +82,17 @@ pub async fn dispatch(
                 &warnings,
             ))
         }
+        ("create", Some("token")) => {
+            let req = parse_any(headers, &body).await?.value;
+            let out = api
+                .request_token(
+                    ns.as_deref().unwrap_or_default(),
+                    t.name.as_deref().unwrap(),
+                    &req,
+                )
+                .await?;
+            Ok(json_response(StatusCode::CREATED, &out))
+        }
         ("create", Some("binding")) => {
             let b = parse_any(headers, &body).await?.value;
             api.bind(
@@ -275,7 +286,7 @@ fn with_rv(mut obj: Value, rv: i64) -> Value {
     obj
 }
 
-fn random_suffix() -> String {
+pub(super) fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..5)
         .map(|_| ALPHABET[rand::random::<u32>() as usize % ALPHABET.len()] as char)
