@@ -28,6 +28,9 @@ pub struct Layout {
     pub cni_conf_dir: PathBuf,
     /// The pause image every pod sandbox runs.
     pub sandbox_image: String,
+    /// containerd's registry host configuration (`config_path`): a directory per registry
+    /// (`<host>[:<port>]/hosts.toml`: its CA, mirrors, `skip_verify`), read at each pull.
+    pub registry_hosts_dir: PathBuf,
 }
 
 /// The pause image `cargo xtask images` builds.
@@ -45,6 +48,7 @@ impl Layout {
             cni_bin_dir: data_dir.join("cni/bin"),
             cni_conf_dir: data_dir.join("cni/net.d"),
             sandbox_image: PAUSE_IMAGE.into(),
+            registry_hosts_dir: data_dir.join("containerd/certs.d"),
         }
     }
 
@@ -82,6 +86,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
     max_conf_num = 1
+  [{cri}.registry]
+    config_path = "{hosts}"
 "#,
             root = self.root.display(),
             state = self.state.display(),
@@ -89,6 +95,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             pause = self.sandbox_image,
             cni_bin = self.cni_bin_dir.display(),
             cni_conf = self.cni_conf_dir.display(),
+            hosts = self.registry_hosts_dir.display(),
         )
     }
 
@@ -100,6 +107,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             &self.state,
             &self.cni_bin_dir,
             &self.cni_conf_dir,
+            &self.registry_hosts_dir,
         ] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }

@@ -11,6 +11,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use k8s_cri::v1;
+pub use k8s_cri::v1::AuthConfig;
 
 /// A connection to a CRI runtime. Clones share the connection.
 #[derive(Clone)]
@@ -190,19 +191,21 @@ impl Cri {
 }
 
 impl Cri {
-    /// Asks the runtime to pull `image` (a registry must be reachable for this to work).
-    pub async fn pull_image(&mut self, image: &str) -> Result<String> {
-        Ok(self
+    /// Asks the runtime to pull `image` from its registry, with `auth` when given. The
+    /// runtime's message (the registry's reason) is the error.
+    pub async fn pull_image(&mut self, image: &str, auth: Option<AuthConfig>) -> Result<String> {
+        match self
             .images
             .pull_image(api::PullImageRequest {
                 image: Some(image_spec(image)),
-                auth: None,
+                auth,
                 sandbox_config: None,
             })
             .await
-            .with_context(|| format!("CRI PullImage {image}"))?
-            .into_inner()
-            .image_ref)
+        {
+            Ok(r) => Ok(r.into_inner().image_ref),
+            Err(status) => anyhow::bail!("{}", status.message()),
+        }
     }
 
     /// Stops a container: SIGTERM, then SIGKILL after `timeout` seconds.

@@ -12,6 +12,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use common::containerd::{Kubelet, RuntimeDirs};
+use common::registry::Registry;
 use common::{apply, eventually};
 use ferry_testbed::controlplane::ControlPlane;
 use ferry_testbed::echo::servers_seen;
@@ -1161,4 +1162,83 @@ spec:
     cp.ok(&["delete", "serviceaccount", "lister"]).unwrap();
     let (ok, _, err) = kubectl_with(cp, &as_lister, &["get", "pods"]);
     assert!(!ok && err.contains("Unauthorized"), "{err}");
+}
+
+#[test]
+fn images_are_pulled_from_a_private_registry_with_the_pods_pull_secret() {
+    let node = one_node();
+    let cp = &node.cp;
+    let registry = Registry::start(&node.t.node, NODE_IP, 5000, "ferry", "s3cret-pw");
+    registry.push(
+        &common::containerd::images_dir().join("echo.tar"),
+        "team/echo:1",
+    );
+    registry.trust(&node.dirs.layout.registry_hosts_dir);
+    let server = format!("--docker-server={}", registry.host);
+    for (name, password) in [("regcred", "s3cret-pw"), ("wrongcred", "not-it")] {
+        cp.ok(&[
+            "create",
+            "secret",
+            "docker-registry",
+            name,
+            &server,
+            "--docker-username=ferry",
+            &format!("--docker-password={password}"),
+        ])
+        .unwrap();
+    }
+    let pod = |name: &str, image: &str, secret: Option<&str>| {
+        let secrets = secret
+            .map(|s| format!("  imagePullSecrets: [{{name: {s}}}]\n"))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  nodeName: node-a
+  terminationGracePeriodSeconds: 1
+{secrets}  containers:
+  - {{name: c, image: '{}/{image}', imagePullPolicy: Always}}
+",
+            registry.host
+        )
+    };
+    apply(cp, &pod("private", "team/echo:1", Some("regcred")));
+    apply(cp, &pod("anonymous", "team/echo:1", None));
+    apply(cp, &pod("wrong", "team/echo:1", Some("wrongcred")));
+    apply(cp, &pod("absent", "team/nothing:1", Some("regcred")));
+
+    // With the secret the image is pulled and the container runs.
+    eventually("the private image runs", Duration::from_secs(90), || {
+        container_status(cp, "private")["state"]["running"].is_object()
+    });
+    // Without it, or with a wrong password, or for an image that is not there: ErrImagePull
+    // (then ImagePullBackOff) with the registry's reason.
+    let refused = |name: &str, because: &[&str]| {
+        eventually(
+            &format!("{name} is refused by the registry"),
+            Duration::from_secs(60),
+            || {
+                let w = &container_status(cp, name)["state"]["waiting"];
+                let msg = w["message"].as_str().unwrap_or_default().to_lowercase();
+                let pulling = matches!(
+                    w["reason"].as_str(),
+                    Some("ErrImagePull" | "ImagePullBackOff")
+                );
+                if pulling {
+                    eprintln!("{name}: {msg}");
+                    assert!(
+                        because.iter().any(|b| msg.contains(b)),
+                        "{name}: {msg} (expected one of {because:?})"
+                    );
+                    return true;
+                }
+                false
+            },
+        )
+    };
+    refused("anonymous", &["401 unauthorized", "authorization failed"]);
+    refused("wrong", &["401 unauthorized", "authorization failed"]);
+    refused("absent", &["not found"]);
 }

@@ -12,7 +12,8 @@ use crate::sh;
 /// protoc for the etcd client's generated code, etcd for the control plane's etcd backend,
 /// tzdata for CronJobs' time zones, the reference CNI plugins (ptp, host-local, portmap) that
 /// ferry-cni is compared with, dig (bind9-dnsutils) for the DNS tests, dnsperf and unbound
-/// (the reference server) for the DNS benchmark.
+/// (the reference server) for the DNS benchmark, docker-registry and skopeo for the private
+/// registry the image pull tests push to and pull from.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -35,6 +36,8 @@ const APT_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     "dnsperf",
     "unbound",
+    "docker-registry",
+    "skopeo",
 ];
 
 /// Python packages the tests run (pinned), with the module each is imported as: the

@@ -211,14 +211,18 @@ impl Worker {
         })
     }
 
-    /// Makes sure the image is on the node; false (and the slot waiting) when it is not.
+    /// Makes sure the image is on the node; false (and the slot waiting) when it is not. With
+    /// `imagePullPolicy: Always` it is pulled at each container start even when present, so the
+    /// registry checks this pod's credentials (an image another pod pulled is not a pass).
     pub(super) async fn ensure_image(&mut self, slot: &mut Slot) -> bool {
         let image = slot.spec.image.clone().unwrap_or_default();
         if image.is_empty() {
             slot.wait("InvalidImageName", "the container names no image".into());
             return false;
         }
+        let always = slot.spec.image_pull_policy.as_deref() == Some("Always");
         match self.cri.has_image(&image).await {
+            Ok(true) if always => {}
             Ok(true) => {
                 if slot.restarts == 0 && slot.crashes == 0 {
                     self.event(
@@ -243,8 +247,31 @@ impl Worker {
             );
             return false;
         }
-        match self.cri.pull_image(&image).await {
-            Ok(_) => true,
+        let pulled = match self.pull_credentials(&image).await {
+            Ok(creds) if creds.is_empty() => self.cri.pull_image(&image, None).await,
+            Ok(creds) => {
+                // Each matching credential in turn, as the kubelet's keyring does; the last
+                // refusal is the one reported.
+                let mut last = Err(anyhow::anyhow!("no credentials"));
+                for auth in creds {
+                    last = self.cri.pull_image(&image, Some(auth)).await;
+                    if last.is_ok() {
+                        break;
+                    }
+                }
+                last
+            }
+            Err(msg) => Err(anyhow::anyhow!(msg)),
+        };
+        match pulled {
+            Ok(_) => {
+                self.event(
+                    false,
+                    "Pulled",
+                    format!("Successfully pulled image \"{image}\""),
+                );
+                true
+            }
             Err(e) => {
                 let reason = if slot.crashes > 0 {
                     "ImagePullBackOff"
@@ -267,13 +294,13 @@ impl Worker {
     pub(super) async fn sync_container(&mut self, slot: &mut Slot, policy: &str) {
         let Some(id) = slot.id.clone() else {
             if slot.backoff_until.is_some_and(|t| Instant::now() < t) {
-                if let State::Waiting { reason, .. } = &slot.state {
+                if let State::Waiting { reason, message } = &slot.state {
                     if reason == "ErrImagePull" {
+                        // As the kubelet says it: the back-off, and why the pull failed.
                         let image = slot.spec.image.clone().unwrap_or_default();
-                        slot.wait(
-                            "ImagePullBackOff",
-                            format!("Back-off pulling image {image:?}"),
-                        );
+                        let message =
+                            format!("Back-off pulling image {image:?}: ErrImagePull: {message}");
+                        slot.wait("ImagePullBackOff", message);
                     }
                 }
                 return;

@@ -12,6 +12,7 @@
 mod containers;
 mod dns;
 mod env;
+mod registry;
 mod sandbox;
 mod status;
 mod volumes;

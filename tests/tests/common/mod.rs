@@ -15,6 +15,7 @@
 
 pub mod containerd;
 pub mod raw;
+pub mod registry;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
