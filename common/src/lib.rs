@@ -1,6 +1,6 @@
 //! What several of Ferry's binaries use and none of them owns: the event recorder, leader
-//! election over a Lease, label and field selectors, cron schedules, API time stamps and how a
-//! binary reports its error.
+//! election over a Lease, label and field selectors, cron schedules, API time stamps, how a
+//! binary reports its error, and the proxy of upgraded (exec, attach, port-forward) streams.
 //! Small on purpose: it depends on the Kubernetes client and types, never on a component, so
 //! `ferry-kubelet` records events without linking the API server.
 
@@ -10,3 +10,4 @@ pub mod exit;
 pub mod leader;
 pub mod selectors;
 pub mod time;
+pub mod upgrade;

@@ -203,6 +203,7 @@ async fn measure(
         limits: Default::default(),
         node_authorizer: true,
         signer: None,
+        kubelet_tls: None,
     };
     let api = Api::new(store, cfg).await?;
     let server =

@@ -211,6 +211,7 @@ async fn main() -> Result<()> {
         limits: Default::default(),
         node_authorizer: true,
         signer: None,
+        kubelet_tls: None,
     };
     let api = ApiServer::new(store, cfg).await?;
     let server =

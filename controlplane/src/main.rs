@@ -459,6 +459,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
             &pki.sa_key_pem,
             &pki.sa_public_pem,
         )?),
+        kubelet_tls: Some(api::kubelet_tls(
+            &pki.kubelet_client_cert_pem,
+            &pki.kubelet_client_key_pem,
+        )?),
     };
     let conn_limits = server::ConnLimits {
         handshake_timeout: a.handshake_timeout,

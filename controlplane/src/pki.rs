@@ -185,7 +185,12 @@ pub fn ensure(dir: &Path, server: &str, names: &[String], nodes: &[String]) -> R
         }
     }
     let (sa_key_pem, sa_public_pem) = service_account_key(&pki)?;
+    // The identity kubelets let in (as kubeadm's apiserver-kubelet-client), remade each start.
+    let (kubelet_client_cert_pem, kubelet_client_key_pem) =
+        ca.client_cert("kube-apiserver-kubelet-client", &["system:masters"])?;
     Ok(Pki {
+        kubelet_client_cert_pem,
+        kubelet_client_key_pem,
         cert_pem,
         key_pem,
         ca_pem: ca.cert_pem.clone(),
@@ -218,5 +223,8 @@ pub struct Pki {
     /// The service account token signing key (PKCS#8) and its public key, PEM.
     pub sa_key_pem: String,
     pub sa_public_pem: String,
+    /// The API server's client certificate toward kubelets, PEM.
+    pub kubelet_client_cert_pem: String,
+    pub kubelet_client_key_pem: String,
     pub written: Vec<PathBuf>,
 }

@@ -276,7 +276,7 @@ async fn connection(
         .max_concurrent_streams(250)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let opened = Instant::now();
     let check = (limits.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));

@@ -13,3 +13,5 @@ pub mod probe;
 pub mod resources;
 pub mod server;
 pub mod services;
+pub mod serving;
+pub mod streaming;

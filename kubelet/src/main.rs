@@ -74,16 +74,47 @@ struct Args {
     /// The port announced in the Node's daemonEndpoints.
     #[arg(long, default_value_t = 10250)]
     port: u16,
+    /// The serving certificate of the kubelet's port (default: a self-signed one made under
+    /// <data-dir>/pki).
+    #[arg(long, requires = "tls_private_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert_file")]
+    tls_private_key_file: Option<PathBuf>,
+    /// The CA whose client certificates the kubelet's port accepts (default: the kubeconfig's
+    /// cluster CA).
+    #[arg(long)]
+    client_ca_file: Option<PathBuf>,
 }
 
-async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
+/// The API client and the cluster CA certificates (DER) the kubeconfig trusts.
+async fn client(kubeconfig: &std::path::Path) -> Result<(kube::Client, Vec<Vec<u8>>)> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
     let config =
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
             .with_context(|| format!("the kubeconfig {} is not usable", kubeconfig.display()))?;
-    kube::Client::try_from(config).context("building the API client")
+    let cas = config.root_cert.clone().unwrap_or_default();
+    Ok((
+        kube::Client::try_from(config).context("building the API client")?,
+        cas,
+    ))
+}
+
+/// The client CAs of the kubelet's port: `--client-ca-file`, or the kubeconfig's.
+fn client_cas(
+    file: Option<&std::path::Path>,
+    from_kubeconfig: Vec<Vec<u8>>,
+) -> Result<Vec<Vec<u8>>> {
+    let Some(f) = file else {
+        return Ok(from_kubeconfig);
+    };
+    let pem =
+        std::fs::read(f).with_context(|| format!("reading --client-ca-file {}", f.display()))?;
+    rustls_pemfile::certs(&mut pem.as_slice())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("--client-ca-file {}: not PEM certificates", f.display()))
 }
 
 #[tokio::main]
@@ -166,7 +197,7 @@ async fn run() -> Result<()> {
         }
     }
 
-    let client = client(&a.kubeconfig).await?;
+    let (client, cluster_cas) = client(&a.kubeconfig).await?;
     let info = NodeInfo {
         name: a.node_name.clone(),
         ip: a.node_ip,
@@ -179,12 +210,21 @@ async fn run() -> Result<()> {
     let listener = tokio::net::TcpListener::bind((a.node_ip, a.port))
         .await
         .with_context(|| format!("listening on {}:{} (--node-ip, --port)", a.node_ip, a.port))?;
-    let app = kubelet::server::router(a.data_dir.join("pods"));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("the kubelet's HTTP server stopped: {e}");
-        }
-    });
+    let app = kubelet::server::router(a.data_dir.join("pods"), cri.clone());
+    let (cert, key) = kubelet::serving::serving_pair(
+        a.tls_cert_file
+            .as_deref()
+            .zip(a.tls_private_key_file.as_deref()),
+        &a.data_dir.join("pki"),
+        &[a.node_name.clone(), a.node_ip.to_string()],
+    )?;
+    let tls = kubelet::serving::tls_config(
+        &cert,
+        &key,
+        &client_cas(a.client_ca_file.as_deref(), cluster_cas)?,
+    )
+    .context("the kubelet's TLS configuration")?;
+    tokio::spawn(kubelet::serving::serve(listener, app, tls));
     let events = ferry_common::events::Recorder::new(client.clone(), "kubelet");
     let services = kubelet::services::Services::watch(client.clone());
     let host_resolv = match std::fs::read_to_string(&a.resolv_conf) {

@@ -1,5 +1,6 @@
-//! The kubelet's HTTP endpoint (the Node's daemonEndpoints port): container logs for the API
-//! server's `pods/log` (`kubectl logs`), and /healthz.
+//! The kubelet's HTTP endpoint (the Node's daemonEndpoints port, served over TLS to the API
+//! server only: `serving.rs`): container logs for the API server's `pods/log` (`kubectl
+//! logs`), the streams of `exec`, `attach` and `port-forward` (`streaming.rs`), and /healthz.
 //!
 //! Logs are the files containerd writes in CRI's format, one per container attempt
 //! (`<pod dir>/logs/<container>/<attempt>.log`), each line
@@ -19,11 +20,27 @@ use axum::routing::get;
 use axum::Router;
 use k8s_openapi::chrono::{DateTime, Utc};
 
-pub fn router(pods_dir: PathBuf) -> Router {
+pub fn router(pods_dir: PathBuf, cri: crate::cri::Cri) -> Router {
+    use crate::streaming;
+    let streams = Router::new()
+        .route(
+            "/exec/{ns}/{pod}/{container}",
+            get(streaming::exec).post(streaming::exec),
+        )
+        .route(
+            "/attach/{ns}/{pod}/{container}",
+            get(streaming::attach).post(streaming::attach),
+        )
+        .route(
+            "/portForward/{ns}/{pod}",
+            get(streaming::port_forward).post(streaming::port_forward),
+        )
+        .with_state(cri);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
         .with_state(Arc::new(pods_dir))
+        .merge(streams)
 }
 
 fn bad(code: StatusCode, msg: String) -> Response {

@@ -1242,3 +1242,262 @@ spec:
     refused("wrong", &["401 unauthorized", "authorization failed"]);
     refused("absent", &["not found"]);
 }
+
+/// kubectl as the admin in the node's namespace with its output, status and stdin given.
+fn kubectl_in(
+    cp: &ControlPlane,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (Option<i32>, String, String) {
+    let out = cp.kubectl_as(&cp.kubeconfig("admin"), args, stdin);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exec_attach_cp_and_port_forward_stream_through_the_api_server_and_kubelet() {
+    let node = one_node();
+    let cp = &node.cp;
+    apply(
+        cp,
+        &busybox_pod("shell", "{}", "sleep 3600", "  nodeName: node-a\n"),
+    );
+    apply(
+        cp,
+        "apiVersion: v1
+kind: Pod
+metadata: {name: talk, namespace: default}
+spec:
+  nodeName: node-a
+  restartPolicy: Never
+  containers:
+  - {name: c, image: ferry.local/busybox:1, imagePullPolicy: IfNotPresent, stdin: true,
+     command: [sh, -c, 'read l; echo got:$l; sleep 30']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: default}
+spec:
+  nodeName: node-a
+  containers:
+  - {name: c, image: ferry.local/echo:1, imagePullPolicy: IfNotPresent}
+",
+    );
+    for p in ["shell", "talk", "echo"] {
+        eventually(&format!("{p} runs"), Duration::from_secs(90), || {
+            container_status(cp, p)["state"]["running"].is_object()
+        });
+    }
+
+    // exec: output, exit code, stdin.
+    let (code, out, err) = kubectl_in(
+        cp,
+        &[
+            "exec",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; echo oops >&2; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert_eq!(out, "hi\n");
+    assert!(err.contains("oops"), "{err}");
+    let (code, out, err) = kubectl_in(
+        cp,
+        &[
+            "exec",
+            "-i",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "cat > /tmp/x; wc -c < /tmp/x",
+        ],
+        Some("hello\n"),
+    );
+    assert_eq!((code, out.trim()), (Some(0), "6"), "{err}");
+    // With a terminal (script gives kubectl one): the container sees a pty and its size.
+    let inner = format!(
+        "kubectl --kubeconfig {} exec -it shell -- sh -c 'tty; sleep 1; stty size'",
+        cp.kubeconfig("admin").display()
+    );
+    let tty = node
+        .t
+        .node
+        .exec(
+            "script",
+            &[
+                "-qec",
+                &format!("stty cols 91 rows 33; {inner}"),
+                "/dev/null",
+            ],
+        )
+        .unwrap();
+    assert!(tty.contains("/dev/pts/"), "{tty}");
+    assert!(
+        tty.contains("33 91"),
+        "the terminal size reaches the container: {tty}"
+    );
+
+    // cp both ways (tar through exec).
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("in.txt");
+    std::fs::write(&local, "copied in\n").unwrap();
+    cp.ok(&["cp", local.to_str().unwrap(), "shell:/tmp/in.txt"])
+        .unwrap();
+    assert_eq!(
+        cp.ok(&["exec", "shell", "--", "cat", "/tmp/in.txt"])
+            .unwrap(),
+        "copied in\n"
+    );
+    let back = dir.path().join("out.txt");
+    cp.ok(&["cp", "shell:/tmp/in.txt", back.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "copied in\n");
+
+    // attach: stdin reaches the running container, its output comes back (stdin kept open
+    // until then: closing it ends the attach session).
+    let mut attach = node
+        .t
+        .node
+        .spawn(
+            std::process::Command::new("kubectl")
+                .args(["--kubeconfig", cp.kubeconfig("admin").to_str().unwrap()])
+                .args(["attach", "-i", "talk"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null()),
+        )
+        .unwrap();
+    let mut stdin = attach.stdin.take().unwrap();
+    let stdout = attach.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The stream is up once kubectl has connected; give it a moment, then type.
+    std::thread::sleep(Duration::from_secs(1));
+    use std::io::Write as _;
+    stdin.write_all(b"ping\n").unwrap();
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    drop(stdin);
+    let _ = attach.kill();
+    let _ = attach.wait();
+    let logs = cp.ok(&["logs", "talk"]).unwrap_or_default();
+    assert_eq!(
+        got.as_deref(),
+        Ok("got:ping"),
+        "attach; the container logged {logs:?}"
+    );
+
+    // port-forward carries a connection to the pod's port.
+    let mut pf = node
+        .t
+        .node
+        .spawn(
+            std::process::Command::new("kubectl")
+                .args(["--kubeconfig", cp.kubeconfig("admin").to_str().unwrap()])
+                .args(["port-forward", "pod/echo", "18080:8080"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped()),
+        )
+        .unwrap();
+    let mut answered = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(a) =
+            ferry_testbed::echo::tcp_ask_from(&node.t.node, "127.0.0.1:18080".parse().unwrap())
+        {
+            answered = Some(a);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = pf.kill();
+    let _ = pf.wait();
+    let a = answered.expect("an answer through kubectl port-forward");
+    assert_eq!(a.server, "echo");
+
+    // The Python client's WebSocket exec (v4.channel.k8s.io) with its exit code.
+    let script = r#"
+import sys
+from kubernetes import client, config
+from kubernetes.stream import stream
+config.load_kube_config(sys.argv[1])
+api = client.CoreV1Api()
+r = stream(api.connect_get_namespaced_pod_exec, 'shell', 'default',
+           command=['sh', '-c', 'echo from-python; exit 7'],
+           stderr=True, stdin=False, stdout=True, tty=False, _preload_content=False)
+r.run_forever(timeout=20)
+print(r.read_stdout().strip(), r.returncode)
+"#;
+    let py = node
+        .t
+        .node
+        .exec(
+            ferry_testbed::controlplane::python().to_str().unwrap(),
+            &["-c", script, cp.kubeconfig("admin").to_str().unwrap()],
+        )
+        .unwrap();
+    assert_eq!(py.trim(), "from-python 7");
+
+    // Only the API server gets in: a node's own credentials are refused by RBAC at the API
+    // and by the kubelet's port, which anyone without a client certificate cannot even reach.
+    let node_cfg = cp.kubeconfig("node-node-a");
+    let out = cp.kubectl_as(&node_cfg, &["exec", "shell", "--", "true"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot create resource \"pods/exec\""),
+        "{err}"
+    );
+    let kc: Value = serde_yaml::from_str(&std::fs::read_to_string(&node_cfg).unwrap()).unwrap();
+    let b64 = |v: &Value| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap())
+            .unwrap()
+    };
+    std::fs::write(
+        dir.path().join("n.crt"),
+        b64(&kc["users"][0]["user"]["client-certificate-data"]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("n.key"),
+        b64(&kc["users"][0]["user"]["client-key-data"]),
+    )
+    .unwrap();
+    let url = format!("https://{NODE_IP}:10250/containerLogs/default/shell/c");
+    let as_node = node
+        .t
+        .node
+        .exec(
+            "curl",
+            &[
+                "-sk",
+                "-w",
+                " %{http_code}",
+                "--cert",
+                dir.path().join("n.crt").to_str().unwrap(),
+                "--key",
+                dir.path().join("n.key").to_str().unwrap(),
+                &url,
+            ],
+        )
+        .unwrap();
+    assert!(as_node.ends_with(" 403"), "{as_node}");
+    let anonymous = node.t.node.exec("curl", &["-sk", &url]);
+    assert!(anonymous.is_err(), "{anonymous:?}");
+}

@@ -81,6 +81,9 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                     json!(["create"]),
                 ),
                 "log" => ("Pod", json!({}), json!(["get"])),
+                "exec" => ("PodExecOptions", json!({}), json!(["create", "get"])),
+                "attach" => ("PodAttachOptions", json!({}), json!(["create", "get"])),
+                "portforward" => ("PodPortForwardOptions", json!({}), json!(["create", "get"])),
                 "finalize" => (r.kind, json!({}), json!(["update"])),
                 _ => (r.kind, json!({}), json!(["get", "patch", "update"])),
             };

@@ -13,6 +13,7 @@ mod body;
 pub mod cluster_dns;
 pub mod discovery;
 mod impersonation;
+mod kubelet_client;
 pub mod kubernetes_service;
 mod logs;
 pub mod metadata;
@@ -24,6 +25,7 @@ mod query;
 pub mod resources;
 pub mod serviceaccount;
 pub mod status;
+mod streaming;
 pub mod table;
 mod verbs;
 mod watch;
@@ -65,6 +67,14 @@ pub struct Config {
     /// Signs and verifies service account tokens (None: TokenRequest is not served and only
     /// the token file's tokens authenticate).
     pub signer: Option<serviceaccount::Signer>,
+    /// TLS toward kubelets, with the API server's kubelet client certificate (None: logs
+    /// and streams are not served).
+    pub kubelet_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The TLS configuration toward kubelets from the kubelet client certificate and key (PEM).
+pub fn kubelet_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    Ok(Arc::new(kubelet_client::tls_config(cert_pem, key_pem)?))
 }
 
 /// What requests may make the server hold (kube-apiserver's flags of the same names).
@@ -362,6 +372,12 @@ fn parse_target(path: &str) -> ApiResult<Option<Target>> {
 }
 
 fn verb_of(method: &Method, t: &Target, q: &Query) -> &'static str {
+    if t.sub
+        .as_deref()
+        .is_some_and(|s| streaming::STREAMING.contains(&s))
+    {
+        return "create";
+    }
     match (method.as_str(), t.name.is_some()) {
         ("GET", _) if t.watch_path || q.flag("watch") => "watch",
         ("GET", true) => "get",
@@ -532,7 +548,13 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
     if declared.is_some_and(|n| n > MAX_BODY) {
         return Err(ApiError::too_large(MAX_BODY));
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if let (Some(sub), Some(name)) = (t.sub.as_deref(), t.name.as_deref()) {
+        if t.info.plural == "pods" && streaming::STREAMING.contains(&sub) {
+            let ns = t.ns.clone().unwrap_or_default();
+            return api.stream(&ns, name, sub, &mut parts).await;
+        }
+    }
     let body = if matches!(
         parts.method,
         Method::POST | Method::PUT | Method::PATCH | Method::DELETE

@@ -149,7 +149,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
         "pod",
         true,
         &["po"],
-        &["status", "binding", "log"],
+        &["status", "binding", "log", "exec", "attach", "portforward"],
         ALL,
         &[
             "spec.nodeName",

@@ -203,6 +203,10 @@ impl Worker {
             mounts,
             labels,
             log_path: format!("{}/{}.log", c.name, slot.restarts),
+            // What `kubectl attach` (and `run -it`) reach: stdin kept open, a TTY.
+            stdin: c.stdin.unwrap_or(false),
+            stdin_once: c.stdin_once.unwrap_or(false),
+            tty: c.tty.unwrap_or(false),
             linux: Some(cri::LinuxContainerConfig {
                 resources: Some(crate::resources::linux_resources(c)?),
                 ..Default::default()
