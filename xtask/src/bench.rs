@@ -30,6 +30,9 @@ pub enum Which {
     /// Pod startup on one node with containerd: create to Running and to Ready for 30 pods,
     /// against the same pods started straight through CRI.
     Pods(Opts),
+    /// kubectl exec latency and port-forward throughput through the API server and kubelet,
+    /// against kubectl's own round trip, CRI ExecSync and the same transfer to the pod IP.
+    Streaming(Opts),
 }
 
 #[derive(Args, Clone)]
@@ -53,6 +56,10 @@ pub fn run(which: Which) -> Result<()> {
         Which::Pods(o) => {
             crate::images::build()?;
             crate_bench("tests", "pods", o.quick)
+        }
+        Which::Streaming(o) => {
+            crate::images::build()?;
+            crate_bench("tests", "streaming", o.quick)
         }
     }
 }
