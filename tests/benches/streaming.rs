@@ -118,6 +118,8 @@ fn wait_ready(t: &Topology, cp: &ControlPlane, pod: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Interrupted, it still removes its namespaces and pinned objects.
+    ferry_testbed::clean_up_on_signal();
     let args = BenchArgs::parse();
     let quick = args.quick;
     let (execs, rounds, secs) = if quick { (10, 1, 2) } else { (50, 3, 5) };
