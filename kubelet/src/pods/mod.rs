@@ -15,6 +15,7 @@ mod env;
 mod registry;
 mod sandbox;
 mod status;
+mod tokens;
 mod volumes;
 mod worker;
 

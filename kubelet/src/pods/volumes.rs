@@ -1,8 +1,7 @@
 //! A pod's volumes as host directories: emptyDir (under the pod's directory), hostPath, and the
 //! volumes whose files the kubelet writes from the API and keeps current: configMap, secret,
-//! downwardAPI, and projected volumes of those three and of serviceAccountToken (a token the
-//! kubelet requests for the pod's service account, bound to the pod, and requests again once 80%
-//! of its lifetime has passed or it is a day old, as the kubelet's token manager does).
+//! downwardAPI, and projected volumes of those three and of serviceAccountToken (the token from
+//! `tokens.rs`).
 //!
 //! Their contents are written as kubelet's atomic writer does: the files go to a
 //! new timestamped directory, the `..data` link is switched to it with one rename, and each
@@ -16,10 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, DownwardAPIVolumeFile, KeyToPath, Secret, ServiceAccount, Volume,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, DownwardAPIVolumeFile, KeyToPath, Secret, Volume};
 use k8s_openapi::ByteString;
 use kube::api::Api;
 use kube::ResourceExt;
@@ -48,23 +44,6 @@ enum Part<'a> {
         expiration: i64,
     },
 }
-
-/// A token requested for a projected volume, and when it must be requested again.
-#[derive(Clone)]
-pub(super) struct CachedToken {
-    token: String,
-    refresh_at: Instant,
-}
-
-/// When a token valid for `expiration` seconds is requested again: after 80% of its lifetime,
-/// and at least daily (the kubelet's token manager).
-fn refresh_after(expiration: i64) -> Duration {
-    (Duration::from_secs(expiration.max(0) as u64) * 4 / 5).min(Duration::from_secs(86_400))
-}
-
-/// Kubernetes' smallest token lifetime, and its default for projected tokens.
-const MIN_TOKEN_SECONDS: i64 = 600;
-const DEFAULT_TOKEN_SECONDS: i64 = 3600;
 
 /// A configMap, secret, downwardAPI or projected volume: its parts and default file mode.
 struct Written<'a> {
@@ -125,7 +104,9 @@ fn written(v: &Volume) -> Option<Result<Written<'_>, String>> {
             parts.push(Part::Token {
                 path: &t.path,
                 audience: t.audience.as_deref().filter(|a| !a.is_empty()),
-                expiration: t.expiration_seconds.unwrap_or(DEFAULT_TOKEN_SECONDS),
+                expiration: t
+                    .expiration_seconds
+                    .unwrap_or(super::tokens::DEFAULT_SECONDS),
             });
         } else {
             return Some(Err(format!(
@@ -426,69 +407,6 @@ impl Worker {
             .map(|s| merged(s.string_data, s.data)))
     }
 
-    /// A token of the pod's service account for `audience`, bound to the pod: the one
-    /// requested before while it is fresh, a new one otherwise.
-    async fn token(
-        &mut self,
-        volume: &str,
-        audience: Option<&str>,
-        expiration: i64,
-    ) -> Result<String, String> {
-        let key = format!("{}/{expiration}", audience.unwrap_or_default());
-        if let Some(c) = self.tokens.get(&key) {
-            if Instant::now() < c.refresh_at {
-                return Ok(c.token.clone());
-            }
-        }
-        let failed = |e: String| {
-            format!("MountVolume.SetUp failed for volume {volume:?} : failed to fetch token: {e}")
-        };
-        if expiration < MIN_TOKEN_SECONDS {
-            return Err(failed(format!(
-                "expirationSeconds {expiration} is less than {MIN_TOKEN_SECONDS}"
-            )));
-        }
-        let ns = self.pod.namespace().unwrap_or_default();
-        let spec = self.pod.spec.as_ref();
-        let account = spec
-            .and_then(|s| s.service_account_name.as_deref())
-            .filter(|s| !s.is_empty())
-            .unwrap_or("default");
-        let req = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: audience.map(|a| vec![a.to_string()]).unwrap_or_default(),
-                expiration_seconds: Some(expiration),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: Some(self.pod.name_any()),
-                    uid: self.pod.metadata.uid.clone(),
-                }),
-            },
-            ..Default::default()
-        };
-        let api: Api<ServiceAccount> = Api::namespaced(self.k.client.clone(), &ns);
-        let got = api
-            .create_token_request(account, &Default::default(), &req)
-            .await
-            .map_err(|e| failed(format!("serviceaccounts \"{account}\": {e}")))?;
-        let token = got
-            .status
-            .map(|s| s.token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| failed("the API server answered without a token".into()))?;
-        let refresh = refresh_after(expiration);
-        tracing::debug!(pod = %self.key, volume, account, "service account token requested");
-        self.tokens.insert(
-            key,
-            CachedToken {
-                token: token.clone(),
-                refresh_at: Instant::now() + refresh,
-            },
-        );
-        Ok(token)
-    }
-
     /// The downward API's files: fields of the pod (whole label and annotation maps as
     /// `key="value"` lines) and resources of a named container.
     fn render_downward(
@@ -569,13 +487,6 @@ mod tests {
             ]
             .into(),
         ))
-    }
-
-    #[test]
-    fn tokens_are_requested_again_at_80_percent_of_their_life_or_daily() {
-        assert_eq!(refresh_after(3607), Duration::from_millis(2_885_600));
-        assert_eq!(refresh_after(600), Duration::from_secs(480));
-        assert_eq!(refresh_after(7 * 86_400), Duration::from_secs(86_400));
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub(super) struct Worker {
     pub(super) volume_prints: HashMap<String, u64>,
     pub(super) volumes_synced: Option<Instant>,
     /// Service account tokens of projected volumes, by audience and lifetime.
-    pub(super) tokens: HashMap<String, super::volumes::CachedToken>,
+    pub(super) tokens: HashMap<String, super::tokens::CachedToken>,
 }
 
 impl Worker {
