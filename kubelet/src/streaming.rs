@@ -118,9 +118,31 @@ async fn to_runtime(url: &str, mut req: Request<Body>) -> Response {
     resp
 }
 
+/// Finds the running container, asks the runtime for a stream with `ask`, and proxies the
+/// client's upgrade to it (what exec and attach share).
+async fn container_stream<F, Fut>(
+    mut cri: Cri,
+    (ns, pod, name): (String, String, String),
+    req: Request<Body>,
+    ask: F,
+) -> Response
+where
+    F: FnOnce(Cri, String) -> Fut,
+    Fut: std::future::Future<Output = Result<String, tonic::Status>>,
+{
+    let id = match container(&mut cri, &ns, &pod, &name).await {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match ask(cri, id).await {
+        Ok(url) => to_runtime(&url, req).await,
+        Err(s) => bad(StatusCode::INTERNAL_SERVER_ERROR, s.message().to_string()),
+    }
+}
+
 pub async fn exec(
-    State(mut cri): State<Cri>,
-    UrlPath((ns, pod, name)): UrlPath<(String, String, String)>,
+    State(cri): State<Cri>,
+    UrlPath(names): UrlPath<(String, String, String)>,
     RawQuery(q): RawQuery,
     req: Request<Body>,
 ) -> Response {
@@ -133,52 +155,44 @@ pub async fn exec(
     if cmd.is_empty() {
         return bad(StatusCode::BAD_REQUEST, "exec needs a command");
     }
-    let id = match container(&mut cri, &ns, &pod, &name).await {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
-    let r = cri
-        .runtime
-        .exec(api::ExecRequest {
-            container_id: id,
-            cmd,
-            tty: flag(&p, "tty"),
-            stdin: flag(&p, "stdin"),
-            stdout: flag(&p, "stdout"),
-            stderr: flag(&p, "stderr"),
-        })
-        .await;
-    match r {
-        Ok(r) => to_runtime(&r.into_inner().url, req).await,
-        Err(s) => bad(StatusCode::INTERNAL_SERVER_ERROR, s.message().to_string()),
-    }
+    container_stream(cri, names, req, |mut cri, id| async move {
+        let r = cri
+            .runtime
+            .exec(api::ExecRequest {
+                container_id: id,
+                cmd,
+                tty: flag(&p, "tty"),
+                stdin: flag(&p, "stdin"),
+                stdout: flag(&p, "stdout"),
+                stderr: flag(&p, "stderr"),
+            })
+            .await?;
+        Ok(r.into_inner().url)
+    })
+    .await
 }
 
 pub async fn attach(
-    State(mut cri): State<Cri>,
-    UrlPath((ns, pod, name)): UrlPath<(String, String, String)>,
+    State(cri): State<Cri>,
+    UrlPath(names): UrlPath<(String, String, String)>,
     RawQuery(q): RawQuery,
     req: Request<Body>,
 ) -> Response {
     let p = params(q.as_deref());
-    let id = match container(&mut cri, &ns, &pod, &name).await {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
-    let r = cri
-        .runtime
-        .attach(api::AttachRequest {
-            container_id: id,
-            stdin: flag(&p, "stdin"),
-            tty: flag(&p, "tty"),
-            stdout: flag(&p, "stdout"),
-            stderr: flag(&p, "stderr"),
-        })
-        .await;
-    match r {
-        Ok(r) => to_runtime(&r.into_inner().url, req).await,
-        Err(s) => bad(StatusCode::INTERNAL_SERVER_ERROR, s.message().to_string()),
-    }
+    container_stream(cri, names, req, |mut cri, id| async move {
+        let r = cri
+            .runtime
+            .attach(api::AttachRequest {
+                container_id: id,
+                stdin: flag(&p, "stdin"),
+                tty: flag(&p, "tty"),
+                stdout: flag(&p, "stdout"),
+                stderr: flag(&p, "stderr"),
+            })
+            .await?;
+        Ok(r.into_inner().url)
+    })
+    .await
 }
 
 pub async fn port_forward(

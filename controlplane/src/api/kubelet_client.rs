@@ -18,8 +18,13 @@ use super::{resources, Api, ApiResult, Query};
 
 pub type KubeletStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-/// The TLS client configuration toward kubelets, from the client certificate and key (PEM).
-pub fn tls_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<rustls::ClientConfig> {
+/// The TLS configuration toward kubelets, from the API server's kubelet client certificate
+/// and key (PEM).
+pub fn kubelet_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    Ok(Arc::new(tls_config(cert_pem, key_pem)?))
+}
+
+fn tls_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<rustls::ClientConfig> {
     use anyhow::Context as _;
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
         .collect::<Result<_, _>>()

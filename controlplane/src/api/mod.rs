@@ -14,6 +14,7 @@ pub mod cluster_dns;
 pub mod discovery;
 mod impersonation;
 mod kubelet_client;
+pub use kubelet_client::kubelet_tls;
 pub mod kubernetes_service;
 mod logs;
 pub mod metadata;
@@ -70,11 +71,6 @@ pub struct Config {
     /// TLS toward kubelets, with the API server's kubelet client certificate (None: logs
     /// and streams are not served).
     pub kubelet_tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-/// The TLS configuration toward kubelets from the kubelet client certificate and key (PEM).
-pub fn kubelet_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    Ok(Arc::new(kubelet_client::tls_config(cert_pem, key_pem)?))
 }
 
 /// What requests may make the server hold (kube-apiserver's flags of the same names).
