@@ -195,22 +195,41 @@ pub async fn attach(
     .await
 }
 
+/// The `port` parameters of a port-forward (WebSocket clients name their ports there; SPDY
+/// clients in each stream's headers, so none).
+fn ports(p: &[(String, String)]) -> Result<Vec<i32>, String> {
+    p.iter()
+        .filter(|(k, _)| k == "port")
+        .map(|(_, v)| match v.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(i32::from(n)),
+            _ => Err(format!(
+                "port {v:?}: a port must be a number between 1 and 65535"
+            )),
+        })
+        .collect()
+}
+
 pub async fn port_forward(
     State(mut cri): State<Cri>,
     UrlPath((ns, pod)): UrlPath<(String, String)>,
+    RawQuery(q): RawQuery,
     req: Request<Body>,
 ) -> Response {
+    let port = match ports(&params(q.as_deref())) {
+        Ok(p) => p,
+        Err(e) => return bad(StatusCode::BAD_REQUEST, e),
+    };
     let id = match sandbox(&mut cri, &ns, &pod).await {
         Ok(id) => id,
         Err(r) => return r,
     };
-    // The ports travel in the stream's headers (SPDY) or the query (WebSocket); the runtime
-    // reads them itself.
+    // The runtime serves a WebSocket port-forward the ports of this request (containerd
+    // ignores the URL's query); SPDY streams name theirs in their headers.
     let r = cri
         .runtime
         .port_forward(api::PortForwardRequest {
             pod_sandbox_id: id,
-            port: Vec::new(),
+            port,
         })
         .await;
     match r {
@@ -222,5 +241,23 @@ pub async fn port_forward(
             to_runtime(&url, req).await
         }
         Err(s) => bad(StatusCode::INTERNAL_SERVER_ERROR, s.message().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_forward_ports_come_from_the_query() {
+        assert_eq!(
+            ports(&params(Some("port=80&port=8080"))).unwrap(),
+            vec![80, 8080]
+        );
+        assert_eq!(ports(&params(None)).unwrap(), Vec::<i32>::new());
+        for bad in ["port=0", "port=65536", "port=http"] {
+            let e = ports(&params(Some(bad))).unwrap_err();
+            assert!(e.contains("between 1 and 65535"), "{bad}: {e}");
+        }
     }
 }
