@@ -48,19 +48,26 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         && headers.contains_key(header::UPGRADE)
 }
 
-/// Sends `method path_and_query` with the client's negotiation headers over `io` (a connection
-/// to `authority`); on 101 splices `client` (the incoming request's pending upgrade) with the
-/// upstream connection in a task of its own, which ends when either side closes or after
-/// `idle` without a byte either way.
-pub async fn proxy<IO>(
+/// What the next hop did with an upgrade request.
+pub enum Opened {
+    /// It switched protocols: the connection, now the new protocol's, and the 101's headers.
+    Switched {
+        io: hyper::upgrade::Upgraded,
+        headers: HeaderMap,
+    },
+    /// It did not: its answer.
+    Refused(Answer),
+}
+
+/// Sends `method path_and_query` with `headers` (those that negotiate the upgrade) over `io`,
+/// a connection to `authority`, and returns the switched connection or the refusal.
+pub async fn open<IO>(
     io: IO,
     authority: &str,
     method: Method,
     path_and_query: &str,
-    client_headers: &HeaderMap,
-    client: OnUpgrade,
-    idle: Duration,
-) -> Result<Answer>
+    headers: &HeaderMap,
+) -> Result<Opened>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -76,10 +83,8 @@ where
         .method(method)
         .uri(path_and_query)
         .header(header::HOST, authority);
-    for name in NEGOTIATION {
-        for v in client_headers.get_all(*name) {
-            req = req.header(*name, v.clone());
-        }
+    for (k, v) in headers {
+        req = req.header(k, v.clone());
     }
     let req = req
         .body(Empty::<Bytes>::new())
@@ -105,28 +110,56 @@ where
             .map(|c| c.to_bytes())
             .unwrap_or_default();
         let body = body.slice(..body.len().min(64 << 10));
-        return Ok(Answer {
+        return Ok(Opened::Refused(Answer {
             status,
             headers,
             body,
-        });
+        }));
     }
-    let upstream = hyper::upgrade::on(&mut resp);
-    tokio::spawn(async move {
-        let (up, down) = match tokio::join!(upstream, client) {
-            (Ok(u), Ok(d)) => (u, d),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::debug!(error = %e, "an upgraded stream did not start");
-                return;
-            }
-        };
-        splice(TokioIo::new(up), TokioIo::new(down), idle).await;
-    });
-    Ok(Answer {
-        status,
-        headers,
-        body: Bytes::new(),
-    })
+    let io = hyper::upgrade::on(&mut resp)
+        .await
+        .context("the next hop's switched connection")?;
+    Ok(Opened::Switched { io, headers })
+}
+
+/// Sends `method path_and_query` with the client's negotiation headers over `io` (a connection
+/// to `authority`); on 101 splices `client` (the incoming request's pending upgrade) with the
+/// upstream connection in a task of its own, which ends when either side closes or after
+/// `idle` without a byte either way.
+pub async fn proxy<IO>(
+    io: IO,
+    authority: &str,
+    method: Method,
+    path_and_query: &str,
+    client_headers: &HeaderMap,
+    client: OnUpgrade,
+    idle: Duration,
+) -> Result<Answer>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut negotiation = HeaderMap::new();
+    for name in NEGOTIATION {
+        for v in client_headers.get_all(*name) {
+            negotiation.append(*name, v.clone());
+        }
+    }
+    match open(io, authority, method, path_and_query, &negotiation).await? {
+        Opened::Refused(answer) => Ok(answer),
+        Opened::Switched { io: up, headers } => {
+            tokio::spawn(async move {
+                match client.await {
+                    Ok(down) => splice(TokioIo::new(up), TokioIo::new(down), idle).await,
+                    Err(e) => tracing::debug!(error = %e, "an upgraded stream did not start"),
+                }
+            });
+            Ok(Answer {
+                status: StatusCode::SWITCHING_PROTOCOLS,
+                headers,
+                body: Bytes::new(),
+            })
+        }
+    }
 }
 
 /// Copies both ways until both directions are done, either fails, or `idle` passes with no
