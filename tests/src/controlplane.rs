@@ -224,8 +224,20 @@ impl ControlPlane {
     }
 
     pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        self.kubectl_env(kubeconfig, &[], args, stdin)
+    }
+
+    /// kubectl with `env` set (e.g. `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`).
+    pub fn kubectl_env(
+        &self,
+        kubeconfig: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Output {
         let mut cmd = self.command("kubectl");
-        cmd.arg("--kubeconfig")
+        cmd.envs(env.iter().copied())
+            .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--cache-dir")
             .arg(self.dir.join("kube-cache"))

@@ -1244,19 +1244,6 @@ spec:
 }
 
 /// kubectl as the admin in the node's namespace with its output, status and stdin given.
-fn kubectl_in(
-    cp: &ControlPlane,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> (Option<i32>, String, String) {
-    let out = cp.kubectl_as(&cp.kubeconfig("admin"), args, stdin);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn exec_attach_cp_and_port_forward_stream_through_the_api_server_and_kubelet() {
     let node = one_node();
@@ -1292,36 +1279,112 @@ spec:
         });
     }
 
-    // exec: output, exit code, stdin.
-    let (code, out, err) = kubectl_in(
-        cp,
-        &[
-            "exec",
-            "shell",
-            "--",
-            "sh",
-            "-c",
-            "echo hi; echo oops >&2; exit 3",
-        ],
-        None,
-    );
-    assert_eq!(code, Some(3), "{out}{err}");
-    assert_eq!(out, "hi\n");
-    assert!(err.contains("oops"), "{err}");
-    let (code, out, err) = kubectl_in(
-        cp,
-        &[
-            "exec",
-            "-i",
-            "shell",
-            "--",
-            "sh",
-            "-c",
-            "cat > /tmp/x; wc -c < /tmp/x",
-        ],
-        Some("hello\n"),
-    );
-    assert_eq!((code, out.trim()), (Some(0), "6"), "{err}");
+    // Both of kubectl's transports: WebSocket (v5 channels for exec and cp, the tunnelled SPDY
+    // of port-forward: served by the API server, carried to the kubelet over SPDY) and SPDY/3.1
+    // (kubectl's fallback, proxied to the runtime). At `-v=4` kubectl logs a fallback
+    // ("RemoteCommand fallback", "fallback to secondary dialer"), which the WebSocket round
+    // must never do.
+    let admin = cp.kubeconfig("admin");
+    let spdy_only = [
+        ("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false"),
+        ("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (transport, env) in [("WebSocket", &[][..]), ("SPDY", &spdy_only[..])] {
+        let no_fallback = |args: &[&str], err: &str| {
+            if transport == "WebSocket" {
+                assert!(
+                    !err.to_lowercase().contains("fallback"),
+                    "kubectl {args:?} fell back from WebSocket: {err}"
+                );
+            }
+        };
+        let run = |args: &[&str], stdin: Option<&str>| {
+            let all: Vec<&str> = ["-v=4"].iter().chain(args).copied().collect();
+            let out = cp.kubectl_env(&admin, env, &all, stdin);
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            no_fallback(args, &err);
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            (out.status.code(), stdout, err)
+        };
+
+        // exec: output, exit code, stdin (its end of file included).
+        let (code, out, err) = run(
+            &[
+                "exec",
+                "shell",
+                "--",
+                "sh",
+                "-c",
+                "echo hi; echo oops >&2; exit 3",
+            ],
+            None,
+        );
+        assert_eq!(code, Some(3), "{transport}: {out}{err}");
+        assert_eq!(out, "hi\n", "{transport}");
+        assert!(err.contains("oops"), "{transport}: {err}");
+        let (code, out, err) = run(
+            &[
+                "exec",
+                "-i",
+                "shell",
+                "--",
+                "sh",
+                "-c",
+                "cat > /tmp/x; wc -c < /tmp/x",
+            ],
+            Some("hello\n"),
+        );
+        assert_eq!((code, out.trim()), (Some(0), "6"), "{transport}: {err}");
+
+        // cp both ways (tar through exec; into the pod needs stdin's end of file).
+        let local = dir.path().join(format!("in-{transport}.txt"));
+        std::fs::write(&local, format!("copied in over {transport}\n")).unwrap();
+        let (code, _, err) = run(&["cp", local.to_str().unwrap(), "shell:/tmp/in.txt"], None);
+        assert_eq!(code, Some(0), "{transport}: cp in: {err}");
+        let (_, out, _) = run(&["exec", "shell", "--", "cat", "/tmp/in.txt"], None);
+        assert_eq!(out, format!("copied in over {transport}\n"));
+        let back = dir.path().join(format!("out-{transport}.txt"));
+        let (code, _, err) = run(&["cp", "shell:/tmp/in.txt", back.to_str().unwrap()], None);
+        assert_eq!(code, Some(0), "{transport}: cp out: {err}");
+        assert_eq!(
+            std::fs::read_to_string(&back).unwrap(),
+            format!("copied in over {transport}\n")
+        );
+
+        // port-forward carries a connection to the pod's port.
+        let mut pf = node
+            .t
+            .node
+            .spawn(
+                std::process::Command::new("kubectl")
+                    .envs(env.iter().copied())
+                    .args(["--kubeconfig", admin.to_str().unwrap(), "-v=4"])
+                    .args(["port-forward", "pod/echo", "18080:8080"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped()),
+            )
+            .unwrap();
+        let mut answered = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let to = "127.0.0.1:18080".parse().unwrap();
+            if let Ok(a) = ferry_testbed::echo::tcp_ask_from(&node.t.node, to) {
+                answered = Some(a);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = pf.kill();
+        let out = pf.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let a = answered.unwrap_or_else(|| {
+            panic!("{transport}: no answer through kubectl port-forward: {err}")
+        });
+        assert_eq!(a.server, "echo");
+        no_fallback(&["port-forward"], &err);
+    }
+
     // With a terminal (script gives kubectl one): the container sees a pty and its size.
     let inner = format!(
         "kubectl --kubeconfig {} exec -it shell -- sh -c 'tty; sleep 1; stty size'",
@@ -1344,22 +1407,6 @@ spec:
         tty.contains("33 91"),
         "the terminal size reaches the container: {tty}"
     );
-
-    // cp both ways (tar through exec).
-    let dir = tempfile::tempdir().unwrap();
-    let local = dir.path().join("in.txt");
-    std::fs::write(&local, "copied in\n").unwrap();
-    cp.ok(&["cp", local.to_str().unwrap(), "shell:/tmp/in.txt"])
-        .unwrap();
-    assert_eq!(
-        cp.ok(&["exec", "shell", "--", "cat", "/tmp/in.txt"])
-            .unwrap(),
-        "copied in\n"
-    );
-    let back = dir.path().join("out.txt");
-    cp.ok(&["cp", "shell:/tmp/in.txt", back.to_str().unwrap()])
-        .unwrap();
-    assert_eq!(std::fs::read_to_string(&back).unwrap(), "copied in\n");
 
     // attach: stdin reaches the running container, its output comes back (stdin kept open
     // until then: closing it ends the attach session).
@@ -1402,34 +1449,6 @@ spec:
         "attach; the container logged {logs:?}"
     );
 
-    // port-forward carries a connection to the pod's port.
-    let mut pf = node
-        .t
-        .node
-        .spawn(
-            std::process::Command::new("kubectl")
-                .args(["--kubeconfig", cp.kubeconfig("admin").to_str().unwrap()])
-                .args(["port-forward", "pod/echo", "18080:8080"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped()),
-        )
-        .unwrap();
-    let mut answered = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(a) =
-            ferry_testbed::echo::tcp_ask_from(&node.t.node, "127.0.0.1:18080".parse().unwrap())
-        {
-            answered = Some(a);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = pf.kill();
-    let _ = pf.wait();
-    let a = answered.expect("an answer through kubectl port-forward");
-    assert_eq!(a.server, "echo");
-
     // The Python client's WebSocket exec (v4.channel.k8s.io) with its exit code.
     let script = r#"
 import sys
@@ -1452,6 +1471,36 @@ print(r.read_stdout().strip(), r.returncode)
         )
         .unwrap();
     assert_eq!(py.trim(), "from-python 7");
+    // ... and its WebSocket port-forward (v4 channels, the ports in the query).
+    let script = r#"
+import sys
+from kubernetes import client, config
+from kubernetes.stream import portforward
+config.load_kube_config(sys.argv[1])
+api = client.CoreV1Api()
+pf = portforward(api.connect_get_namespaced_pod_portforward, 'echo', 'default', ports='8080')
+s = pf.socket(8080)
+s.settimeout(20)
+s.sendall(b'?')
+got = b''
+while not got.endswith(b'\n'):
+    chunk = s.recv(1024)
+    if not chunk:
+        break
+    got += chunk
+s.close()
+print(repr(got), pf.error(8080))
+"#;
+    let py = node
+        .t
+        .node
+        .exec(
+            ferry_testbed::controlplane::python().to_str().unwrap(),
+            &["-c", script, cp.kubeconfig("admin").to_str().unwrap()],
+        )
+        .unwrap();
+    assert!(py.starts_with("b'echo "), "{py}");
+    assert!(py.trim().ends_with(" None"), "no port-forward error: {py}");
 
     // Only the API server gets in: a node's own credentials are refused by RBAC at the API
     // and by the kubelet's port, which anyone without a client certificate cannot even reach.
