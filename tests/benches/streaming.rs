@@ -279,7 +279,7 @@ spec:
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Streaming, {}: kubectl 1.32 -> ferry-controlplane -> ferry-kubelet (TLS) -> containerd 1.6's streaming server, one node.\n",
+        "Streaming, {}: kubectl 1.32 (WebSocket) -> ferry-controlplane (SPDY/3.1 from here on) -> ferry-kubelet (TLS) -> containerd 1.6's streaming server, one node.\n",
         conditions(quick)
     );
     let _ = writeln!(md, "| {execs} runs, one after another | p50 ms | p99 ms |");
