@@ -218,6 +218,34 @@ impl Rbac {
     }
 }
 
+impl Rbac {
+    /// The rules `user` holds in namespace `ns` (those of cluster-wide bindings, and of `ns`'s
+    /// own bindings when `ns` is given), as SelfSubjectRulesReview lists them.
+    pub fn rules_for(&self, user: &User, ns: &str) -> Vec<Value> {
+        if user.groups.iter().any(|g| g == "system:masters") {
+            return vec![
+                json!({"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}),
+                json!({"verbs": ["*"], "nonResourceURLs": ["*"]}),
+            ];
+        }
+        let mut out: Vec<Value> = Vec::new();
+        for b in &self.cluster_bindings {
+            if subject_matches(b, user, "") {
+                out.extend(self.role_rules(b, "").iter().cloned());
+            }
+        }
+        if !ns.is_empty() {
+            for b in &self.bindings {
+                let bns = b["metadata"]["namespace"].as_str().unwrap_or_default();
+                if bns == ns && subject_matches(b, user, bns) {
+                    out.extend(self.role_rules(b, bns).iter().cloned());
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The message kubectl prints for a denied request.
 pub fn forbidden_message(user: &User, a: &Attributes) -> String {
     if let Some(path) = &a.path {
@@ -284,6 +312,29 @@ pub fn bootstrap_policy() -> Vec<Value> {
             "system:discovery",
             "Group",
             "system:authenticated",
+        ),
+        // What anyone may ask about themselves (`kubectl auth can-i`, `can-i --list`, `auth
+        // whoami`), as Kubernetes' system:basic-user.
+        cr(
+            "system:basic-user",
+            json!([
+            {"apiGroups": ["authorization.k8s.io"],
+             "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]),
+        ),
+        crb(
+            "system:basic-user",
+            "system:basic-user",
+            "Group",
+            "system:authenticated",
+        ),
+        // For servers that delegate authentication and authorization to the API (bound by
+        // whoever runs one), as Kubernetes' system:auth-delegator.
+        cr(
+            "system:auth-delegator",
+            json!([
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}]),
         ),
         cr(
             "view",

@@ -58,8 +58,13 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     }
     let mut out = Vec::new();
     for r in rs {
+        let v = if r.create_only {
+            json!(["create"])
+        } else {
+            verbs()
+        };
         let mut main = json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
-            "kind": r.kind, "verbs": verbs()});
+            "kind": r.kind, "verbs": v});
         if !r.short_names.is_empty() {
             main["shortNames"] = json!(r.short_names);
         }

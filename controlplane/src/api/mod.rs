@@ -24,6 +24,7 @@ pub mod patch;
 mod protobuf;
 mod query;
 pub mod resources;
+mod reviews;
 pub mod serviceaccount;
 pub mod status;
 mod streaming;
@@ -205,6 +206,29 @@ impl Api {
             .await?;
         *cur = Some((id, std::time::Instant::now()));
         Ok(id)
+    }
+
+    /// The authorizers in turn, as every request meets them: the node authorizer for a node's
+    /// identity (when on), then RBAC. `Err` carries the node authorizer's reason when it is the
+    /// one that refused (`None`: RBAC grants nothing). `one` is the single object asked about.
+    async fn decide(
+        &self,
+        user: &User,
+        a: &Attributes,
+        one: Option<&str>,
+    ) -> Result<(), Option<String>> {
+        if let Some(n) = node::node_of(user).filter(|_| self.cfg.node_authorizer) {
+            match node::authorize(self, n, a, one).await {
+                node::Decision::Allow => return Ok(()),
+                node::Decision::Deny(why) => return Err(Some(why)),
+                node::Decision::NoOpinion => {}
+            }
+        }
+        if self.rbac.read().unwrap().allows(user, a) {
+            Ok(())
+        } else {
+            Err(None)
+        }
     }
 
     fn authorize(&self, user: &User, a: &Attributes) -> ApiResult<()> {
@@ -512,29 +536,19 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
         attrs.namespace = attrs.name.clone();
     }
     let node = node::node_of(&user).filter(|_| api.cfg.node_authorizer);
-    match node {
-        Some(n) => {
-            let one = t
-                .name
-                .clone()
-                .or_else(|| node::single_name(q.get("fieldSelector")));
-            match node::authorize(api, n, &attrs, one.as_deref()).await {
-                node::Decision::Allow => {}
-                node::Decision::Deny(why) => {
-                    debug!(user = %user.name, verb, resource = %attrs.resource, why, "node authorizer denied");
-                    let mut e = ApiError::forbidden(format!(
-                        "{} ({why})",
-                        auth::forbidden_message(&user, &attrs)
-                    ));
-                    e.details = Some(
-                        json!({"name": attrs.name, "group": attrs.group, "kind": attrs.resource}),
-                    );
-                    return Err(e);
-                }
-                node::Decision::NoOpinion => api.authorize(&user, &attrs)?,
-            }
-        }
-        None => api.authorize(&user, &attrs)?,
+    let one = t
+        .name
+        .clone()
+        .or_else(|| node::single_name(q.get("fieldSelector")));
+    if let Err(why) = api.decide(&user, &attrs, one.as_deref()).await {
+        debug!(user = %user.name, verb, resource = %attrs.resource, ns = %attrs.namespace, ?why, "denied");
+        let msg = auth::forbidden_message(&user, &attrs);
+        let mut e = ApiError::forbidden(match why {
+            Some(why) => format!("{msg} ({why})"),
+            None => msg,
+        });
+        e.details = Some(json!({"name": attrs.name, "group": attrs.group, "kind": attrs.resource}));
+        return Err(e);
     }
     let declared = req
         .headers()
@@ -561,6 +575,15 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
     } else {
         Bytes::new()
     };
+    if t.info.create_only {
+        if verb != "create" {
+            return Err(ApiError::method_not_allowed(format!(
+                "{} are answered, not stored: only create (POST) is served",
+                t.info.plural
+            )));
+        }
+        return api.review(&user, &t, &parts.headers, &body).await;
+    }
     if let Some(n) = node {
         let proposed = node::proposed(api, &attrs, &parts.headers, &body).await?;
         node::admit(api, &user, n, &attrs, proposed.as_ref()).await?;

@@ -185,21 +185,24 @@ fn build(group: &str, version: &str) -> Option<Value> {
             out,
         };
         let mut c = Map::new();
+        let create = op(
+            "create",
+            write_params(),
+            Some(body(schema.clone(), true)),
+            "201",
+            schema.clone(),
+        )
+        .json(&coll_params);
+        if r.create_only {
+            c.insert("post".into(), create);
+            paths.insert(coll, Value::Object(c));
+            continue;
+        }
         c.insert(
             "get".into(),
             op("list", list_params(), None, "200", list).json(&coll_params),
         );
-        c.insert(
-            "post".into(),
-            op(
-                "create",
-                write_params(),
-                Some(body(schema.clone(), true)),
-                "201",
-                schema.clone(),
-            )
-            .json(&coll_params),
-        );
+        c.insert("post".into(), create);
         if r.plural != "namespaces" {
             let mut p = list_params();
             p.extend(delete_params());

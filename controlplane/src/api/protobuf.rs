@@ -245,6 +245,48 @@ fn schema(msg: &str) -> Option<Fields> {
             (3, "name", Str),
             (4, "uid", Str),
         ],
+        // The reviews (`kubectl auth can-i`, `can-i --list`, `auth whoami`); their status,
+        // output only, is an empty message in a request.
+        "SelfSubjectAccessReview" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "spec", Msg("SelfSubjectAccessReviewSpec")),
+        ],
+        "SelfSubjectAccessReviewSpec" => &[
+            (1, "resourceAttributes", Msg("ResourceAttributes")),
+            (2, "nonResourceAttributes", Msg("NonResourceAttributes")),
+        ],
+        "SubjectAccessReview" | "LocalSubjectAccessReview" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "spec", Msg("SubjectAccessReviewSpec")),
+        ],
+        "SubjectAccessReviewSpec" => &[
+            (1, "resourceAttributes", Msg("ResourceAttributes")),
+            (2, "nonResourceAttributes", Msg("NonResourceAttributes")),
+            (3, "user", Str),
+            (4, "groups", RepStr),
+            (6, "uid", Str),
+        ],
+        "ResourceAttributes" => &[
+            (1, "namespace", Str),
+            (2, "verb", Str),
+            (3, "group", Str),
+            (4, "version", Str),
+            (5, "resource", Str),
+            (6, "subresource", Str),
+            (7, "name", Str),
+        ],
+        "NonResourceAttributes" => &[(1, "path", Str), (2, "verb", Str)],
+        "SelfSubjectRulesReview" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "spec", Msg("SelfSubjectRulesReviewSpec")),
+        ],
+        "SelfSubjectRulesReviewSpec" => &[(1, "namespace", Str)],
+        "TokenReview" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "spec", Msg("TokenReviewSpec")),
+        ],
+        "TokenReviewSpec" => &[(1, "token", Str), (2, "audiences", RepStr)],
+        "SelfSubjectReview" => &[(1, "metadata", Msg("ObjectMeta"))],
         "DeleteOptions" => &[
             (1, "gracePeriodSeconds", I64),
             (3, "orphanDependents", Bool),

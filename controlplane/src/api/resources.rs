@@ -6,8 +6,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 use k8s_openapi::api::{
-    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery, rbac::v1 as rbac,
+    apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz, batch::v1 as batch,
+    coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
+    rbac::v1 as rbac,
 };
 
 pub struct ResourceInfo {
@@ -21,6 +22,9 @@ pub struct ResourceInfo {
     /// Subresources besides the object itself: status, scale, binding, finalize.
     pub subresources: &'static [&'static str],
     pub categories: &'static [&'static str],
+    /// A question put to the server and answered, never stored: only `create` is served
+    /// (the review APIs, `reviews.rs`).
+    pub create_only: bool,
     /// Fields a field selector may name, besides metadata.name and metadata.namespace.
     pub fields: &'static [&'static str],
     /// Decodes into the typed object and back: errors name the field.
@@ -117,9 +121,20 @@ macro_rules! res {
             short_names: $short,
             subresources: $sub,
             categories: $cat,
+            create_only: false,
             fields: $fields,
             normalize: typed::<$ty>,
             schema: schema_of::<$ty>,
+        }
+    };
+}
+
+/// A review: created, answered, not stored.
+macro_rules! review {
+    ($group:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $ty:ty) => {
+        ResourceInfo {
+            create_only: true,
+            ..res!($group, "v1", $kind, $plural, $singular, $ns, NONE, NONE, NONE, NONE, $ty)
         }
     };
 }
@@ -446,6 +461,54 @@ pub static RESOURCES: &[ResourceInfo] = &[
         NONE,
         NONE,
         rbac::ClusterRoleBinding
+    ),
+    review!(
+        "authorization.k8s.io",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview",
+        false,
+        authz::SelfSubjectAccessReview
+    ),
+    review!(
+        "authorization.k8s.io",
+        "SelfSubjectRulesReview",
+        "selfsubjectrulesreviews",
+        "selfsubjectrulesreview",
+        false,
+        authz::SelfSubjectRulesReview
+    ),
+    review!(
+        "authorization.k8s.io",
+        "SubjectAccessReview",
+        "subjectaccessreviews",
+        "subjectaccessreview",
+        false,
+        authz::SubjectAccessReview
+    ),
+    review!(
+        "authorization.k8s.io",
+        "LocalSubjectAccessReview",
+        "localsubjectaccessreviews",
+        "localsubjectaccessreview",
+        true,
+        authz::LocalSubjectAccessReview
+    ),
+    review!(
+        "authentication.k8s.io",
+        "TokenReview",
+        "tokenreviews",
+        "tokenreview",
+        false,
+        authn::TokenReview
+    ),
+    review!(
+        "authentication.k8s.io",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+        "selfsubjectreview",
+        false,
+        authn::SelfSubjectReview
     ),
 ];
 

@@ -183,7 +183,10 @@ impl Api {
         let q = Query(Default::default());
         for round in 0..600 {
             let mut left = 0;
-            for info in resources::RESOURCES.iter().filter(|r| r.namespaced) {
+            for info in resources::RESOURCES
+                .iter()
+                .filter(|r| r.namespaced && !r.create_only)
+            {
                 let Ok(l) = self.list_objects(info, Some(ns), &q).await else {
                     continue;
                 };
