@@ -1137,3 +1137,259 @@ fn deployment_rolls_out_and_back_with_kubectl_rollout() {
         images(&cp, "app=roll") == ["ferry/echo:1"; 3]
     });
 }
+
+/// The review APIs answer as the authorizers and authenticators do: `kubectl auth can-i`
+/// (resources, paths, `--as`), `can-i --list`, `auth whoami`, SubjectAccessReview and
+/// TokenReview for a bound delegator only, a LocalSubjectAccessReview in another namespace
+/// refused, reviews never stored, and the Python client's SelfSubjectAccessReview.
+#[test]
+fn access_reviews_answer_as_the_authorizers_do() {
+    let dir = temp_dir("reviews");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let tokens = write(
+        &dir,
+        "tokens.csv",
+        "viewer-token,viewer,2001,\"viewers\"\ndelegator-token,delegator,2003\n",
+    );
+    let cp = ControlPlane::start(&["--token-auth-file", &tokens]).unwrap();
+    grant_viewer(&cp);
+    let can = |token: Option<&str>, args: &[&str]| {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        let o = match token {
+            Some(t) => as_token(&cp, t, &all),
+            None => cp.kubectl(&all),
+        };
+        let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.code(), out, stderr(&o))
+    };
+    let viewer = Some("viewer-token");
+    assert_eq!(can(viewer, &["list", "pods", "-n", "default"]).1, "yes");
+    let (code, out, _) = can(viewer, &["delete", "pods", "-n", "default"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(1), "no"),
+        "kubectl exits 1 on no"
+    );
+    assert_eq!(
+        can(viewer, &["get", "/healthz"]).1,
+        "yes",
+        "system:discovery"
+    );
+    assert_eq!(can(viewer, &["get", "/metrics"]).1, "no");
+    assert_eq!(can(viewer, &["create", "secrets", "-n", "default"]).1, "no");
+    assert_eq!(can(None, &["*", "*"]).1, "yes", "the admin");
+
+    // --as: the admin asks about someone else (impersonation, then the self review).
+    assert_eq!(
+        can(None, &["get", "pods", "-n", "default", "--as", "alice"]).1,
+        "no"
+    );
+    cp.ok(&[
+        "-n",
+        "default",
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get",
+        "--resource=pods",
+        "--resource-name=p1",
+    ])
+    .unwrap();
+    cp.ok(&[
+        "-n",
+        "default",
+        "create",
+        "rolebinding",
+        "alice-reads",
+        "--role=pod-reader",
+        "--user=alice",
+    ])
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while can(None, &["get", "pods/p1", "-n", "default", "--as", "alice"]).1 != "yes" {
+        assert!(
+            Instant::now() < deadline,
+            "alice's binding never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        can(None, &["get", "pods/p2", "-n", "default", "--as", "alice"]).1,
+        "no",
+        "resourceNames"
+    );
+    assert_eq!(
+        can(
+            None,
+            &["get", "pods/p1", "-n", "kube-system", "--as", "alice"]
+        )
+        .1,
+        "no"
+    );
+
+    // can-i --list: the viewer's rules in the namespace, resources and paths.
+    let (code, list, err) = can(viewer, &["--list", "-n", "default"]);
+    assert_eq!(code, Some(0), "{err}");
+    let line = |what: &str| {
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(what))
+            .map(str::to_string)
+    };
+    let pods = line("pods").unwrap_or_else(|| panic!("no pods rule in:\n{list}"));
+    assert!(pods.contains("[get list watch]"), "{pods}");
+    assert!(
+        list.lines()
+            .any(|l| l.contains("[/healthz]") && l.contains("[get]")),
+        "{list}"
+    );
+    assert!(
+        line("selfsubjectaccessreviews.authorization.k8s.io").is_some(),
+        "system:basic-user: {list}"
+    );
+    let (_, alice_list, _) = can(None, &["--list", "-n", "default", "--as", "alice"]);
+    assert!(
+        alice_list
+            .lines()
+            .any(|l| l.starts_with("pods ") && l.contains("[p1]") && l.contains("[get]")),
+        "{alice_list}"
+    );
+
+    // auth whoami.
+    let o = as_token(&cp, "viewer-token", &["auth", "whoami", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let me: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(me["kind"], "SelfSubjectReview");
+    assert_eq!(me["status"]["userInfo"]["username"], "viewer");
+    let groups = me["status"]["userInfo"]["groups"].to_string();
+    assert!(
+        groups.contains("viewers") && groups.contains("system:authenticated"),
+        "{groups}"
+    );
+
+    // SubjectAccessReview and TokenReview: only for whoever is bound to ask.
+    let sar = |user: &str, groups: &str, verb: &str| {
+        format!(
+            r#"{{"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                "spec": {{"user": "{user}", "groups": [{groups}],
+                          "resourceAttributes": {{"namespace": "default", "verb": "{verb}", "resource": "pods"}}}}}}"#
+        )
+    };
+    let ask = |token: &str, body: &str| {
+        let f = write(&dir, "review.json", body);
+        // kubectl checks a kind without a PATCH operation against /openapi/v2, not served.
+        as_token(
+            &cp,
+            token,
+            &["create", "--validate=false", "-f", &f, "-o", "json"],
+        )
+    };
+    let o = ask("delegator-token", &sar("viewer", "\"viewers\"", "list"));
+    expect_err(
+        &o,
+        "cannot create resource \"subjectaccessreviews\" in API group \"authorization.k8s.io\"",
+    );
+    let o = ask(
+        "delegator-token",
+        r#"{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": "viewer-token"}}"#,
+    );
+    expect_err(&o, "tokenreviews");
+    cp.ok(&[
+        "create",
+        "clusterrolebinding",
+        "delegator",
+        "--clusterrole=system:auth-delegator",
+        "--user=delegator",
+    ])
+    .unwrap();
+    let answer = |token: &str, body: &str| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = ask(token, body);
+            if o.status.success() {
+                return serde_json::from_slice(&o.stdout).unwrap();
+            }
+            assert!(Instant::now() < deadline, "{}", stderr(&o));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let r = answer("delegator-token", &sar("viewer", "\"viewers\"", "list"));
+    assert_eq!(r["status"]["allowed"], true, "{r}");
+    let r = answer("delegator-token", &sar("viewer", "", "list"));
+    assert_eq!(
+        r["status"]["allowed"], false,
+        "the groups given are the subject's only ones: {r}"
+    );
+    let r = answer("delegator-token", &sar("viewer", "\"viewers\"", "delete"));
+    assert_eq!(r["status"]["allowed"], false, "{r}");
+    let o = ask("delegator-token", &sar("", "", "list"));
+    expect_err(&o, "at least one of user or group must be specified");
+    let review = |token: &str| {
+        format!(
+            r#"{{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {{"token": "{token}"}}}}"#
+        )
+    };
+    let r = answer("delegator-token", &review("viewer-token"));
+    assert_eq!(r["status"]["authenticated"], true, "{r}");
+    assert_eq!(r["status"]["user"]["username"], "viewer");
+    let r = answer("delegator-token", &review("not-a-token"));
+    assert_eq!(r["status"]["authenticated"], false, "{r}");
+    cp.ok(&["-n", "default", "create", "serviceaccount", "robot"])
+        .unwrap();
+    let sa_token = cp
+        .ok(&["-n", "default", "create", "token", "robot"])
+        .unwrap();
+    let r = answer("delegator-token", &review(sa_token.trim()));
+    assert_eq!(
+        r["status"]["user"]["username"], "system:serviceaccount:default:robot",
+        "{r}"
+    );
+    let r = answer(
+        "delegator-token",
+        &format!(
+            r#"{{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {{"token": "{}", "audiences": ["vault"]}}}}"#,
+            sa_token.trim()
+        ),
+    );
+    assert_eq!(r["status"]["authenticated"], false, "another audience: {r}");
+
+    // A local review names its own namespace; reviews are answered, not stored.
+    let o = cp.kubectl_as(
+        &cp.kubeconfig("admin"),
+        &["create", "--validate=false", "-n", "default", "-f", &write(&dir, "local.json", r#"{"apiVersion": "authorization.k8s.io/v1", "kind": "LocalSubjectAccessReview",
+            "spec": {"user": "viewer", "resourceAttributes": {"namespace": "kube-system", "verb": "get", "resource": "pods"}}}"#)],
+        None,
+    );
+    expect_err(
+        &o,
+        "spec.resourceAttributes.namespace must match namespace: default",
+    );
+    let o = cp.kubectl(&[
+        "get",
+        "--raw",
+        "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+    ]);
+    expect_err(&o, "MethodNotAllowed");
+
+    // The Python client's typed call.
+    let script = r#"
+import sys
+from kubernetes import client, config
+config.load_kube_config(sys.argv[1])
+api = client.AuthorizationV1Api()
+body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+    resource_attributes=client.V1ResourceAttributes(namespace='default', verb='delete', resource='nodes')))
+print(api.create_self_subject_access_review(body).status.allowed)
+"#;
+    let out = Command::new(ferry_testbed::controlplane::python())
+        .args(["-c", script, cp.kubeconfig("admin").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "True",
+        "{}",
+        stderr(&out)
+    );
+}
