@@ -328,6 +328,18 @@ pub fn bootstrap_policy() -> Vec<Value> {
             "Group",
             "system:authenticated",
         ),
+        // Prometheus scrapers: the metrics and health paths, as Kubernetes' system:monitoring.
+        cr(
+            "system:monitoring",
+            json!([{"nonResourceURLs": ["/metrics", "/healthz", "/healthz/*", "/livez", "/livez/*",
+                                        "/readyz", "/readyz/*"], "verbs": ["get"]}]),
+        ),
+        crb(
+            "system:monitoring",
+            "system:monitoring",
+            "Group",
+            "system:monitoring",
+        ),
         // For servers that delegate authentication and authorization to the API (bound by
         // whoever runs one), as Kubernetes' system:auth-delegator.
         cr(

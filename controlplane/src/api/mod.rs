@@ -18,6 +18,7 @@ pub use kubelet_client::kubelet_tls;
 pub mod kubernetes_service;
 mod logs;
 pub mod metadata;
+mod metrics;
 pub mod node;
 pub mod openapi;
 pub mod patch;
@@ -104,6 +105,7 @@ pub struct Api {
     event_lease: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
     reads_in_flight: Arc<tokio::sync::Semaphore>,
     writes_in_flight: Arc<tokio::sync::Semaphore>,
+    metrics: metrics::Metrics,
 }
 
 /// Events expire this long after they are written, as with Kubernetes' default --event-ttl.
@@ -125,6 +127,7 @@ impl Api {
             writes_in_flight: Arc::new(tokio::sync::Semaphore::new(
                 cfg.limits.max_mutating_requests_inflight.max(1),
             )),
+            metrics: metrics::Metrics::default(),
             cfg,
         });
         api.bootstrap().await?;
@@ -461,15 +464,69 @@ fn long_running(method: &Method, path: &str, q: Option<&str>) -> bool {
 }
 
 /// Every request comes here.
+/// A request's labels in the API server's metrics (see `metrics.rs`): from the routed target,
+/// never from free text the client wrote.
+fn request_labels(method: &Method, path: &str, q: Option<&str>) -> metrics::Request {
+    let known = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
+    let method_label = if known.contains(method) {
+        method.as_str().to_string()
+    } else {
+        "OTHER".into()
+    };
+    let component = "apiserver".to_string();
+    match parse_target(path) {
+        Ok(Some(t)) => {
+            let verb = verb_of(method, &t, &Query::parse(q));
+            let streaming = t
+                .sub
+                .as_deref()
+                .is_some_and(|s| streaming::STREAMING.contains(&s));
+            let scope = match (&t.name, &t.ns) {
+                (Some(_), _) => "resource",
+                (None, Some(_)) => "namespace",
+                (None, None) => "cluster",
+            };
+            metrics::Request {
+                verb: if verb == "unknown" {
+                    method_label
+                } else {
+                    metrics::verb_label(verb, method, streaming)
+                },
+                group: t.info.group.into(),
+                version: t.info.version.into(),
+                resource: t.info.plural.into(),
+                subresource: t.sub.clone().unwrap_or_default(),
+                scope: scope.into(),
+                component,
+            }
+        }
+        _ => metrics::Request {
+            verb: method_label,
+            component,
+            ..Default::default()
+        },
+    }
+}
+
 pub async fn handle(api: Arc<Api>, peer: Peer, req: Request<Body>) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let started = std::time::Instant::now();
+    let labels = request_labels(&method, &path, req.uri().query());
     let health = matches!(
         path.trim_end_matches('/'),
         "/healthz" | "/livez" | "/readyz"
     );
-    let resp = if health || long_running(&method, &path, req.uri().query()) {
+    let streams = long_running(&method, &path, req.uri().query());
+    let resp = if health || streams {
         serve(&api, &peer, req).await
     } else {
         let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
@@ -509,7 +566,14 @@ pub async fn handle(api: Arc<Api>, peer: Peer, req: Request<Body>) -> Response {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    debug!(%method, %path, code = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    let code = resp.status().as_u16();
+    api.metrics
+        .answered(&labels, code, started.elapsed().as_secs_f64());
+    debug!(%method, %path, code, ms = started.elapsed().as_millis() as u64, "request");
+    if streams && resp.status().is_success() {
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, api.metrics.long_running(&labels, body));
+    }
     resp
 }
 
@@ -612,6 +676,30 @@ fn non_resource(api: &Api, user: &User, method: &Method, path: &str) -> ApiResul
         "/version" => discovery::version(),
         "/healthz" | "/livez" | "/readyz" => {
             return Ok((StatusCode::OK, "ok").into_response());
+        }
+        "/metrics" => {
+            let used = |sem: &tokio::sync::Semaphore, max: usize| {
+                max.saturating_sub(sem.available_permits()) as i64
+            };
+            let text = api.metrics.render(
+                used(
+                    &api.reads_in_flight,
+                    api.cfg.limits.max_requests_inflight.max(1),
+                ),
+                used(
+                    &api.writes_in_flight,
+                    api.cfg.limits.max_mutating_requests_inflight.max(1),
+                ),
+            );
+            return Ok((
+                StatusCode::OK,
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                text,
+            )
+                .into_response());
         }
         "/api" => discovery::api_versions(&api.cfg.advertise.to_string()),
         "/apis" => discovery::api_group_list(),
