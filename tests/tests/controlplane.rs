@@ -1393,3 +1393,69 @@ print(api.create_self_subject_access_review(body).status.allowed)
         stderr(&out)
     );
 }
+
+/// `/metrics` counts requests as kube-apiserver's do (verb, resource, scope, code), holds open
+/// watches in `apiserver_longrunning_requests` until they end, and is for monitoring identities
+/// only.
+#[test]
+fn metrics_count_requests_and_open_watches() {
+    let (_dir, tokens) = tokens_file();
+    let cp = ControlPlane::start(&["--token-auth-file", &tokens]).unwrap();
+    grant_viewer(&cp);
+    let metrics = || cp.ok(&["get", "--raw", "/metrics"]).unwrap();
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    let list = r#"apiserver_request_total{verb="LIST",group="",version="v1",resource="pods",subresource="",scope="namespace",component="apiserver",code="200"}"#;
+    let before = value(&metrics(), list).unwrap_or(0.0);
+    for _ in 0..3 {
+        cp.ok(&["-n", "default", "get", "pods"]).unwrap();
+    }
+    let o = cp.kubectl(&["-n", "default", "get", "pod", "nope"]);
+    assert!(!o.status.success());
+    let text = metrics();
+    assert_eq!(value(&text, list), Some(before + 3.0), "{text}");
+    let missing = r#"apiserver_request_total{verb="GET",group="",version="v1",resource="pods",subresource="",scope="resource",component="apiserver",code="404"}"#;
+    assert_eq!(value(&text, missing), Some(1.0), "{text}");
+    assert!(
+        text.contains(r#"apiserver_request_duration_seconds_bucket{le="0.005",verb="LIST",group="",version="v1",resource="pods""#)
+            || text.lines().any(|l| l.starts_with("apiserver_request_duration_seconds_count{verb=\"LIST\"") && l.contains("resource=\"pods\"")),
+        "{text}"
+    );
+    expect_err(
+        &as_token(&cp, "viewer-token", &["get", "--raw", "/metrics"]),
+        "cannot get path \"/metrics\"",
+    );
+
+    // An open watch is counted until it ends.
+    let watching = r#"apiserver_longrunning_requests{verb="WATCH",group="",version="v1",resource="pods",subresource="",scope="namespace",component="apiserver"}"#;
+    let mut w = Command::new("kubectl")
+        .args(["--kubeconfig", cp.kubeconfig("admin").to_str().unwrap()])
+        .args(["-n", "default", "get", "pods", "-w"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while value(&metrics(), watching) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the watch was never counted: {}",
+            metrics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while value(&metrics(), watching) != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the ended watch is still counted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
