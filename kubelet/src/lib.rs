@@ -14,4 +14,5 @@ pub mod resources;
 pub mod server;
 pub mod services;
 pub mod serving;
+pub mod stats;
 pub mod streaming;

@@ -210,7 +210,13 @@ async fn run() -> Result<()> {
     let listener = tokio::net::TcpListener::bind((a.node_ip, a.port))
         .await
         .with_context(|| format!("listening on {}:{} (--node-ip, --port)", a.node_ip, a.port))?;
-    let app = kubelet::server::router(a.data_dir.join("pods"), cri.clone());
+    let stats = kubelet::stats::Stats::new(&a.node_name);
+    tokio::spawn(kubelet::stats::run(
+        stats.clone(),
+        cri.clone(),
+        kubelet::stats::EVERY,
+    ));
+    let app = kubelet::server::router(a.data_dir.join("pods"), cri.clone(), stats);
     let (cert, key) = kubelet::serving::serving_pair(
         a.tls_cert_file
             .as_deref()

@@ -1,6 +1,7 @@
 //! The kubelet's HTTP endpoint (the Node's daemonEndpoints port, served over TLS to the API
 //! server only: `serving.rs`): container logs for the API server's `pods/log` (`kubectl
-//! logs`), the streams of `exec`, `attach` and `port-forward` (`streaming.rs`), and /healthz.
+//! logs`), the streams of `exec`, `attach` and `port-forward` (`streaming.rs`), resource usage
+//! at `/stats/summary` (`stats.rs`), and /healthz.
 //!
 //! Logs are the files containerd writes in CRI's format, one per container attempt
 //! (`<pod dir>/logs/<container>/<attempt>.log`), each line
@@ -20,7 +21,7 @@ use axum::routing::get;
 use axum::Router;
 use k8s_openapi::chrono::{DateTime, Utc};
 
-pub fn router(pods_dir: PathBuf, cri: crate::cri::Cri) -> Router {
+pub fn router(pods_dir: PathBuf, cri: crate::cri::Cri, stats: crate::stats::Stats) -> Router {
     use crate::streaming;
     let streams = Router::new()
         .route(
@@ -41,6 +42,11 @@ pub fn router(pods_dir: PathBuf, cri: crate::cri::Cri) -> Router {
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
         .with_state(Arc::new(pods_dir))
         .merge(streams)
+        .merge(
+            Router::new()
+                .route("/stats/summary", get(crate::stats::summary))
+                .with_state(stats),
+        )
 }
 
 fn bad(code: StatusCode, msg: String) -> Response {
