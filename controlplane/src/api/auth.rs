@@ -354,7 +354,8 @@ pub fn bootstrap_policy() -> Vec<Value> {
             "resources": ["pods", "pods/status", "services", "services/status", "endpoints", "configmaps",
                           "events", "namespaces", "replicationcontrollers", "deployments", "deployments/scale",
                           "replicasets", "daemonsets", "statefulsets", "jobs", "cronjobs", "endpointslices", "leases"],
-            "verbs": read}]),
+            "verbs": read},
+            {"apiGroups": ["metrics.k8s.io"], "resources": ["pods", "nodes"], "verbs": read}]),
         ),
         cr(
             "system:node-proxier",

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use super::resource_metrics;
 use super::resources::{groups, in_group_version};
 
 pub const KUBE_VERSION: &str = "v1.32.0";
@@ -24,13 +25,20 @@ fn group_json(name: &str, version: &str) -> Value {
     json!({"name": name, "versions": [gv.clone()], "preferredVersion": gv})
 }
 
+/// The groups discovery lists: the served resources' and the resource metrics API's.
+fn all_groups() -> Vec<(&'static str, &'static str)> {
+    let mut g = groups();
+    g.push((resource_metrics::GROUP, resource_metrics::VERSION));
+    g
+}
+
 pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = groups().iter().map(|(g, v)| group_json(g, v)).collect();
+    let groups: Vec<Value> = all_groups().iter().map(|(g, v)| group_json(g, v)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 pub fn api_group(name: &str) -> Option<Value> {
-    groups().iter().find(|(g, _)| *g == name).map(|(g, v)| {
+    all_groups().iter().find(|(g, _)| *g == name).map(|(g, v)| {
         let mut j = group_json(g, v);
         j["kind"] = json!("APIGroup");
         j["apiVersion"] = json!("v1");
@@ -52,6 +60,9 @@ fn verbs() -> Value {
 }
 
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if (group, version) == (resource_metrics::GROUP, resource_metrics::VERSION) {
+        return Some(resource_metrics::resource_list());
+    }
     let rs = in_group_version(group, version);
     if rs.is_empty() {
         return None;

@@ -155,7 +155,19 @@ impl Api {
             )));
         }
         let (node, _) = self.get_object(nodes, None, node_name).await?;
-        let (ip, port) = kubelet_address(&node).ok_or_else(|| {
+        let (authority, stream) = self.kubelet_conn(&node, &path).await?;
+        Ok((pod, authority, path, stream))
+    }
+
+    /// A TLS connection to `node`'s kubelet, with its authority (`ip:port`). `path` only names
+    /// the request in errors.
+    pub(super) async fn kubelet_conn(
+        &self,
+        node: &Value,
+        path: &str,
+    ) -> ApiResult<(String, KubeletStream)> {
+        let node_name = node["metadata"]["name"].as_str().unwrap_or_default();
+        let (ip, port) = kubelet_address(node).ok_or_else(|| {
             ApiError::bad_request(format!("node {node_name} has no InternalIP address"))
         })?;
         let authority = format!("{ip}:{port}");
@@ -188,7 +200,7 @@ impl Api {
         .await
         .map_err(|_| unreachable("TLS handshake timed out".into()))?
         .map_err(|e| unreachable(format!("TLS: {e}")))?;
-        Ok((pod, authority, path, stream))
+        Ok((authority, stream))
     }
 }
 

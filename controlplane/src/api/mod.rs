@@ -24,6 +24,7 @@ pub mod openapi;
 pub mod patch;
 mod protobuf;
 mod query;
+mod resource_metrics;
 pub mod resources;
 mod reviews;
 pub mod serviceaccount;
@@ -582,6 +583,17 @@ async fn serve(api: &Arc<Api>, peer: &Peer, req: Request<Body>) -> ApiResult<Res
     let user = impersonation::effective_user(api, real, req.headers())?;
     let path = req.uri().path().to_string();
     let q = Query::parse(req.uri().query());
+    if let Some(m) = resource_metrics::parse(&path) {
+        if req.method() != Method::GET {
+            return Err(ApiError::method_not_allowed(format!(
+                "{} {path}: resource metrics are read-only (get, list)",
+                req.method()
+            )));
+        }
+        let verb = if m.name.is_some() { "get" } else { "list" };
+        api.authorize(&user, &m.attributes(verb))?;
+        return api.resource_metrics(&m, &q).await;
+    }
     let target = parse_target(&path)?;
     let Some(t) = target else {
         return non_resource(api, &user, req.method(), &path);
