@@ -1550,3 +1550,64 @@ print(repr(got), pf.error(8080))
     let anonymous = node.t.node.exec("curl", &["-sk", &url]);
     assert!(anonymous.is_err(), "{anonymous:?}");
 }
+
+/// `kubectl top`: the kubelet samples its containers (CRI stats) and the node, the API server
+/// serves `metrics.k8s.io` from the kubelet's `/stats/summary`, kubectl prints both.
+#[test]
+fn kubectl_top_shows_pod_and_node_usage_from_the_kubelet() {
+    let node = one_node();
+    let cp = &node.cp;
+    // A busy loop for at most a minute (the test takes less) and 16 MiB in memory (tmpfs).
+    apply(
+        cp,
+        &busybox_pod(
+            "busy",
+            "{app: busy}",
+            "head -c 16777216 /dev/zero > /dev/shm/fill; timeout 60 sh -c 'while :; do :; done'; sleep 3600",
+            "  nodeName: node-a\n",
+        ),
+    );
+    eventually("busy runs", Duration::from_secs(90), || {
+        container_status(cp, "busy")["state"]["running"].is_object()
+    });
+    // Two samples of the kubelet's (10 s apart) make a rate.
+    let mut pods = String::new();
+    eventually(
+        "kubectl top pods lists busy",
+        Duration::from_secs(60),
+        || {
+            pods = cp.ok(&["top", "pods", "-n", "default"]).unwrap_or_default();
+            pods.lines().any(|l| l.starts_with("busy "))
+        },
+    );
+    let line = pods.lines().find(|l| l.starts_with("busy ")).unwrap();
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    let cpu: u64 = cols[1].trim_end_matches('m').parse().unwrap_or(0);
+    assert!(cpu >= 200, "the busy loop's CPU, in millicores: {pods}");
+    let mem: u64 = cols[2].trim_end_matches("Mi").parse().unwrap_or(0);
+    assert!(
+        (16..64).contains(&mem),
+        "the 16 MiB it holds, and little more: {pods}"
+    );
+    let per = cp
+        .ok(&["top", "pod", "busy", "-n", "default", "--containers"])
+        .unwrap();
+    assert!(
+        per.lines()
+            .any(|l| l.starts_with("busy ") && l.split_whitespace().nth(1) == Some("c")),
+        "{per}"
+    );
+    let nodes = cp.ok(&["top", "nodes"]).unwrap();
+    let n = nodes
+        .lines()
+        .find(|l| l.starts_with("node-a "))
+        .unwrap_or_else(|| panic!("{nodes}"));
+    assert!(n.contains('%') && n.contains("Mi"), "{nodes}");
+    // A pod that is not there, and the API's read-only verbs.
+    let o = cp.kubectl(&["top", "pod", "nope", "-n", "default"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
