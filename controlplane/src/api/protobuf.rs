@@ -245,6 +245,29 @@ fn schema(msg: &str) -> Option<Fields> {
             (3, "name", Str),
             (4, "uid", Str),
         ],
+        // `kubectl create priorityclass|quota|poddisruptionbudget`.
+        "PriorityClass" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "value", I32),
+            (3, "globalDefault", Bool),
+            (4, "description", Str),
+            (5, "preemptionPolicy", Str),
+        ],
+        "ResourceQuota" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "spec", Msg("ResourceQuotaSpec")),
+        ],
+        "ResourceQuotaSpec" => &[(1, "hard", MapQty), (2, "scopes", RepStr)],
+        "PodDisruptionBudget" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "spec", Msg("PodDisruptionBudgetSpec")),
+        ],
+        "PodDisruptionBudgetSpec" => &[
+            (1, "minAvailable", IntOrStr),
+            (2, "selector", Msg("LabelSelector")),
+            (3, "maxUnavailable", IntOrStr),
+            (4, "unhealthyPodEvictionPolicy", Str),
+        ],
         // The reviews (`kubectl auth can-i`, `can-i --list`, `auth whoami`); their status,
         // output only, is an empty message in a request.
         "SelfSubjectAccessReview" => &[
@@ -481,8 +504,10 @@ fn decode_msg(msg: &str, b: &[u8]) -> Result<Value, String> {
                     MapStr => json!(string(&v)?),
                     MapBytes => json!(base64::engine::general_purpose::STANDARD.encode(&v)),
                     _ => {
-                        let (_, q) = map_entry(&v)?;
-                        json!(string(&q).or_else(|_| string(&v))?)
+                        // resource.Quantity { string = 1 }: the same layout as a map entry's
+                        // key.
+                        let (q, _) = map_entry(&v)?;
+                        json!(q)
                     }
                 };
                 out.entry(name)
@@ -557,6 +582,15 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantities_in_maps_keep_their_string() {
+        // hard: {pods: "5"}: a map entry whose value is a Quantity { string = 1 }.
+        let qty = field(1, 2, b"5");
+        let entry = [field(1, 2, b"pods"), field(2, 2, &qty)].concat();
+        let spec = decode_msg("ResourceQuotaSpec", &field(1, 2, &entry)).unwrap();
+        assert_eq!(spec, json!({"hard": {"pods": "5"}}));
+    }
 
     fn field(tag: u32, wire: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![((tag << 3) | wire as u32) as u8];
