@@ -294,6 +294,9 @@ pub fn validate(info: &ResourceInfo, obj: &Value, old: Option<&Value>) -> Vec<Fi
     match (info.group, info.kind) {
         ("", "ConfigMap" | "Secret") => super::metadata::validate_data(info.kind, obj, &mut errs),
         ("", "Service") => validate_service(obj, old, &mut errs),
+        ("scheduling.k8s.io", "PriorityClass") => {
+            super::priority::validate_class(obj, old, &mut errs)
+        }
         ("", "Pod") => {
             validate_pod_spec(&obj["spec"], "spec", &mut errs);
             if let Some(old) = old {

@@ -22,6 +22,7 @@ mod metrics;
 pub mod node;
 pub mod openapi;
 pub mod patch;
+mod priority;
 mod protobuf;
 mod query;
 mod resource_metrics;
@@ -145,13 +146,15 @@ impl Api {
         Ok(api)
     }
 
-    /// Default namespaces and the bootstrap RBAC policy, created when missing.
+    /// Default namespaces, the bootstrap RBAC policy and the system priority classes, created
+    /// when missing.
     async fn bootstrap(&self) -> anyhow::Result<()> {
         let mut objs: Vec<Value> = ["default", "kube-system", "kube-public", "kube-node-lease"]
             .iter()
             .map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}))
             .collect();
         objs.extend(auth::bootstrap_policy());
+        objs.extend(priority::bootstrap_classes());
         for obj in objs {
             let info = resources::by_kind(
                 obj["apiVersion"].as_str().unwrap_or_default(),

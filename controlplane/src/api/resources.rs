@@ -6,9 +6,10 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 use k8s_openapi::api::{
-    apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz, batch::v1 as batch,
-    coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
-    rbac::v1 as rbac,
+    apps::v1 as apps, authentication::v1 as authn, authorization::v1 as authz,
+    autoscaling::v2 as autoscaling, batch::v1 as batch, coordination::v1 as coordination,
+    core::v1 as core, discovery::v1 as discovery, networking::v1 as networking,
+    policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling,
 };
 
 pub struct ResourceInfo {
@@ -461,6 +462,97 @@ pub static RESOURCES: &[ResourceInfo] = &[
         NONE,
         NONE,
         rbac::ClusterRoleBinding
+    ),
+    res!(
+        "",
+        "v1",
+        "ResourceQuota",
+        "resourcequotas",
+        "resourcequota",
+        true,
+        &["quota"],
+        &["status"],
+        NONE,
+        NONE,
+        core::ResourceQuota
+    ),
+    res!(
+        "",
+        "v1",
+        "LimitRange",
+        "limitranges",
+        "limitrange",
+        true,
+        &["limits"],
+        NONE,
+        NONE,
+        NONE,
+        core::LimitRange
+    ),
+    res!(
+        "scheduling.k8s.io",
+        "v1",
+        "PriorityClass",
+        "priorityclasses",
+        "priorityclass",
+        false,
+        &["pc"],
+        NONE,
+        NONE,
+        NONE,
+        scheduling::PriorityClass
+    ),
+    res!(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        true,
+        &["pdb"],
+        &["status"],
+        NONE,
+        NONE,
+        policy::PodDisruptionBudget
+    ),
+    res!(
+        "networking.k8s.io",
+        "v1",
+        "Ingress",
+        "ingresses",
+        "ingress",
+        true,
+        &["ing"],
+        &["status"],
+        NONE,
+        NONE,
+        networking::Ingress
+    ),
+    res!(
+        "networking.k8s.io",
+        "v1",
+        "IngressClass",
+        "ingressclasses",
+        "ingressclass",
+        false,
+        NONE,
+        NONE,
+        NONE,
+        NONE,
+        networking::IngressClass
+    ),
+    res!(
+        "autoscaling",
+        "v2",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        true,
+        &["hpa"],
+        &["status"],
+        ALL,
+        NONE,
+        autoscaling::HorizontalPodAutoscaler
     ),
     review!(
         "authorization.k8s.io",

@@ -544,8 +544,135 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             col("Holder", 0, |o| json!(s(&o["spec"]["holderIdentity"]))),
             age(),
         ],
+        ("scheduling.k8s.io", "priorityclasses") => vec![
+            name(),
+            col("Value", 0, |o| o["value"].clone()),
+            col("Global-Default", 0, |o| json!(o["globalDefault"] == true)),
+            age(),
+            col("PreemptionPolicy", 0, |o| {
+                json!(o["preemptionPolicy"]
+                    .as_str()
+                    .unwrap_or("PreemptLowerPriority"))
+            }),
+        ],
+        ("networking.k8s.io", "ingresses") => vec![
+            name(),
+            col("Class", 0, |o| {
+                json!(o["spec"]["ingressClassName"].as_str().unwrap_or("<none>"))
+            }),
+            col("Hosts", 0, |o| {
+                let hosts: Vec<String> = o["spec"]["rules"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| r["host"].as_str().unwrap_or("*").to_string())
+                    .collect();
+                json!(if hosts.is_empty() {
+                    "*".to_string()
+                } else {
+                    hosts.join(",")
+                })
+            }),
+            col("Address", 0, |o| {
+                let a: Vec<String> = o["status"]["loadBalancer"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| {
+                        i["ip"]
+                            .as_str()
+                            .or(i["hostname"].as_str())
+                            .map(String::from)
+                    })
+                    .collect();
+                json!(a.join(","))
+            }),
+            col("Ports", 0, |o| {
+                json!(
+                    if o["spec"]["tls"].as_array().is_some_and(|t| !t.is_empty()) {
+                        "80, 443"
+                    } else {
+                        "80"
+                    }
+                )
+            }),
+            age(),
+        ],
+        ("networking.k8s.io", "ingressclasses") => vec![
+            name(),
+            col("Controller", 0, |o| json!(s(&o["spec"]["controller"]))),
+            col("Parameters", 0, |o| {
+                let p = &o["spec"]["parameters"];
+                json!(if p.is_object() {
+                    format!("{}/{}", s(&p["kind"]), s(&p["name"]))
+                } else {
+                    "<none>".into()
+                })
+            }),
+            age(),
+        ],
+        ("policy", "poddisruptionbudgets") => vec![
+            name(),
+            col("Min Available", 0, |o| {
+                json!(or_dash(&o["spec"]["minAvailable"]))
+            }),
+            col("Max Unavailable", 0, |o| {
+                json!(or_dash(&o["spec"]["maxUnavailable"]))
+            }),
+            col("Allowed Disruptions", 0, |o| {
+                json!(o["status"]["disruptionsAllowed"].as_i64().unwrap_or(0))
+            }),
+            age(),
+        ],
+        ("", "resourcequotas") => vec![
+            name(),
+            age(),
+            col("Request", 0, |o| json!(quota(o, false))),
+            col("Limit", 0, |o| json!(quota(o, true))),
+        ],
+        ("autoscaling", "horizontalpodautoscalers") => vec![
+            name(),
+            col("Reference", 0, |o| {
+                let r = &o["spec"]["scaleTargetRef"];
+                json!(format!("{}/{}", s(&r["kind"]), s(&r["name"])))
+            }),
+            col("MinPods", 0, |o| {
+                json!(o["spec"]["minReplicas"].as_i64().unwrap_or(1))
+            }),
+            col("MaxPods", 0, |o| o["spec"]["maxReplicas"].clone()),
+            col("Replicas", 0, |o| {
+                json!(o["status"]["currentReplicas"].as_i64().unwrap_or(0))
+            }),
+            age(),
+        ],
         _ => vec![name(), age()],
     }
+}
+
+fn or_dash(v: &Value) -> String {
+    match v {
+        Value::Null => "N/A".into(),
+        other => s(other),
+    }
+}
+
+/// A ResourceQuota's `used/hard` pairs, requests (or limits) as kubectl shows them.
+fn quota(o: &Value, limits: bool) -> String {
+    let hard = o["status"]["hard"]
+        .as_object()
+        .or(o["spec"]["hard"].as_object())
+        .cloned()
+        .unwrap_or_default();
+    let mut out: Vec<String> = hard
+        .iter()
+        .filter(|(k, _)| k.starts_with("limits.") == limits)
+        .map(|(k, h)| {
+            let used = o["status"]["used"][k.as_str()].as_str().unwrap_or("0");
+            format!("{k}: {used}/{}", s(h))
+        })
+        .collect();
+    out.sort();
+    out.join(", ")
 }
 
 /// A Table of `objects`, each row carrying its metadata (for `--show-labels` and `-w`).

@@ -88,6 +88,10 @@ impl Api {
         admission::on_create(info, &mut obj);
         if hooks == Hooks::Pod {
             self.admit_pod_service_account(&mut obj).await?;
+            self.admit_pod_priority(&mut obj).await?;
+        }
+        if (info.group, info.kind) == ("scheduling.k8s.io", "PriorityClass") {
+            self.check_global_default(&obj).await?;
         }
         let mut errs = admission::validate_name(info, &name);
         if let Some(g) = obj["metadata"]["generateName"].as_str() {

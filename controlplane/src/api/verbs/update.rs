@@ -119,6 +119,9 @@ impl Api {
         if !errs.is_empty() {
             return Err(ApiError::invalid(info.kind, info.group, name, errs));
         }
+        if (info.group, info.kind) == ("scheduling.k8s.io", "PriorityClass") {
+            self.check_global_default(&obj).await?;
+        }
         let finalizers_empty = obj["metadata"]["finalizers"]
             .as_array()
             .is_none_or(|f| f.is_empty());
