@@ -1459,3 +1459,184 @@ fn metrics_count_requests_and_open_watches() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// PriorityClass, ResourceQuota, LimitRange, PodDisruptionBudget, Ingress, IngressClass and
+/// HorizontalPodAutoscaler are served (kubectl create, apply and get with their columns), and a
+/// pod's priority comes from its class or the one global default, as the Priority admission
+/// plugin does.
+#[test]
+fn more_kinds_are_served_and_pods_get_their_priority() {
+    let cp = ControlPlane::start(&[]).unwrap();
+    // kubectl's typed create commands (protobuf bodies).
+    cp.ok(&[
+        "create",
+        "priorityclass",
+        "high",
+        "--value=1000",
+        "--description=important",
+    ])
+    .unwrap();
+    cp.ok(&[
+        "-n",
+        "default",
+        "create",
+        "quota",
+        "small",
+        "--hard=pods=5,requests.cpu=2",
+    ])
+    .unwrap();
+    cp.ok(&[
+        "-n",
+        "default",
+        "create",
+        "pdb",
+        "web",
+        "--selector=app=web",
+        "--min-available=1",
+    ])
+    .unwrap();
+    let dir = temp_dir("kinds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let manifest = write(
+        &dir,
+        "kinds.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: ferry}
+spec: {controller: ferry.dev/ingress}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web, namespace: default}
+spec:
+  ingressClassName: ferry
+  rules:
+  - host: web.example
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}
+---
+apiVersion: v1
+kind: LimitRange
+metadata: {name: defaults, namespace: default}
+spec:
+  limits:
+  - type: Container
+    default: {cpu: 500m}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web, namespace: default}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 2
+  maxReplicas: 5
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+",
+    );
+    cp.ok(&["apply", "-f", &manifest]).unwrap();
+    let pcs = cp.ok(&["get", "priorityclasses"]).unwrap();
+    for want in [["system-node-critical", "2000001000"], ["high", "1000"]] {
+        assert!(
+            pcs.lines()
+                .any(|l| l.split_whitespace().take(2).eq(want.iter().copied())),
+            "{want:?} in:\n{pcs}"
+        );
+    }
+    let ing = cp.ok(&["-n", "default", "get", "ingress", "web"]).unwrap();
+    assert!(
+        ing.contains("ferry") && ing.contains("web.example"),
+        "{ing}"
+    );
+    let pdb = cp.ok(&["-n", "default", "get", "pdb"]).unwrap();
+    assert!(
+        pdb.lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 1 ") && l.contains("N/A")),
+        "{pdb}"
+    );
+    let quota = cp.ok(&["-n", "default", "get", "quota", "small"]).unwrap();
+    assert!(quota.contains("requests.cpu: 0/2"), "{quota}");
+    let hpa = cp.ok(&["-n", "default", "get", "hpa", "web"]).unwrap();
+    assert!(hpa.contains("Deployment/web"), "{hpa}");
+    assert!(cp
+        .ok(&["-n", "default", "get", "limits", "defaults"])
+        .is_ok());
+    assert!(cp
+        .ok(&["get", "ingressclass", "ferry"])
+        .unwrap()
+        .contains("ferry.dev/ingress"));
+
+    // Priority admission.
+    let pod = |name: &str, class: &str| {
+        let class = if class.is_empty() {
+            String::new()
+        } else {
+            format!("\n  priorityClassName: {class}")
+        };
+        write(
+            &dir,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:{class}\n  containers:\n  - {{name: c, image: busybox:1}}\n"
+            ),
+        )
+    };
+    let priority = |name: &str| {
+        cp.ok(&[
+            "-n",
+            "default",
+            "get",
+            "pod",
+            name,
+            "-o",
+            "jsonpath={.spec.priority} {.spec.priorityClassName}",
+        ])
+        .unwrap()
+    };
+    cp.ok(&["create", "-f", &pod("important", "high")]).unwrap();
+    assert_eq!(priority("important"), "1000 high");
+    cp.ok(&["create", "-f", &pod("critical", "system-cluster-critical")])
+        .unwrap();
+    assert_eq!(priority("critical"), "2000000000 system-cluster-critical");
+    cp.ok(&["create", "-f", &pod("plain", "")]).unwrap();
+    assert_eq!(priority("plain"), "0 ");
+    expect_err(
+        &cp.kubectl(&["create", "-f", &pod("lost", "nope")]),
+        "no PriorityClass with name nope was found",
+    );
+    cp.ok(&[
+        "create",
+        "priorityclass",
+        "everyone",
+        "--value=10",
+        "--global-default",
+    ])
+    .unwrap();
+    cp.ok(&["create", "-f", &pod("defaulted", "")]).unwrap();
+    assert_eq!(priority("defaulted"), "10 everyone");
+    expect_err(
+        &cp.kubectl(&[
+            "create",
+            "priorityclass",
+            "another",
+            "--value=11",
+            "--global-default",
+        ]),
+        "PriorityClass everyone is already marked as default",
+    );
+    expect_err(
+        &cp.kubectl(&["create", "priorityclass", "huge", "--value=2000000000"]),
+        "maximum allowed value of a user defined priority is 1000000000",
+    );
+    expect_err(
+        &cp.kubectl(&["create", "priorityclass", "system-mine", "--value=1"]),
+        "reserved",
+    );
+    expect_err(
+        &cp.kubectl(&["patch", "priorityclass", "high", "-p", r#"{"value": 5}"#]),
+        "may not be changed in an update",
+    );
+}
