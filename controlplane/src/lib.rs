@@ -14,6 +14,7 @@ pub mod api;
 pub mod controllers;
 pub mod files;
 pub mod pki;
+pub mod quantity;
 pub mod scheduler;
 pub mod server;
 pub mod store;
