@@ -25,6 +25,7 @@ pub mod patch;
 mod priority;
 mod protobuf;
 mod query;
+mod quota;
 mod resource_metrics;
 pub mod resources;
 mod reviews;
@@ -108,6 +109,8 @@ pub struct Api {
     reads_in_flight: Arc<tokio::sync::Semaphore>,
     writes_in_flight: Arc<tokio::sync::Semaphore>,
     metrics: metrics::Metrics,
+    /// Serializes pod admissions in namespaces with ResourceQuotas (`quota.rs`).
+    quota_gate: tokio::sync::Mutex<()>,
 }
 
 /// Events expire this long after they are written, as with Kubernetes' default --event-ttl.
@@ -130,6 +133,7 @@ impl Api {
                 cfg.limits.max_mutating_requests_inflight.max(1),
             )),
             metrics: metrics::Metrics::default(),
+            quota_gate: tokio::sync::Mutex::new(()),
             cfg,
         });
         api.bootstrap().await?;

@@ -86,9 +86,14 @@ impl Api {
         }
         admission::default(info, &mut obj);
         admission::on_create(info, &mut obj);
+        // Held until the pod is stored: the quota's charge must not race another pod's.
+        let mut quota_guard = None;
         if hooks == Hooks::Pod {
             self.admit_pod_service_account(&mut obj).await?;
             self.admit_pod_priority(&mut obj).await?;
+            quota_guard = self
+                .admit_pod_limits(ns.unwrap_or_default(), &mut obj)
+                .await?;
         }
         if (info.group, info.kind) == ("scheduling.k8s.io", "PriorityClass") {
             self.check_global_default(&obj).await?;
@@ -134,6 +139,9 @@ impl Api {
         {
             Ok((kv, _)) => {
                 debug!(key, rev = kv.mod_revision, "created");
+                if quota_guard.take().is_some() {
+                    self.refresh_quotas(ns.unwrap_or_default()).await;
+                }
                 Ok(with_rv(obj, kv.mod_revision))
             }
             Err(e) => {

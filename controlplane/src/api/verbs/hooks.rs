@@ -127,6 +127,10 @@ impl Hooks {
         if self == Hooks::Service {
             api.release_service(obj, None).await;
         }
+        if self == Hooks::Pod {
+            let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+            api.refresh_quotas_boxed(ns).await;
+        }
     }
 
     /// Before validating an update: a Service keeps its allocated cluster IP when the update
