@@ -1640,3 +1640,115 @@ spec:
         "may not be changed in an update",
     );
 }
+
+/// A LimitRange fills and bounds containers' resources and ResourceQuotas charge pods at
+/// admission, with Kubernetes' messages; the quota's status follows creates and deletes.
+#[test]
+fn limit_ranges_and_quotas_admit_pods_as_kubernetes_does() {
+    let cp = ControlPlane::start(&[]).unwrap();
+    let dir = temp_dir("quota");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    cp.ok(&["create", "namespace", "team"]).unwrap();
+    let limits = write(
+        &dir,
+        "limits.yaml",
+        "apiVersion: v1
+kind: LimitRange
+metadata: {name: cpu, namespace: team}
+spec:
+  limits:
+  - type: Container
+    default: {cpu: 200m}
+    defaultRequest: {cpu: 100m}
+    max: {cpu: '1'}
+",
+    );
+    cp.ok(&["apply", "-f", &limits]).unwrap();
+    cp.ok(&[
+        "-n",
+        "team",
+        "create",
+        "quota",
+        "q",
+        "--hard=pods=2,requests.cpu=300m",
+    ])
+    .unwrap();
+    let pod = |name: &str, resources: &str| {
+        let f = write(
+            &dir,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: team}}\nspec:\n  containers:\n  - name: c\n    image: busybox:1\n    resources: {resources}\n"
+            ),
+        );
+        cp.kubectl(&["create", "-f", &f])
+    };
+    assert!(pod("a", "{}").status.success());
+    let res = cp
+        .ok(&[
+            "-n",
+            "team",
+            "get",
+            "pod",
+            "a",
+            "-o",
+            "jsonpath={.spec.containers[0].resources}",
+        ])
+        .unwrap();
+    let res: serde_json::Value = serde_json::from_str(&res).unwrap();
+    assert_eq!(
+        res,
+        serde_json::json!({"limits": {"cpu": "200m"}, "requests": {"cpu": "100m"}}),
+        "the LimitRange's defaults"
+    );
+    assert!(pod("b", "{}").status.success());
+    expect_err(
+        &pod("c", "{}"),
+        "pods \"c\" is forbidden: exceeded quota: q, requested: pods=1, used: pods=2, limited: pods=2",
+    );
+    let quota = cp.ok(&["-n", "team", "get", "quota", "q"]).unwrap();
+    assert!(
+        quota.contains("pods: 2/2") && quota.contains("requests.cpu: 200m/300m"),
+        "{quota}"
+    );
+    expect_err(
+        &pod("big", "{limits: {cpu: '2'}}"),
+        "maximum cpu usage per Container is 1, but limit is 2",
+    );
+
+    // A deleted pod gives its place back.
+    cp.ok(&["-n", "team", "delete", "pod", "a", "--wait=false"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cp
+        .ok(&["-n", "team", "get", "quota", "q"])
+        .unwrap()
+        .contains("pods: 1/2")
+    {
+        assert!(Instant::now() < deadline, "the quota never released pod a");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ... though not for more CPU than is left.
+    expect_err(
+        &pod("d", "{requests: {cpu: 250m}, limits: {cpu: 250m}}"),
+        "exceeded quota: q, requested: requests.cpu=250m, used: requests.cpu=100m, limited: requests.cpu=300m",
+    );
+    assert!(pod("e", "{}").status.success());
+    // A quota on memory makes its request mandatory.
+    cp.ok(&[
+        "-n",
+        "team",
+        "create",
+        "quota",
+        "mem",
+        "--hard=requests.memory=1Gi",
+    ])
+    .unwrap();
+    cp.ok(&["-n", "team", "delete", "pod", "e", "--wait=false"])
+        .unwrap();
+    expect_err(
+        &pod("f", "{}"),
+        "failed quota: mem: must specify requests.memory",
+    );
+}
