@@ -387,7 +387,7 @@ pub fn bootstrap_policy() -> Vec<Value> {
         cr(
             "system:kube-controller-manager",
             json!([
-            {"apiGroups": ["", "apps", "batch", "discovery.k8s.io", "coordination.k8s.io"], "resources": ["*"], "verbs": ["*"]}]),
+            {"apiGroups": ["", "apps", "batch", "discovery.k8s.io", "coordination.k8s.io", "policy"], "resources": ["*"], "verbs": ["*"]}]),
         ),
         crb(
             "system:kube-controller-manager",

@@ -91,6 +91,11 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                     json!(["get", "patch", "update"]),
                 ),
                 "binding" => ("Binding", json!({}), json!(["create"])),
+                "eviction" => (
+                    "Eviction",
+                    json!({"group": "policy", "version": "v1"}),
+                    json!(["create"]),
+                ),
                 "token" => (
                     "TokenRequest",
                     json!({"group": "authentication.k8s.io", "version": "v1"}),

@@ -12,6 +12,7 @@ pub mod auth;
 mod body;
 pub mod cluster_dns;
 pub mod discovery;
+mod eviction;
 mod impersonation;
 mod kubelet_client;
 pub use kubelet_client::kubelet_tls;
@@ -176,6 +177,28 @@ impl Api {
                     Err(e) => {
                         anyhow::bail!("creating bootstrap {} {name}: {}", info.kind, e.message)
                     }
+                }
+            } else if info.kind == "ClusterRole" {
+                // A bootstrap role follows this version's rules, as Kubernetes reconciles
+                // them, unless its owner opted out.
+                let (cur, kv) = self
+                    .get_object(info, None, &name)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reading ClusterRole {name}: {}", e.message))?;
+                let opted_out = cur["metadata"]["annotations"]
+                    ["rbac.authorization.kubernetes.io/autoupdate"]
+                    == "false";
+                // Compared as stored (decoded into the typed object and back).
+                let want = (info.normalize)(obj.clone()).unwrap_or(obj);
+                if !opted_out && cur["rules"] != want["rules"] {
+                    let mut new = cur.clone();
+                    new["rules"] = want["rules"].clone();
+                    self.update_object(info, None, &name, new, &cur, &kv, None, false)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("updating ClusterRole {name}: {}", e.message)
+                        })?;
+                    info!(name, "bootstrap ClusterRole brought up to date");
                 }
             }
         }

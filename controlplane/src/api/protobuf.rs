@@ -245,6 +245,11 @@ fn schema(msg: &str) -> Option<Fields> {
             (3, "name", Str),
             (4, "uid", Str),
         ],
+        // `kubectl drain`'s evictions.
+        "Eviction" => &[
+            (1, "metadata", Msg("ObjectMeta")),
+            (2, "deleteOptions", Msg("DeleteOptions")),
+        ],
         // `kubectl create priorityclass|quota|poddisruptionbudget`.
         "PriorityClass" => &[
             (1, "metadata", Msg("ObjectMeta")),

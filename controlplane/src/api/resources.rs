@@ -165,7 +165,15 @@ pub static RESOURCES: &[ResourceInfo] = &[
         "pod",
         true,
         &["po"],
-        &["status", "binding", "log", "exec", "attach", "portforward"],
+        &[
+            "status",
+            "binding",
+            "eviction",
+            "log",
+            "exec",
+            "attach",
+            "portforward"
+        ],
         ALL,
         &[
             "spec.nodeName",

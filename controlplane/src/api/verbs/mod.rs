@@ -93,6 +93,17 @@ pub async fn dispatch(
                 .await?;
             Ok(json_response(StatusCode::CREATED, &out))
         }
+        ("create", Some("eviction")) => {
+            let req = parse_any(headers, &body).await?.value;
+            let out = api
+                .evict(
+                    ns.as_deref().unwrap_or_default(),
+                    t.name.as_deref().unwrap(),
+                    &req,
+                )
+                .await?;
+            Ok(json_response(StatusCode::CREATED, &out))
+        }
         ("create", Some("binding")) => {
             let b = parse_any(headers, &body).await?.value;
             api.bind(
