@@ -282,8 +282,8 @@ async fn run() -> Result<()> {
                 }
             }
             use controlplane::controllers::{
-                cronjob, daemonset, deployment, endpoints, gc, job, nodeipam, nodelifecycle,
-                replicaset, serviceaccounts, statefulset,
+                cronjob, daemonset, deployment, disruption, endpoints, gc, job, nodeipam,
+                nodelifecycle, replicaset, serviceaccounts, statefulset,
             };
             let client = endpoints::client(&kubeconfig).await?;
             let ca = serviceaccounts::kubeconfig_ca(&kubeconfig)?;
@@ -303,6 +303,7 @@ async fn run() -> Result<()> {
                     r = job::run(client.clone()) => r,
                     r = cronjob::run(client.clone()) => r,
                     r = statefulset::run(client.clone()) => r,
+                    r = disruption::run(client.clone()) => r,
                     r = serviceaccounts::run(client.clone(), ca.clone()) => r,
                     r = async {
                         match cluster_cidr {

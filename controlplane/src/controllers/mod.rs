@@ -1,12 +1,13 @@
 //! The controller manager: control loops that watch the API and act on it, as a client of the
 //! API server like any other (`ferry-controlplane controller-manager --kubeconfig ...`).
 //! Endpoints and EndpointSlices; ReplicaSets and ReplicationControllers; Deployments;
-//! DaemonSets; Jobs and CronJobs; StatefulSets; the garbage collector; node lifecycle; each
-//! namespace's default ServiceAccount and root CA ConfigMap.
+//! DaemonSets; Jobs and CronJobs; StatefulSets; PodDisruptionBudgets' status; the garbage
+//! collector; node lifecycle; each namespace's default ServiceAccount and root CA ConfigMap.
 
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod gc;
 pub mod job;
