@@ -1611,3 +1611,130 @@ fn kubectl_top_shows_pod_and_node_usage_from_the_kubelet() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `kubectl drain` evicts through `pods/eviction`, which a PodDisruptionBudget gates: with
+/// `minAvailable: 2` of 2 ready pods nothing may go (429, kubectl retries until its timeout);
+/// with 1 the pods go one at a time, the second once the first's replacement is ready.
+#[test]
+fn drain_evicts_pods_as_their_disruption_budget_allows() {
+    let node = one_node();
+    let cp = &node.cp;
+    apply(
+        cp,
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      nodeName: node-a
+      terminationGracePeriodSeconds: 1
+      containers:
+      - {name: c, image: ferry.local/busybox:1, imagePullPolicy: IfNotPresent, command: [sleep, '3600']}
+",
+    );
+    let ready_pods = || -> Vec<String> {
+        let out = cp
+            .ok(&[
+                "-n", "default", "get", "pods", "-l", "app=web", "-o",
+                r#"jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status} {.metadata.deletionTimestamp}{"\n"}{end}"#,
+            ])
+            .unwrap_or_default();
+        out.lines()
+            .map(str::trim_end)
+            .filter(|l| l.split_whitespace().count() == 2 && l.ends_with(" True"))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect()
+    };
+    eventually("2 web pods ready", Duration::from_secs(90), || {
+        ready_pods().len() == 2
+    });
+    let before = ready_pods();
+    cp.ok(&[
+        "-n",
+        "default",
+        "create",
+        "pdb",
+        "web",
+        "--selector=app=web",
+        "--min-available=2",
+    ])
+    .unwrap();
+    let budget = |field: &str| {
+        cp.ok(&[
+            "-n",
+            "default",
+            "get",
+            "pdb",
+            "web",
+            "-o",
+            &format!("jsonpath={{.status.{field}}}"),
+        ])
+        .unwrap_or_default()
+    };
+    eventually("the budget's status", Duration::from_secs(20), || {
+        budget("currentHealthy") == "2" && budget("disruptionsAllowed") == "0"
+    });
+    let drain = |timeout: &str| {
+        cp.kubectl(&[
+            "drain",
+            "node-a",
+            "--ignore-daemonsets",
+            "--pod-selector=app=web",
+            &format!("--timeout={timeout}"),
+        ])
+    };
+    let o = drain("8s");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "drain went through a full budget");
+    assert!(
+        err.contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "{err}"
+    );
+    assert_eq!(ready_pods(), before, "nothing was evicted");
+    assert_eq!(
+        cp.ok(&[
+            "get",
+            "node",
+            "node-a",
+            "-o",
+            "jsonpath={.spec.unschedulable}"
+        ])
+        .unwrap(),
+        "true",
+        "drain cordoned the node"
+    );
+
+    cp.ok(&[
+        "-n",
+        "default",
+        "patch",
+        "pdb",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"minAvailable": 1}}"#,
+    ])
+    .unwrap();
+    eventually("one disruption allowed", Duration::from_secs(20), || {
+        budget("disruptionsAllowed") == "1"
+    });
+    let o = drain("120s");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for p in &before {
+        assert!(out.contains(&format!("pod/{p} evicted")), "{p} in:\n{out}");
+    }
+    eventually("the replacements ready", Duration::from_secs(60), || {
+        let now = ready_pods();
+        now.len() == 2 && now.iter().all(|p| !before.contains(p))
+    });
+    cp.ok(&["uncordon", "node-a"]).unwrap();
+}
