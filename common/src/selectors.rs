@@ -112,6 +112,13 @@ impl LabelSelector {
         })
     }
 
+    /// Whether a LabelSelector object (as in a PodDisruptionBudget or a NetworkPolicy)
+    /// selects `labels`: a missing selector selects nothing, an empty one everything, an
+    /// invalid one nothing.
+    pub fn selects(sel: &Value, labels: &BTreeMap<String, String>) -> bool {
+        sel.is_object() && Self::from_object(sel).is_ok_and(|s| s.matches(labels))
+    }
+
     /// A selector from a Kubernetes LabelSelector object (matchLabels, matchExpressions).
     pub fn from_object(sel: &Value) -> Result<Self, String> {
         let mut reqs = Vec::new();

@@ -47,10 +47,7 @@ impl Api {
                 .await?
                 .0
                 .into_iter()
-                .filter(|b| {
-                    LabelSelector::from_object(&b["spec"]["selector"])
-                        .is_ok_and(|s| !s.is_empty() && s.matches(&labels))
-                })
+                .filter(|b| LabelSelector::selects(&b["spec"]["selector"], &labels))
                 .collect();
             if matching.len() > 1 {
                 return Err(ApiError::internal(

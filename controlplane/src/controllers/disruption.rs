@@ -46,14 +46,10 @@ fn scaled(v: &Value, total: i64) -> Option<i64> {
 
 /// The budget's status given the namespace's pods (JSON) and the time now.
 pub fn status(pdb: &Value, pods: &[Value], now: jiff::Timestamp) -> Value {
-    let selector = LabelSelector::from_object(&pdb["spec"]["selector"]).ok();
+    // policy/v1: a missing selector selects nothing, an empty one every pod.
     let selected: Vec<&Value> = pods
         .iter()
-        .filter(|p| {
-            selector
-                .as_ref()
-                .is_some_and(|s| !s.is_empty() && s.matches(&labels_of(p)))
-        })
+        .filter(|p| LabelSelector::selects(&pdb["spec"]["selector"], &labels_of(p)))
         .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
         .collect();
     let mut disrupted = serde_json::Map::new();
@@ -183,7 +179,7 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
                     let sel =
                         serde_json::to_value(b.spec.as_ref().and_then(|s| s.selector.clone()))
                             .unwrap_or_default();
-                    LabelSelector::from_object(&sel).is_ok_and(|s| s.matches(&labels))
+                    LabelSelector::selects(&sel, &labels)
                 })
                 .map(|b| ObjectRef::from_obj(b.as_ref()))
                 .collect::<Vec<_>>()
@@ -248,6 +244,11 @@ mod tests {
             ),
             (Some(2), Some(0))
         );
+        // policy/v1: no selector selects nothing, an empty one every pod.
+        let st = status(&pdb(json!({"minAvailable": 1})), &pods, now);
+        assert_eq!(st["expectedPods"], 0);
+        let st = status(&pdb(json!({"selector": {}, "minAvailable": 1})), &pods, now);
+        assert_eq!(st["expectedPods"], 3);
         // A pod just evicted is not healthy; an old record is forgotten.
         let mut b = pdb(json!({"selector": sel, "minAvailable": 1}));
         b["status"]["disruptedPods"] = json!({"a": now.to_string(), "b": "2020-01-01T00:00:00Z"});
