@@ -1735,6 +1735,24 @@ spec:
         "exceeded quota: q, requested: requests.cpu=250m, used: requests.cpu=100m, limited: requests.cpu=300m",
     );
     assert!(pod("e", "{}").status.success());
+    // A pod that finished gives its place back too.
+    cp.ok(&[
+        "-n",
+        "team",
+        "patch",
+        "pod",
+        "b",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status": {"phase": "Succeeded"}}"#,
+    ])
+    .unwrap();
+    let quota = cp.ok(&["-n", "team", "get", "quota", "q"]).unwrap();
+    assert!(
+        quota.contains("pods: 1/2"),
+        "the finished pod b released: {quota}"
+    );
     // A quota on memory makes its request mandatory.
     cp.ok(&[
         "-n",

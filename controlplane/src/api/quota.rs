@@ -5,7 +5,8 @@
 //! namespace's pods that have not finished already use, and a pod that would pass a hard
 //! limit, or leaves unset what a quota limits, is refused with Kubernetes' message. Admissions
 //! in a namespace with quotas are serialized in this API server, so two pods cannot both take
-//! the last place; `status.used` is written after each admitted pod and each deleted one.
+//! the last place; `status.used` is written after each admitted pod, each deleted one and each
+//! that finishes.
 
 use std::collections::BTreeMap;
 

@@ -120,6 +120,13 @@ impl Hooks {
         if self == Hooks::Service && sub.is_none() {
             api.release_service(cur, Some(new)).await;
         }
+        // A pod that finished stops counting against its namespace's quotas.
+        let finished =
+            |p: &Value| matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+        if self == Hooks::Pod && finished(new) && !finished(cur) {
+            let ns = new["metadata"]["namespace"].as_str().unwrap_or_default();
+            api.refresh_quotas_boxed(ns).await;
+        }
     }
 
     /// After the object was removed from the store: gives back what it held.
