@@ -1589,6 +1589,19 @@ fn kubectl_top_shows_pod_and_node_usage_from_the_kubelet() {
         (16..64).contains(&mem),
         "the 16 MiB it holds, and little more: {pods}"
     );
+    let by_label = cp
+        .ok(&["top", "pods", "-n", "default", "-l", "app=busy"])
+        .unwrap();
+    assert!(
+        by_label.lines().any(|l| l.starts_with("busy ")),
+        "{by_label}"
+    );
+    let o = cp.kubectl(&["top", "pods", "-n", "default", "-l", "app=other"]);
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("busy"),
+        "a selector that matches nothing: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let per = cp
         .ok(&["top", "pod", "busy", "-n", "default", "--containers"])
         .unwrap();

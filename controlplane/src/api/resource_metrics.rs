@@ -2,9 +2,11 @@
 //! Kubernetes): NodeMetrics and PodMetrics, get and list, answered from each node's kubelet
 //! `/stats/summary` at the time of the request (CPU as the rate over the kubelet's last
 //! sampling interval, memory as the working set). Nodes whose kubelet does not answer within
-//! the timeout are left out, as metrics-server leaves out what it could not scrape. RBAC as for
-//! any resource: `get`/`list` on `nodes` or `pods` in group `metrics.k8s.io`.
+//! the timeout are left out, as metrics-server leaves out what it could not scrape. Label and
+//! field selectors select the nodes or pods themselves (`kubectl top pods -l app=web`). RBAC as
+//! for any resource: `get`/`list` on `nodes` or `pods` in group `metrics.k8s.io`.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use axum::http::{header, StatusCode};
@@ -100,19 +102,31 @@ fn meta(name: &str, ns: Option<&str>, labels: &Value) -> Value {
 impl Api {
     /// `GET` on `t`: a NodeMetrics or PodMetrics, or their list.
     pub(super) async fn resource_metrics(&self, t: &Target, q: &Query) -> ApiResult<Response> {
-        if q.get("labelSelector").is_some() || q.get("fieldSelector").is_some() {
-            return Err(ApiError::bad_request(
-                "metrics.k8s.io: label and field selectors are not supported yet; list without them",
-            ));
-        }
+        // Label and field selectors select the nodes, or the pods, themselves.
+        let selects = q.get("labelSelector").is_some() || q.get("fieldSelector").is_some();
         let nodes_info = resources::find("", "v1", "nodes").expect("nodes are served");
         let nodes: Vec<Value> = match (t.resource, &t.name) {
             ("nodes", Some(n)) => vec![self.get_object(nodes_info, None, n).await?.0],
+            ("nodes", None) => self.list_objects(nodes_info, None, q).await?.0,
             _ => {
                 self.list_objects(nodes_info, None, &Query::parse(None))
                     .await?
                     .0
             }
+        };
+        let chosen_pods: Option<HashSet<(String, String)>> = if t.resource == "pods" && selects {
+            let pods_info = resources::find("", "v1", "pods").expect("pods are served");
+            let listed = self.list_objects(pods_info, t.ns.as_deref(), q).await?.0;
+            let key =
+                |p: &Value, f: &str| p["metadata"][f].as_str().unwrap_or_default().to_string();
+            Some(
+                listed
+                    .iter()
+                    .map(|p| (key(p, "namespace"), key(p, "name")))
+                    .collect(),
+            )
+        } else {
+            None
         };
         let mut items = Vec::new();
         for node in &nodes {
@@ -141,6 +155,9 @@ impl Api {
                 );
                 if t.ns.as_deref().is_some_and(|ns| ns != pns)
                     || t.name.as_deref().is_some_and(|n| n != pname)
+                    || chosen_pods
+                        .as_ref()
+                        .is_some_and(|c| !c.contains(&(pns.to_string(), pname.to_string())))
                 {
                     continue;
                 }
