@@ -1,5 +1,5 @@
-//! How the API server reaches a pod's kubelet (for `pods/log`, `exec`, `attach` and
-//! `portforward`): the node's InternalIP and daemonEndpoints port, over TLS with the API
+//! How the API server reaches a pod's kubelet (for `pods/log`, `exec`, `attach`,
+//! `portforward` and resource metrics): the node's InternalIP and daemonEndpoints port, over TLS with the API
 //! server's kubelet client certificate (`kube-apiserver-kubelet-client`, group
 //! `system:masters`), the only identity the kubelet's port accepts. The kubelet's serving
 //! certificate is not verified (as kube-apiserver without `--kubelet-certificate-authority`;
@@ -17,6 +17,54 @@ use super::status::ApiError;
 use super::{resources, Api, ApiResult, Query};
 
 pub type KubeletStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// `GET path` on a kubelet connection: the response when the kubelet answered 200, its
+/// answer as a Status otherwise (404 stays NotFound; other refusals are BadRequest, or 502
+/// when the kubelet cannot be talked to).
+pub(super) async fn kubelet_get(
+    authority: &str,
+    stream: KubeletStream,
+    path: &str,
+) -> ApiResult<hyper::Response<hyper::body::Incoming>> {
+    use axum::http::{header, StatusCode};
+    use http_body_util::{BodyExt as _, Empty};
+    let unreachable = |e: String| {
+        ApiError::new(
+            502,
+            "InternalError",
+            format!("Get \"https://{authority}{path}\": {e}"),
+        )
+    };
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(header::HOST, authority)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = resp.status();
+    if status != StatusCode::OK {
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        let reason = if status == StatusCode::NOT_FOUND {
+            "NotFound"
+        } else {
+            "BadRequest"
+        };
+        return Err(ApiError::new(status.as_u16(), reason, body));
+    }
+    Ok(resp)
+}
 
 /// The TLS configuration toward kubelets, from the API server's kubelet client certificate
 /// and key (PEM).

@@ -2,15 +2,11 @@
 //! the answer back, as `kubectl logs` (with `-f`, `--previous`, `--tail`, `--timestamps`,
 //! `--since`, `--limit-bytes`) expects.
 
+use super::kubelet_client::{container, kubelet_get};
+use super::{Api, ApiResult, Query};
 use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use http_body_util::Empty;
-use hyper::body::Bytes;
-
-use super::kubelet_client::container;
-use super::status::ApiError;
-use super::{Api, ApiResult, Query};
 
 /// The query parameters passed on to the kubelet.
 const PASSED: &[&str] = &[
@@ -45,39 +41,7 @@ impl Api {
                 ))
             })
             .await?;
-        let unreachable = |e: String| {
-            ApiError::new(
-                502,
-                "InternalError",
-                format!("Get \"https://{authority}{path}\": {e}"),
-            )
-        };
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get(&path)
-            .header(header::HOST, authority.as_str())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = resp.status();
-        if status != StatusCode::OK {
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
-                .unwrap_or_default();
-            let reason = if status == StatusCode::NOT_FOUND {
-                "NotFound"
-            } else {
-                "BadRequest"
-            };
-            return Err(ApiError::new(status.as_u16(), reason, body));
-        }
+        let resp = kubelet_get(&authority, stream, &path).await?;
         Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain")],

@@ -117,6 +117,58 @@ pub fn verb_label(verb: &str, method: &Method, streaming: bool) -> String {
     }
 }
 
+/// A request's labels in the API server's metrics (see `metrics.rs`): from the routed target,
+/// never from free text the client wrote.
+pub(super) fn request_labels(method: &Method, path: &str, q: Option<&str>) -> Request {
+    let known = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
+    let method_label = if known.contains(method) {
+        method.as_str().to_string()
+    } else {
+        "OTHER".into()
+    };
+    let component = "apiserver".to_string();
+    match super::parse_target(path) {
+        Ok(Some(t)) => {
+            let verb = super::verb_of(method, &t, &super::Query::parse(q));
+            let streaming = t
+                .sub
+                .as_deref()
+                .is_some_and(|s| super::streaming::STREAMING.contains(&s));
+            let scope = match (&t.name, &t.ns) {
+                (Some(_), _) => "resource",
+                (None, Some(_)) => "namespace",
+                (None, None) => "cluster",
+            };
+            Request {
+                verb: if verb == "unknown" {
+                    method_label
+                } else {
+                    verb_label(verb, method, streaming)
+                },
+                group: t.info.group.into(),
+                version: t.info.version.into(),
+                resource: t.info.plural.into(),
+                subresource: t.sub.clone().unwrap_or_default(),
+                scope: scope.into(),
+                component,
+            }
+        }
+        _ => Request {
+            verb: method_label,
+            component,
+            ..Default::default()
+        },
+    }
+}
+
 impl Metrics {
     /// Counts an answered request and its duration.
     pub fn answered(&self, r: &Request, code: u16, secs: f64) {

@@ -495,63 +495,11 @@ fn long_running(method: &Method, path: &str, q: Option<&str>) -> bool {
 }
 
 /// Every request comes here.
-/// A request's labels in the API server's metrics (see `metrics.rs`): from the routed target,
-/// never from free text the client wrote.
-fn request_labels(method: &Method, path: &str, q: Option<&str>) -> metrics::Request {
-    let known = [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-        Method::OPTIONS,
-    ];
-    let method_label = if known.contains(method) {
-        method.as_str().to_string()
-    } else {
-        "OTHER".into()
-    };
-    let component = "apiserver".to_string();
-    match parse_target(path) {
-        Ok(Some(t)) => {
-            let verb = verb_of(method, &t, &Query::parse(q));
-            let streaming = t
-                .sub
-                .as_deref()
-                .is_some_and(|s| streaming::STREAMING.contains(&s));
-            let scope = match (&t.name, &t.ns) {
-                (Some(_), _) => "resource",
-                (None, Some(_)) => "namespace",
-                (None, None) => "cluster",
-            };
-            metrics::Request {
-                verb: if verb == "unknown" {
-                    method_label
-                } else {
-                    metrics::verb_label(verb, method, streaming)
-                },
-                group: t.info.group.into(),
-                version: t.info.version.into(),
-                resource: t.info.plural.into(),
-                subresource: t.sub.clone().unwrap_or_default(),
-                scope: scope.into(),
-                component,
-            }
-        }
-        _ => metrics::Request {
-            verb: method_label,
-            component,
-            ..Default::default()
-        },
-    }
-}
-
 pub async fn handle(api: Arc<Api>, peer: Peer, req: Request<Body>) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let started = std::time::Instant::now();
-    let labels = request_labels(&method, &path, req.uri().query());
+    let labels = metrics::request_labels(&method, &path, req.uri().query());
     let health = matches!(
         path.trim_end_matches('/'),
         "/healthz" | "/livez" | "/readyz"

@@ -9,13 +9,13 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
 
 use super::auth::Attributes;
+use super::kubelet_client::kubelet_get;
 use super::resources;
 use super::status::{ApiError, ApiResult};
 use super::{json_response, Api, Query};
@@ -201,23 +201,8 @@ impl Api {
         let path = "/stats/summary";
         let fetch = async {
             let (authority, stream) = self.kubelet_conn(node, path).await?;
+            let resp = kubelet_get(&authority, stream, path).await?;
             let failed = |e: String| ApiError::new(502, "InternalError", format!("{path}: {e}"));
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
-            tokio::spawn(conn);
-            let req = hyper::Request::get(path)
-                .header(header::HOST, authority.as_str())
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            if resp.status() != StatusCode::OK {
-                return Err(failed(format!("the kubelet answered {}", resp.status())));
-            }
             let body = http_body_util::Limited::new(resp.into_body(), 8 << 20)
                 .collect()
                 .await
