@@ -1244,6 +1244,18 @@ spec:
 }
 
 /// kubectl as the admin in the node's namespace with its output, status and stdin given.
+/// Runs a Python client script in the node's namespace with the admin's kubeconfig as its
+/// first argument; its output.
+fn python_as_admin(node: &OneNode, script: &str) -> String {
+    node.t
+        .node
+        .exec(
+            ferry_testbed::controlplane::python().to_str().unwrap(),
+            &["-c", script, node.cp.kubeconfig("admin").to_str().unwrap()],
+        )
+        .unwrap()
+}
+
 #[test]
 fn exec_attach_cp_and_port_forward_stream_through_the_api_server_and_kubelet() {
     let node = one_node();
@@ -1462,14 +1474,7 @@ r = stream(api.connect_get_namespaced_pod_exec, 'shell', 'default',
 r.run_forever(timeout=20)
 print(r.read_stdout().strip(), r.returncode)
 "#;
-    let py = node
-        .t
-        .node
-        .exec(
-            ferry_testbed::controlplane::python().to_str().unwrap(),
-            &["-c", script, cp.kubeconfig("admin").to_str().unwrap()],
-        )
-        .unwrap();
+    let py = python_as_admin(&node, script);
     assert_eq!(py.trim(), "from-python 7");
     // ... and its WebSocket port-forward (v4 channels, the ports in the query).
     let script = r#"
@@ -1491,14 +1496,7 @@ while not got.endswith(b'\n'):
 s.close()
 print(repr(got), pf.error(8080))
 "#;
-    let py = node
-        .t
-        .node
-        .exec(
-            ferry_testbed::controlplane::python().to_str().unwrap(),
-            &["-c", script, cp.kubeconfig("admin").to_str().unwrap()],
-        )
-        .unwrap();
+    let py = python_as_admin(&node, script);
     assert!(py.starts_with("b'echo "), "{py}");
     assert!(py.trim().ends_with(" None"), "no port-forward error: {py}");
 
