@@ -37,7 +37,7 @@ const PODS: usize = 1_000;
 const TARGET: f64 = 1_000.0;
 
 async fn client(dir: &std::path::Path, name: &str) -> Result<Client> {
-    controlplane::controllers::endpoints::client(&dir.join(format!("{name}.kubeconfig"))).await
+    ferry_common::kubeconfig::client(&dir.join(format!("{name}.kubeconfig")), "ferry-bench").await
 }
 
 async fn make_nodes(c: &Client) -> Result<()> {

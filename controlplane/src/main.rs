@@ -285,7 +285,8 @@ async fn run() -> Result<()> {
                 cronjob, daemonset, deployment, disruption, endpoints, gc, job, nodeipam,
                 nodelifecycle, replicaset, serviceaccounts, statefulset,
             };
-            let client = endpoints::client(&kubeconfig).await?;
+            let client =
+                ferry_common::kubeconfig::client(&kubeconfig, "ferry-controller-manager").await?;
             let ca = serviceaccounts::kubeconfig_ca(&kubeconfig)?;
             let nodes = nodelifecycle::Options {
                 grace_period: node_monitor_grace_period,
@@ -325,7 +326,7 @@ async fn run() -> Result<()> {
             kubeconfig,
             election,
         }) => {
-            let client = controlplane::controllers::endpoints::client(&kubeconfig).await?;
+            let client = ferry_common::kubeconfig::client(&kubeconfig, "ferry-scheduler").await?;
             let work = controlplane::scheduler::run(client.clone());
             tokio::select! {
                 r = election.run(client.clone(), "kube-scheduler", work) => r,

@@ -88,12 +88,7 @@ struct Args {
 
 /// The API client and the cluster CA certificates (DER) the kubeconfig trusts.
 async fn client(kubeconfig: &std::path::Path) -> Result<(kube::Client, Vec<Vec<u8>>)> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .with_context(|| format!("the kubeconfig {} is not usable", kubeconfig.display()))?;
+    let config = ferry_common::kubeconfig::config(kubeconfig, "ferry-kubelet").await?;
     let cas = config.root_cert.clone().unwrap_or_default();
     Ok((
         kube::Client::try_from(config).context("building the API client")?,
@@ -101,7 +96,6 @@ async fn client(kubeconfig: &std::path::Path) -> Result<(kube::Client, Vec<Vec<u
     ))
 }
 
-/// The client CAs of the kubelet's port: `--client-ca-file`, or the kubeconfig's.
 fn client_cas(
     file: Option<&std::path::Path>,
     from_kubeconfig: Vec<Vec<u8>>,

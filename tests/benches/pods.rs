@@ -263,7 +263,7 @@ async fn run(mut t: Topology) -> Result<()> {
     let _controllers = cp.spawn_controllers(&[])?;
     let _proxy = t.start_proxy_api(&cp.kubeconfig("kube-proxy"))?;
     let _kubelet = Kubelet::start(&t, &cp, &dirs, POD_CIDR);
-    let client = controlplane::controllers::endpoints::client(&cp.kubeconfig("admin")).await?;
+    let client = ferry_common::kubeconfig::client(&cp.kubeconfig("admin"), "ferry-e2e").await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

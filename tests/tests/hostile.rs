@@ -139,7 +139,7 @@ fn a_watcher_that_never_reads_is_closed_and_memory_stays_bounded() {
     let before = cp.rss_mib();
     // 300 updates of a ConfigMap near 1 MB: 300 MB a stalled watcher would otherwise hold.
     let client = rt().block_on(async {
-        let client = controlplane::controllers::endpoints::client(&cp.kubeconfig("admin"))
+        let client = ferry_common::kubeconfig::client(&cp.kubeconfig("admin"), "ferry-e2e")
             .await
             .unwrap();
         let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
@@ -743,7 +743,7 @@ fn concurrent_patches_without_a_resource_version_all_land() {
     let cp = ControlPlane::start(&[]).unwrap();
     create_cm(&cp, "shared");
     let results = rt().block_on(async {
-        let client = controlplane::controllers::endpoints::client(&cp.kubeconfig("admin"))
+        let client = ferry_common::kubeconfig::client(&cp.kubeconfig("admin"), "ferry-e2e")
             .await
             .unwrap();
         let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Pod, Service,
 };
@@ -361,16 +360,6 @@ pub async fn run(client: Client) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
-}
-
-/// A client from a kubeconfig file.
-pub async fn client(kubeconfig: &std::path::Path) -> anyhow::Result<Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .with_context(|| format!("the kubeconfig {} is not usable", kubeconfig.display()))?;
-    Client::try_from(cfg).context("building the API client")
 }
 
 #[cfg(test)]

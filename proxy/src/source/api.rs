@@ -46,14 +46,7 @@ const NODES: usize = 2;
 
 impl ApiSource {
     pub async fn connect(kubeconfig: &std::path::Path) -> Result<Self> {
-        let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-            .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| {
-                    format!("the kubeconfig {} is not usable", kubeconfig.display())
-                })?;
+        let config = ferry_common::kubeconfig::config(kubeconfig, "ferry-proxy").await?;
         let server = config.cluster_url.to_string();
         let client = kube::Client::try_from(config).context("building the API client")?;
         let (tx, events) = mpsc::unbounded_channel();

@@ -192,7 +192,7 @@ async fn run(
     record: Arc<Mutex<Record>>,
     registered: std::sync::mpsc::Sender<()>,
 ) {
-    let client = controlplane::controllers::endpoints::client(&kubeconfig)
+    let client = ferry_common::kubeconfig::client(&kubeconfig, "ferry-e2e")
         .await
         .expect("kubelet client");
     let node_api: Api<Node> = Api::all(client.clone());
