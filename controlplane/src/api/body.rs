@@ -44,15 +44,7 @@ fn media(headers: &HeaderMap) -> ApiResult<Media> {
 /// The request body as an object (JSON, or YAML when so labelled).
 pub async fn parse_any(headers: &HeaderMap, body: &bytes::Bytes) -> ApiResult<Decoded> {
     let v: Value = match media(headers)? {
-        Media::Yaml => {
-            check_yaml_depth(body)?;
-            // libyaml's parser is slow on hostile input: keep it off the request threads.
-            let b = body.clone();
-            tokio::task::spawn_blocking(move || serde_yaml::from_slice::<Value>(&b))
-                .await
-                .map_err(|e| ApiError::internal(format!("YAML parser task: {e}")))?
-                .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}")))?
-        }
+        Media::Yaml => parse_yaml(body).await?,
         Media::Protobuf => super::protobuf::decode(body).map_err(|e| {
             ApiError::unsupported_media(format!(
                 "this protobuf body is not supported ({e}); send it as application/json"
@@ -77,6 +69,34 @@ pub async fn parse_any(headers: &HeaderMap, body: &bytes::Bytes) -> ApiResult<De
         value: v,
         duplicates: Vec::new(),
     })
+}
+
+async fn parse_yaml(body: &bytes::Bytes) -> ApiResult<Value> {
+    check_yaml_depth(body)?;
+    // libyaml's parser is slow on hostile input: keep it off the request threads.
+    let b = body.clone();
+    tokio::task::spawn_blocking(move || serde_yaml::from_slice::<Value>(&b))
+        .await
+        .map_err(|e| ApiError::internal(format!("YAML parser task: {e}")))?
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}")))
+}
+
+/// The body of an apply patch (`application/apply-patch+yaml`): YAML, or JSON (which
+/// kubectl and the client libraries send).
+pub async fn parse_apply(body: &bytes::Bytes) -> ApiResult<Value> {
+    let v = if body.trim_ascii_start().starts_with(b"{") {
+        parse_json(body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?
+            .0
+    } else {
+        parse_yaml(body).await?
+    };
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "the applied configuration must be an object",
+        ));
+    }
+    Ok(v)
 }
 
 /// The body as an object of this resource: apiVersion and kind must match the path.

@@ -49,7 +49,16 @@ impl Api {
                 ],
             },
         });
-        match self.create_object(info, Some(NAMESPACE), svc, false).await {
+        match self
+            .create_object(
+                info,
+                Some(NAMESPACE),
+                svc,
+                false,
+                Some(super::SERVER_MANAGER),
+            )
+            .await
+        {
             Ok(_) => info!(%vip, "cluster DNS Service kube-system/kube-dns created"),
             // Another API server of the cluster was first.
             Err(e) if e.code == 409 => {}

@@ -103,6 +103,7 @@ impl Api {
                 &kv,
                 Some("status"),
                 false,
+                Some(super::SERVER_MANAGER),
             )
             .await
         {

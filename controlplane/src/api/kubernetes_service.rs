@@ -87,7 +87,16 @@ impl Api {
         };
         match self.get_object(info, Some(NAMESPACE), NAME).await {
             Err(e) if e.code == 404 => {
-                match self.create_object(info, Some(NAMESPACE), want, false).await {
+                match self
+                    .create_object(
+                        info,
+                        Some(NAMESPACE),
+                        want,
+                        false,
+                        Some(super::SERVER_MANAGER),
+                    )
+                    .await
+                {
                     Ok(_) => debug!(kind = info.kind, "kubernetes object created"),
                     // Another API server of the cluster was first.
                     Err(e) if e.code == 409 => {}
@@ -108,7 +117,17 @@ impl Api {
                     }
                 }
                 match self
-                    .update_object(info, Some(NAMESPACE), NAME, new, &cur, &kv, None, false)
+                    .update_object(
+                        info,
+                        Some(NAMESPACE),
+                        NAME,
+                        new,
+                        &cur,
+                        &kv,
+                        None,
+                        false,
+                        Some(super::SERVER_MANAGER),
+                    )
                     .await
                 {
                     Ok(_) => debug!(kind = info.kind, "kubernetes object put back"),

@@ -13,6 +13,7 @@ mod body;
 pub mod cluster_dns;
 pub mod discovery;
 mod eviction;
+mod fieldmanager;
 mod impersonation;
 mod kubelet_client;
 pub use kubelet_client::kubelet_tls;
@@ -58,6 +59,9 @@ use status::{ApiError, ApiResult};
 
 /// Largest request body accepted (Kubernetes' limit is 3 MiB as well).
 pub const MAX_BODY: usize = 3 << 20;
+/// The field manager of the API server's own writes (bootstrap objects, the `kubernetes`
+/// and cluster DNS Services, quota and budget status).
+pub const SERVER_MANAGER: &str = "ferry-controlplane";
 
 pub struct Config {
     pub service_cidr: Ipv4Network,
@@ -171,7 +175,10 @@ impl Api {
                 .unwrap_or_default()
                 .to_string();
             if self.store.get(&info.key("", &name)).await?.is_none() {
-                match self.create_object(info, None, obj, false).await {
+                match self
+                    .create_object(info, None, obj, false, Some(SERVER_MANAGER))
+                    .await
+                {
                     Ok(_) => debug!(kind = info.kind, name, "bootstrap object created"),
                     Err(e) if e.code == 409 => {}
                     Err(e) => {
@@ -193,11 +200,19 @@ impl Api {
                 if !opted_out && cur["rules"] != want["rules"] {
                     let mut new = cur.clone();
                     new["rules"] = want["rules"].clone();
-                    self.update_object(info, None, &name, new, &cur, &kv, None, false)
-                        .await
-                        .map_err(|e| {
-                            anyhow::anyhow!("updating ClusterRole {name}: {}", e.message)
-                        })?;
+                    self.update_object(
+                        info,
+                        None,
+                        &name,
+                        new,
+                        &cur,
+                        &kv,
+                        None,
+                        false,
+                        Some(SERVER_MANAGER),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("updating ClusterRole {name}: {}", e.message))?;
                     info!(name, "bootstrap ClusterRole brought up to date");
                 }
             }
@@ -315,7 +330,6 @@ pub fn encode(obj: &Value) -> Bytes {
     if let Some(m) = meta.as_object_mut() {
         m.remove("resourceVersion");
         m.remove("selfLink");
-        m.remove("managedFields");
     }
     let meta = serde_json::to_vec(&meta).unwrap_or_default();
     let rest = serde_json::to_vec(&Value::Object(o)).unwrap_or_default();
@@ -359,6 +373,19 @@ pub fn decode(kv: &KeyValue) -> Value {
         m.insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
     }
     v
+}
+
+/// An object as [`decode`] reads it, without `metadata.managedFields`, which are cut from
+/// the stored bytes before parsing (a table or an internal reader never needs them, and
+/// they are often half of an object's bytes).
+pub fn decode_without_managed_fields(kv: &KeyValue) -> Value {
+    match fieldmanager::cut_managed_fields(&kv.value) {
+        Some(raw) => decode(&KeyValue {
+            value: raw.into(),
+            ..kv.clone()
+        }),
+        None => decode(kv),
+    }
 }
 
 pub use ferry_common::time::now_rfc3339;

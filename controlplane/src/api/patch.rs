@@ -16,6 +16,11 @@ pub enum PatchType {
 }
 
 impl PatchType {
+    /// Server-side apply (`verbs/apply.rs`), not a patch of this module.
+    pub fn is_apply(ct: &str) -> bool {
+        ct.split(';').next().unwrap_or_default().trim() == "application/apply-patch+yaml"
+    }
+
     pub fn from_content_type(ct: &str) -> Option<Self> {
         match ct.split(';').next().unwrap_or_default().trim() {
             "application/merge-patch+json" => Some(PatchType::Merge),

@@ -310,8 +310,18 @@ impl Api {
                 let (cur, kv) = self.get_object(info, Some(ns), name).await?;
                 let mut new = cur.clone();
                 new["status"] = status;
-                self.update_object(info, Some(ns), name, new, &cur, &kv, Some("status"), false)
-                    .await?;
+                self.update_object(
+                    info,
+                    Some(ns),
+                    name,
+                    new,
+                    &cur,
+                    &kv,
+                    Some("status"),
+                    false,
+                    Some(super::SERVER_MANAGER),
+                )
+                .await?;
             }
             Ok(())
         }

@@ -689,9 +689,15 @@ pub fn table(info: &ResourceInfo, objects: &[Value], list_meta: Value) -> Value 
         .iter()
         .map(|o| {
             let cells: Vec<Value> = cols.iter().map(|c| (c.cell)(o)).collect();
+            // The row's metadata without the field manager's records (as Kubernetes: no
+            // table shows them, and they are most of the metadata's bytes).
+            let mut meta = o["metadata"].clone();
+            if let Some(m) = meta.as_object_mut() {
+                m.remove("managedFields");
+            }
             json!({"cells": cells, "object": {
                 "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                "metadata": o["metadata"].clone()}})
+                "metadata": meta}})
         })
         .collect();
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": list_meta,

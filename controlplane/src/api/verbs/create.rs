@@ -5,6 +5,7 @@ use tracing::debug;
 
 use crate::api::admission;
 use crate::api::body::Decoded;
+use crate::api::fieldmanager;
 use crate::api::resources::ResourceInfo;
 use crate::api::status::{ApiError, ApiResult, FieldError};
 use crate::api::{encode, now_rfc3339, Api, Query};
@@ -20,6 +21,7 @@ impl Api {
         ns: Option<&str>,
         body: Decoded,
         q: &Query,
+        manager: &str,
     ) -> ApiResult<(Value, Vec<String>)> {
         if body.value["metadata"]["resourceVersion"]
             .as_str()
@@ -31,7 +33,11 @@ impl Api {
         }
         let (obj, warnings) = self.normalize(info, body.value, &body.duplicates, q)?;
         let dry = q.dry_run();
-        Ok((self.create_object(info, ns, obj, dry).await?, warnings))
+        Ok((
+            self.create_object(info, ns, obj, dry, Some(manager))
+                .await?,
+            warnings,
+        ))
     }
 
     /// Admission and the store write of a new object.
@@ -41,6 +47,7 @@ impl Api {
         ns: Option<&str>,
         mut obj: Value,
         dry: bool,
+        manager: Option<&str>,
     ) -> ApiResult<Value> {
         if !obj["metadata"].is_object() {
             obj["metadata"] = json!({});
@@ -97,6 +104,12 @@ impl Api {
         }
         if (info.group, info.kind) == ("scheduling.k8s.io", "PriorityClass") {
             self.check_global_default(&obj).await?;
+        }
+        if let Some(m) = manager {
+            // The creator owns what it set, defaults included (as Kubernetes, which
+            // defaults while decoding).
+            let api_version = info.api_version();
+            fieldmanager::track_update(&json!({}), &mut obj, m, &api_version, None, &now_rfc3339());
         }
         let mut errs = admission::validate_name(info, &name);
         if let Some(g) = obj["metadata"]["generateName"].as_str() {

@@ -2,6 +2,7 @@
 //! `watch.rs`, which reads through `read`), with the subresources status, scale, binding and
 //! finalize. `dispatch` routes a request to its verb; each verb has its file.
 
+mod apply;
 mod create;
 mod delete;
 mod hooks;
@@ -20,7 +21,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tracing::debug;
 
-use crate::api::body::{parse_any, parse_object};
+use crate::api::body::{parse_any, parse_apply, parse_object};
+use crate::api::fieldmanager;
 use crate::api::patch::PatchType;
 use crate::api::resources::{self, ResourceInfo};
 use crate::api::status::{ApiError, ApiResult};
@@ -36,6 +38,16 @@ pub async fn dispatch(
     body: Bytes,
 ) -> ApiResult<Response> {
     q.check_options(verb)?;
+    let manager = if matches!(verb, "create" | "update" | "patch") {
+        fieldmanager::manager_of(
+            q.get("fieldManager"),
+            headers
+                .get(axum::http::header::USER_AGENT)
+                .and_then(|u| u.to_str().ok()),
+        )?
+    } else {
+        String::new()
+    };
     let info = t.info;
     let ns = t.ns.clone();
     let sub = t.sub.as_deref();
@@ -76,7 +88,9 @@ pub async fn dispatch(
         ("list", None) => api.list(info, ns.as_deref(), &q, headers).await,
         ("create", None) => {
             let obj = parse_object(info, headers, &body).await?;
-            let (out, warnings) = api.create_checked(info, ns.as_deref(), obj, &q).await?;
+            let (out, warnings) = api
+                .create_checked(info, ns.as_deref(), obj, &q, &manager)
+                .await?;
             Ok(with_warnings(
                 json_response(StatusCode::CREATED, &out),
                 &warnings,
@@ -131,13 +145,14 @@ pub async fn dispatch(
                         name,
                         s["spec"]["replicas"].as_i64(),
                         s["metadata"]["resourceVersion"].as_str(),
+                        &manager,
                     )
                     .await?;
                 return Ok(json_response(StatusCode::OK, &out));
             }
             let obj = parse_object(info, headers, &body).await?;
             let (out, warnings) = api
-                .update_checked(info, ns.as_deref(), name, obj, sub, &q)
+                .update_checked(info, ns.as_deref(), name, obj, sub, &q, &manager)
                 .await?;
             Ok(with_warnings(
                 json_response(StatusCode::OK, &out),
@@ -153,13 +168,48 @@ pub async fn dispatch(
                 .get(axum::http::header::CONTENT_TYPE)
                 .and_then(|c| c.to_str().ok())
                 .unwrap_or_default();
+            if PatchType::is_apply(ct) {
+                if q.get("fieldManager").is_none() {
+                    return Err(ApiError::new(
+                        422,
+                        "Invalid",
+                        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                    ));
+                }
+                let force = match q.get("force") {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(other) => {
+                        return Err(ApiError::bad_request(format!(
+                            "invalid value for force: {other:?}: must be true or false"
+                        )))
+                    }
+                };
+                let config = parse_apply(&body).await?;
+                let (out, created) = api
+                    .apply_patch(info, ns.as_deref(), name, sub, config, &manager, force, &q)
+                    .await?;
+                let code = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                return Ok(json_response(code, &out));
+            }
+            if q.get("force").is_some() {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    "PatchOptions.meta.k8s.io \"\" is invalid: force: Forbidden: may not be specified for non-apply patch",
+                ));
+            }
             let kind = PatchType::from_content_type(ct).ok_or_else(|| {
                 ApiError::unsupported_media(format!(
-                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got \"{ct}\")"
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml (got \"{ct}\")"
                 ))
             })?;
             let out = api
-                .patch(info, ns.as_deref(), name, sub, kind, &body, &q)
+                .patch(info, ns.as_deref(), name, sub, kind, &body, &q, &manager)
                 .await?;
             Ok(json_response(StatusCode::OK, &out))
         }
@@ -291,7 +341,6 @@ fn check_object_size(bytes: &[u8]) -> ApiResult<()> {
 fn with_rv(mut obj: Value, rv: i64) -> Value {
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     if let Some(m) = obj["metadata"].as_object_mut() {
-        m.remove("managedFields");
         m.remove("selfLink");
     }
     obj
@@ -325,9 +374,9 @@ impl Api {
         q: &Query,
     ) -> ApiResult<(Value, Vec<String>)> {
         let mut input = obj;
-        // Kubernetes ignores these on input; they are not decoding errors.
+        // Kubernetes ignores it on input; it is not a decoding error. (managedFields are
+        // the field manager's: `fieldmanager::track_update` judges them.)
         if let Some(m) = input.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-            m.remove("managedFields");
             m.remove("selfLink");
         }
         let out = (info.normalize)(input.clone()).map_err(|e| {

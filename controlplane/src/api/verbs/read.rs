@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use crate::api::resources::ResourceInfo;
 use crate::api::status::{ApiError, ApiResult};
 use crate::api::table;
-use crate::api::{decode, json_response, splice_rv, wants_table, Api, Query};
+use crate::api::{
+    decode, decode_without_managed_fields, json_response, splice_rv, wants_table, Api, Query,
+};
 use crate::store::{KeyValue, ListOptions, StoreError};
 use ferry_common::selectors::{labels_of, FieldSelector, LabelSelector};
 
@@ -59,6 +61,18 @@ impl Api {
         ns: Option<&str>,
         q: &Query,
     ) -> ApiResult<Listed> {
+        self.list_decoded(info, ns, q, decode).await
+    }
+
+    /// [`Api::list_objects`] decoding each object with `decode_with` (a table's rows skip
+    /// the managedFields).
+    pub(crate) async fn list_decoded(
+        &self,
+        info: &ResourceInfo,
+        ns: Option<&str>,
+        q: &Query,
+        decode_with: fn(&KeyValue) -> Value,
+    ) -> ApiResult<Listed> {
         let (ls, fs) = self.selectors(info, q)?;
         let limit = q.count("limit")?.unwrap_or(0) as usize;
         let prefix = info.list_prefix(ns);
@@ -98,7 +112,7 @@ impl Api {
             let mut last = None;
             for kv in &page.kvs {
                 last = Some(kv.key.clone());
-                let obj = decode(kv);
+                let obj = decode_with(kv);
                 if (ls.is_empty() || ls.matches(&labels_of(&obj)))
                     && (fs.is_empty() || fs.matches(&obj))
                 {
@@ -186,7 +200,12 @@ impl Api {
             )
                 .into_response());
         }
-        let Listed(items, rv, token) = self.list_objects(info, ns, q).await?;
+        let decode_with = if table {
+            decode_without_managed_fields
+        } else {
+            decode
+        };
+        let Listed(items, rv, token) = self.list_decoded(info, ns, q, decode_with).await?;
         let mut meta = json!({"resourceVersion": rv.to_string()});
         if let Some(t) = token {
             meta["continue"] = json!(t);

@@ -4,6 +4,7 @@ use serde_json::{json, Value};
 
 use crate::api::admission;
 use crate::api::body::Decoded;
+use crate::api::fieldmanager;
 use crate::api::patch::{self, PatchType};
 use crate::api::resources::{self, ResourceInfo};
 use crate::api::status::{ApiError, ApiResult, FieldError};
@@ -14,6 +15,7 @@ use super::hooks::Hooks;
 use super::{check_object_size, scale_of, spec_part, with_rv};
 
 impl Api {
+    #[allow(clippy::too_many_arguments)]
     pub async fn update_checked(
         &self,
         info: &ResourceInfo,
@@ -22,6 +24,7 @@ impl Api {
         body: Decoded,
         sub: Option<&str>,
         q: &Query,
+        manager: &str,
     ) -> ApiResult<(Value, Vec<String>)> {
         let (obj, warnings) = self.normalize(info, body.value, &body.duplicates, q)?;
         if obj["metadata"]["name"].as_str().is_some_and(|n| n != name) {
@@ -47,8 +50,18 @@ impl Api {
             }
         }
         Ok((
-            self.update_object(info, ns, name, obj, &cur, &kv, sub, q.dry_run())
-                .await?,
+            self.update_object(
+                info,
+                ns,
+                name,
+                obj,
+                &cur,
+                &kv,
+                sub,
+                q.dry_run(),
+                Some(manager),
+            )
+            .await?,
             warnings,
         ))
     }
@@ -65,12 +78,16 @@ impl Api {
         cur_kv: &KeyValue,
         sub: Option<&str>,
         dry: bool,
+        manager: Option<&str>,
     ) -> ApiResult<Value> {
         let cur_rev = cur_kv.mod_revision;
         let mut obj = match sub {
             Some("status") => {
                 let mut o = cur.clone();
                 o["status"] = new["status"].clone();
+                if let Some(mf) = new["metadata"].get("managedFields") {
+                    o["metadata"]["managedFields"] = mf.clone();
+                }
                 o
             }
             _ => {
@@ -115,6 +132,10 @@ impl Api {
         let hooks = Hooks::of(info);
         // Carry what was allocated over before validating immutability.
         hooks.carry_over(&mut obj, cur, sub);
+        if let Some(m) = manager {
+            let api_version = info.api_version();
+            fieldmanager::track_update(cur, &mut obj, m, &api_version, sub, &now_rfc3339());
+        }
         let errs = admission::validate(info, &obj, Some(cur));
         if !errs.is_empty() {
             return Err(ApiError::invalid(info.kind, info.group, name, errs));
@@ -205,6 +226,7 @@ impl Api {
         kind: PatchType,
         body: &[u8],
         q: &Query,
+        manager: &str,
     ) -> ApiResult<Value> {
         // The server retries a patch that lost a race, as Kubernetes does, unless the patch
         // itself names the resource version it expects. Concurrent patches of one object
@@ -222,7 +244,14 @@ impl Api {
                 let scale = scale_of(info, &cur);
                 let patched = patch::apply(kind, &scale, body)?;
                 match self
-                    .set_scale(info, ns, name, patched["spec"]["replicas"].as_i64(), None)
+                    .set_scale(
+                        info,
+                        ns,
+                        name,
+                        patched["spec"]["replicas"].as_i64(),
+                        None,
+                        manager,
+                    )
                     .await
                 {
                     Err(e) if e.code == 409 && e.reason == "Conflict" => continue,
@@ -261,7 +290,17 @@ impl Api {
             }
             let (obj, _) = self.normalize(info, patched, &[], q)?;
             match self
-                .update_object(info, ns, name, obj, &cur, &kv, sub, q.dry_run())
+                .update_object(
+                    info,
+                    ns,
+                    name,
+                    obj,
+                    &cur,
+                    &kv,
+                    sub,
+                    q.dry_run(),
+                    Some(manager),
+                )
                 .await
             {
                 Err(e) if e.code == 409 && e.reason == "Conflict" && expected.is_none() => continue,
@@ -277,6 +316,7 @@ impl Api {
         name: &str,
         replicas: Option<i64>,
         rv: Option<&str>,
+        manager: &str,
     ) -> ApiResult<Value> {
         let replicas = replicas.ok_or_else(|| {
             ApiError::invalid(
@@ -305,7 +345,7 @@ impl Api {
         let mut obj = cur.clone();
         obj["spec"]["replicas"] = json!(replicas);
         let out = self
-            .update_object(info, ns, name, obj, &cur, &kv, None, false)
+            .update_object(info, ns, name, obj, &cur, &kv, None, false, Some(manager))
             .await?;
         Ok(scale_of(info, &out))
     }
