@@ -1770,3 +1770,231 @@ spec:
         "failed quota: mem: must specify requests.memory",
     );
 }
+
+const SSA_DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+  labels: {app: web, tier: front}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: ferry/echo:1
+        ports:
+        - containerPort: 8080
+"#;
+
+/// The deployment's managers as `manager/operation` with the fields each owns (FieldsV1).
+fn managed_fields(cp: &ControlPlane) -> Vec<(String, serde_json::Value)> {
+    let out = cp
+        .ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                format!(
+                    "{}/{}",
+                    m["manager"].as_str().unwrap(),
+                    m["operation"].as_str().unwrap()
+                ),
+                m["fieldsV1"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn server_side_apply_tracks_managers_refuses_conflicts_and_removes_dropped_fields() {
+    let cp = ControlPlane::start(&[]).unwrap();
+    let dir = temp_dir("ssa");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let full = write(&dir, "full.yaml", SSA_DEPLOYMENT);
+    let out = cp.ok(&["apply", "--server-side", "-f", &full]).unwrap();
+    assert!(
+        out.contains("deployment.apps/web serverside-applied"),
+        "{out}"
+    );
+    let mf = managed_fields(&cp);
+    assert_eq!(mf.len(), 1, "{mf:?}");
+    assert_eq!(mf[0].0, "kubectl/Apply");
+    let f = &mf[0].1;
+    assert!(f["f:spec"]["f:replicas"].is_object(), "{f}");
+    assert!(
+        f["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["f:ports"]
+            ["k:{\"containerPort\":8080,\"protocol\":\"TCP\"}"]["."]
+            .is_object(),
+        "containers and ports owned item by item, by their keys: {f}"
+    );
+
+    // A second manager changing replicas: refused, naming the field and its manager.
+    let scale = write(
+        &dir,
+        "scale.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: default}\nspec: {replicas: 3}\n",
+    );
+    let o = cp.kubectl(&[
+        "apply",
+        "--server-side",
+        "--field-manager=scaler",
+        "-f",
+        &scale,
+    ]);
+    expect_err(
+        &o,
+        "Apply failed with 1 conflict: conflict with \"kubectl\" using apps/v1: .spec.replicas",
+    );
+    assert_eq!(
+        cp.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"])
+            .unwrap(),
+        "2"
+    );
+    // Forced, it takes the field over.
+    cp.ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager=scaler",
+        "--force-conflicts",
+        "-f",
+        &scale,
+    ])
+    .unwrap();
+    assert_eq!(
+        cp.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"])
+            .unwrap(),
+        "3"
+    );
+    let mf = managed_fields(&cp);
+    let kubectl = &mf.iter().find(|(m, _)| m == "kubectl/Apply").unwrap().1;
+    assert!(
+        kubectl["f:spec"].get("f:replicas").is_none(),
+        "kubectl lost replicas: {kubectl}"
+    );
+    let scaler = &mf.iter().find(|(m, _)| m == "scaler/Apply").unwrap().1;
+    assert_eq!(scaler, &serde_json::json!({"f:spec": {"f:replicas": {}}}));
+
+    // kubectl's configuration drops replicas and the tier label: replicas stays (the scaler
+    // owns it), the label goes (kubectl was its only manager).
+    let trimmed = SSA_DEPLOYMENT
+        .replace("  replicas: 2\n", "")
+        .replace("{app: web, tier: front}", "{app: web}");
+    let trimmed = write(&dir, "trimmed.yaml", &trimmed);
+    cp.ok(&["apply", "--server-side", "-f", &trimmed]).unwrap();
+    let got = cp
+        .ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas} {.metadata.labels} {.metadata.resourceVersion}",
+        ])
+        .unwrap();
+    let parts: Vec<&str> = got.split(' ').collect();
+    assert_eq!(parts[..2], ["3", "{\"app\":\"web\"}"], "{got}");
+    // The same configuration again writes nothing.
+    cp.ok(&["apply", "--server-side", "-f", &trimmed]).unwrap();
+    let rv = cp
+        .ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+        .unwrap();
+    assert_eq!(rv, parts[2], "a no-op apply must not write");
+
+    // An update (kubectl label) owns what it set; an apply changing it conflicts with it.
+    cp.ok(&["label", "deploy", "web", "team=a"]).unwrap();
+    let mf = managed_fields(&cp);
+    assert!(
+        mf.iter().any(|(m, f)| m == "kubectl-label/Update"
+            && f["f:metadata"]["f:labels"]["f:team"].is_object()),
+        "{mf:?}"
+    );
+    let team_b = write(
+        &dir,
+        "team.yaml",
+        &SSA_DEPLOYMENT
+            .replace("  replicas: 2\n", "")
+            .replace("{app: web, tier: front}", "{app: web, team: b}"),
+    );
+    let o = cp.kubectl(&["apply", "--server-side", "-f", &team_b]);
+    expect_err(
+        &o,
+        "conflict with \"kubectl-label\" using apps/v1: .metadata.labels.team",
+    );
+    // Server-side dry run shows the forced result and stores nothing.
+    let dry = cp
+        .ok(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-f",
+            &team_b,
+            "-o",
+            "jsonpath={.metadata.labels.team}",
+        ])
+        .unwrap();
+    assert_eq!(dry, "b");
+    assert_eq!(
+        cp.ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.metadata.labels.team}"
+        ])
+        .unwrap(),
+        "a"
+    );
+    cp.ok(&["apply", "--server-side", "--force-conflicts", "-f", &team_b])
+        .unwrap();
+    let mf = managed_fields(&cp);
+    assert!(
+        !mf.iter().any(|(m, _)| m == "kubectl-label/Update"),
+        "the label's only field went to kubectl, so its entry goes: {mf:?}"
+    );
+
+    // The Python client: its dynamic client's server_side_apply and typed apply patches.
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/server_side_apply.py");
+    let out = Command::new(ferry_testbed::controlplane::python())
+        .arg(&script)
+        .env("KUBECONFIG", cp.kubeconfig("admin"))
+        .output()
+        .expect("python3 runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the Python server-side apply script failed:\n{text}"
+    );
+    for step in ["conflict ok", "force ok", "status ok", "bad requests ok"] {
+        assert!(text.contains(step), "missing step {step}:\n{text}");
+    }
+}
