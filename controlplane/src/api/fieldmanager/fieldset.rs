@@ -126,6 +126,23 @@ impl FieldSet {
         }
     }
 
+    /// Whether the path of one element, `pe`, is a member.
+    pub fn has_member(&self, pe: &PathElement) -> bool {
+        self.members.contains(pe)
+    }
+
+    /// The subtree under `pe`, if any path continues through it.
+    pub fn sub(&self, pe: &PathElement) -> Option<&FieldSet> {
+        self.children.get(pe)
+    }
+
+    /// The first elements of the set's paths.
+    pub fn elements(&self) -> impl Iterator<Item = &PathElement> {
+        let mut all: BTreeSet<&PathElement> = self.members.iter().collect();
+        all.extend(self.children.keys());
+        all.into_iter()
+    }
+
     /// The subtree under `pe`, created if absent.
     pub fn child(&mut self, pe: PathElement) -> &mut FieldSet {
         self.children.entry(pe).or_default()

@@ -275,22 +275,30 @@ pub fn apply(live: Option<&Value>, config: &Value, req: &ApplyRequest) -> ApiRes
     let live = live.unwrap_or(&empty);
     let mut entries = entries_of(live);
 
+    // A conflict: a field another manager owns whose value the apply would change. What
+    // the merge changes is found in one walk (`value::diff`), not path by path.
+    let mut out = live.clone();
+    value::merge(&mut out, &config);
+    let (would_change, _) = value::diff(live, &out);
+    let contested = applied.intersection(&would_change);
     let mut conflicts = Vec::new();
-    for e in &entries {
-        if e.manager == req.manager {
-            continue;
-        }
-        for p in applied.intersection(&e.fields).paths() {
-            let item = matches!(
-                p.last(),
-                Some(fieldset::PathElement::Key(_)) | Some(fieldset::PathElement::Value(_))
-            );
-            if !item && value::get(live, &p) != value::get(&config, &p) {
-                conflicts.push(Conflict {
-                    manager: e.manager.clone(),
-                    api_version: e.api_version.clone(),
-                    path: p,
-                });
+    if !contested.is_empty() {
+        for e in &entries {
+            if e.manager == req.manager {
+                continue;
+            }
+            for p in contested.intersection(&e.fields).paths() {
+                let item = matches!(
+                    p.last(),
+                    Some(fieldset::PathElement::Key(_)) | Some(fieldset::PathElement::Value(_))
+                );
+                if !item {
+                    conflicts.push(Conflict {
+                        manager: e.manager.clone(),
+                        api_version: e.api_version.clone(),
+                        path: p,
+                    });
+                }
             }
         }
     }
@@ -298,20 +306,21 @@ pub fn apply(live: Option<&Value>, config: &Value, req: &ApplyRequest) -> ApiRes
         if !req.force {
             return Err(conflict_error(&conflicts));
         }
-        for c in &conflicts {
-            for e in entries.iter_mut().filter(|e| e.manager == c.manager) {
-                let mut one = FieldSet::default();
-                one.insert(&c.path);
-                e.fields = e.fields.difference(&one);
+        // Each manager loses its contested fields, in one difference.
+        for e in entries.iter_mut() {
+            let mut lost = FieldSet::default();
+            for c in conflicts.iter().filter(|c| c.manager == e.manager) {
+                lost.insert(&c.path);
+            }
+            if !lost.is_empty() {
+                e.fields = e.fields.difference(&lost);
             }
         }
     }
 
-    let mut out = live.clone();
-    value::merge(&mut out, &config);
-
     // Fields this manager applied before and no longer does go, unless another manager
-    // owns them (or something under them).
+    // owns them (or something under them). A list item nobody else holds goes whole (its
+    // key fields with it); one that stays keeps its key fields.
     let previous = entries
         .iter()
         .find(|e| e.same_slot(req.manager, Operation::Apply, req.sub))
@@ -322,26 +331,23 @@ pub fn apply(live: Option<&Value>, config: &Value, req: &ApplyRequest) -> ApiRes
         .filter(|e| !e.same_slot(req.manager, Operation::Apply, req.sub))
         .fold(FieldSet::default(), |acc, e| acc.union(&e.fields));
     let keep = others.union(&applied);
-    // Parents before children: a list item nobody else holds goes whole (its key fields
-    // with it); one that stays keeps its key fields.
-    let mut removed = FieldSet::default();
+    let mut dropped = FieldSet::default();
     for p in previous.difference(&applied).paths() {
-        if removed.touches_prefix_of(&p)
+        if dropped.touches_prefix_of(&p)
             || others.touches(&p)
             || applied.touches(&p)
             || is_key_field_of_item(&p)
         {
             continue;
         }
-        if value::remove(&mut out, &p, &keep) {
-            removed.insert(&p);
-        }
+        dropped.insert(&p);
     }
+    value::remove_all(&mut out, &dropped, &keep);
 
     // An apply that changes nothing, not even what its manager owns, writes nothing: its
     // entry keeps its time and place.
     let (changed, gone) = value::diff(live, &out);
-    let same = changed.is_empty() && gone.is_empty() && removed.is_empty();
+    let same = changed.is_empty() && gone.is_empty();
     for e in entries.iter_mut() {
         if e.same_slot(req.manager, Operation::Apply, req.sub) {
             if !(same && e.fields == applied && e.api_version == req.api_version) {
@@ -349,8 +355,6 @@ pub fn apply(live: Option<&Value>, config: &Value, req: &ApplyRequest) -> ApiRes
             }
             e.fields = applied.clone();
             e.api_version = req.api_version.to_string();
-        } else {
-            e.fields = e.fields.difference(&removed);
         }
     }
     if !entries
@@ -604,6 +608,43 @@ mod tests {
             "2030-01-01T00:00:00Z",
         );
         assert_eq!(same, edited);
+    }
+
+    /// A hostile size (the body limit allows tens of thousands of list items) is merged,
+    /// judged and removed item by item through indexes, not by a scan per item.
+    #[test]
+    fn large_lists_merge_judge_and_drop_by_index() {
+        let n = 20_000;
+        let env = |v: &str| -> Vec<Value> {
+            (0..n)
+                .map(|i| json!({"name": format!("E{i}"), "value": v}))
+                .collect()
+        };
+        let cfg = |env: Vec<Value>| {
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                "spec": {"template": {"spec": {"containers": [{"name": "c", "env": env}]}}}})
+        };
+        let a = apply(None, &cfg(env("1")), &req("a", false)).unwrap();
+        let e = apply(Some(&a), &cfg(env("2")), &req("b", false)).unwrap_err();
+        assert!(e
+            .message
+            .starts_with(&format!("Apply failed with {n} conflicts")));
+        let b = apply(Some(&a), &cfg(env("2")), &req("b", true)).unwrap();
+        assert_eq!(
+            b["spec"]["template"]["spec"]["containers"][0]["env"][n - 1]["value"],
+            "2"
+        );
+        // b gives the list up: each item goes whole, as a owns no field of it any more.
+        let none = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+            "spec": {"template": {"spec": {"containers": [{"name": "c"}]}}}});
+        let out = apply(Some(&b), &none, &req("b", false)).unwrap();
+        let left = out["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(
+            left, n,
+            "a still owns the items themselves (and their names)"
+        );
     }
 
     #[test]

@@ -267,6 +267,7 @@ fn diff_lists(
     }
 }
 
+#[cfg(test)]
 fn find_item(items: &[Value], pe: &PathElement) -> Option<usize> {
     match pe {
         PathElement::Key(k) => {
@@ -284,6 +285,7 @@ fn find_item(items: &[Value], pe: &PathElement) -> Option<usize> {
 }
 
 /// The value at `path`, if the object has one.
+#[cfg(test)]
 pub fn get<'a>(obj: &'a Value, path: &[PathElement]) -> Option<&'a Value> {
     let mut cur = obj;
     for pe in path {
@@ -296,58 +298,88 @@ pub fn get<'a>(obj: &'a Value, path: &[PathElement]) -> Option<&'a Value> {
     Some(cur)
 }
 
-/// Removes the value at `path`; then each parent emptied by it, unless `keep` says the
-/// parent is owned itself. Returns whether something was removed.
-pub fn remove(obj: &mut Value, path: &[PathElement], keep: &FieldSet) -> bool {
-    remove_under(obj, path, 0, keep)
+/// Removes every path of `drop` from the object (a list item whole when its own path is in
+/// `drop`), then each object or list emptied by it unless `keep` owns it itself. One walk
+/// over what `drop` names, each list indexed once.
+pub fn remove_all(obj: &mut Value, drop: &FieldSet, keep: &FieldSet) {
+    if let Value::Object(m) = obj {
+        remove_in_object(m, drop, Some(keep), &mut Vec::new());
+    }
 }
 
-fn remove_under(cur: &mut Value, path: &[PathElement], depth: usize, keep: &FieldSet) -> bool {
-    let Some(pe) = path.get(depth) else {
-        return false;
-    };
-    let last = depth + 1 == path.len();
-    // The child's slot: a field name or an item position (found while the item still has
-    // its key fields).
-    let slot = match (pe, &*cur) {
-        (PathElement::Field(f), Value::Object(m)) if m.contains_key(f) => Err(f.clone()),
-        (_, Value::Array(items)) => match find_item(items, pe) {
-            Some(i) => Ok(i),
-            None => return false,
-        },
-        _ => return false,
-    };
-    let take = |cur: &mut Value| match (&slot, cur) {
-        (Err(f), Value::Object(m)) => {
-            m.remove(f);
-        }
-        (Ok(i), Value::Array(items)) => {
-            items.remove(*i);
-        }
-        _ => {}
-    };
-    if last {
-        take(cur);
-        return true;
-    }
-    let child = match (&slot, &mut *cur) {
-        (Err(f), Value::Object(m)) => m.get_mut(f),
-        (Ok(i), Value::Array(items)) => items.get_mut(*i),
-        _ => None,
-    };
-    let Some(child) = child else { return false };
-    if !remove_under(child, path, depth + 1, keep) {
-        return false;
-    }
-    let emptied = match child {
+fn emptied(v: &Value) -> bool {
+    match v {
         Value::Object(m) => m.is_empty(),
         Value::Array(a) => a.is_empty(),
         _ => false,
-    };
-    if emptied && !keep.has(&path[..=depth]) {
-        take(cur);
     }
-    true
+}
+
+fn remove_in_object(
+    m: &mut Map<String, Value>,
+    drop: &FieldSet,
+    keep: Option<&FieldSet>,
+    path: &mut Vec<String>,
+) {
+    for pe in drop.elements() {
+        let PathElement::Field(k) = pe else { continue };
+        if drop.has_member(pe) {
+            m.remove(k);
+            continue;
+        }
+        let (Some(sub), Some(v)) = (drop.sub(pe), m.get_mut(k)) else {
+            continue;
+        };
+        let keep_sub = keep.and_then(|kp| kp.sub(pe));
+        match v {
+            Value::Object(o) => {
+                path.push(k.clone());
+                remove_in_object(o, sub, keep_sub, path);
+                path.pop();
+            }
+            Value::Array(items) => remove_in_list(items, k, sub, keep_sub, path),
+            _ => {}
+        }
+        if emptied(v) && !keep.is_some_and(|kp| kp.has_member(pe)) {
+            m.remove(k);
+        }
+    }
+}
+
+fn remove_in_list(
+    items: &mut Vec<Value>,
+    k: &str,
+    drop: &FieldSet,
+    keep: Option<&FieldSet>,
+    path: &mut Vec<String>,
+) {
+    let element = |i: &Value| -> Option<PathElement> {
+        match list_type(path, k) {
+            ListType::Map(keys) => item_key(i, keys),
+            ListType::Set => Some(item_value(i)),
+            ListType::Atomic => None,
+        }
+    };
+    let pes: Vec<Option<PathElement>> = items.iter().map(element).collect();
+    path.push(k.to_string());
+    let mut gone = vec![false; items.len()];
+    for (at, pe) in pes.iter().enumerate() {
+        let Some(pe) = pe else { continue };
+        if drop.has_member(pe) {
+            gone[at] = true;
+        } else if let Some(sub) = drop.sub(pe) {
+            if let Value::Object(o) = &mut items[at] {
+                remove_in_object(o, sub, keep.and_then(|kp| kp.sub(pe)), path);
+                gone[at] = o.is_empty() && !keep.is_some_and(|kp| kp.has_member(pe));
+            }
+        }
+    }
+    path.pop();
+    let mut at = 0;
+    items.retain(|_| {
+        at += 1;
+        !gone[at - 1]
+    });
 }
 
 /// Merges an applied configuration into the live object: objects field by field,
@@ -376,32 +408,45 @@ fn merge_object(live: &mut Map<String, Value>, cfg: &Map<String, Value>, path: &
             Value::Array(items) => {
                 let merged = match (list_type(path, k), live.get_mut(k)) {
                     (ListType::Set, Some(Value::Array(cur))) => {
+                        let mut seen: std::collections::HashSet<String> =
+                            cur.iter().map(canonical).collect();
                         for i in items {
-                            if !cur.contains(i) {
+                            if seen.insert(canonical(i)) {
                                 cur.push(i.clone());
                             }
                         }
                         true
                     }
-                    (ListType::Map(keys), Some(Value::Array(cur)))
-                        if items.iter().all(|i| item_key(i, keys).is_some())
-                            && cur.iter().all(|i| item_key(i, keys).is_some()) =>
-                    {
-                        path.push(k.clone());
-                        for item in items {
-                            let pe = item_key(item, keys).unwrap();
-                            match find_item(cur, &pe) {
-                                Some(at) => match (&mut cur[at], item) {
-                                    (Value::Object(l), Value::Object(c)) => {
-                                        merge_object(l, c, path)
+                    (ListType::Map(keys), Some(Value::Array(cur))) => {
+                        let index: Option<std::collections::HashMap<PathElement, usize>> = cur
+                            .iter()
+                            .enumerate()
+                            .map(|(at, i)| Some((item_key(i, keys)?, at)))
+                            .collect();
+                        let applied: Option<Vec<PathElement>> =
+                            items.iter().map(|i| item_key(i, keys)).collect();
+                        match (index, applied) {
+                            (Some(mut index), Some(applied)) => {
+                                path.push(k.clone());
+                                for (item, pe) in items.iter().zip(applied) {
+                                    match index.get(&pe) {
+                                        Some(&at) => match (&mut cur[at], item) {
+                                            (Value::Object(l), Value::Object(c)) => {
+                                                merge_object(l, c, path)
+                                            }
+                                            (slot, _) => *slot = item.clone(),
+                                        },
+                                        None => {
+                                            index.insert(pe, cur.len());
+                                            cur.push(item.clone());
+                                        }
                                     }
-                                    (slot, _) => *slot = item.clone(),
-                                },
-                                None => cur.push(item.clone()),
+                                }
+                                path.pop();
+                                true
                             }
+                            _ => false,
                         }
-                        path.pop();
-                        true
                     }
                     _ => false,
                 };
@@ -483,7 +528,9 @@ mod tests {
         ];
         assert_eq!(get(&d, &path), Some(&json!(80)));
         let mut d2 = d.clone();
-        assert!(remove(&mut d2, &path, &FieldSet::default()));
+        let mut drop = FieldSet::default();
+        drop.insert(&path);
+        remove_all(&mut d2, &drop, &FieldSet::default());
         // The emptied port item, then the emptied ports list, went with it.
         assert!(d2["spec"]["template"]["spec"]["containers"][0]
             .get("ports")
