@@ -1977,6 +1977,31 @@ fn server_side_apply_tracks_managers_refuses_conflicts_and_removes_dropped_field
         "the label's only field went to kubectl, so its entry goes: {mf:?}"
     );
 
+    // From client-side to server-side apply and back, as kubectl moves between them: the
+    // server-side apply takes over client-side apply's fields without a conflict, and
+    // kubectl's migration of managedFields (a JSON patch testing the resourceVersion) lands.
+    let cm = |z: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: moving, namespace: default}}\ndata: {{x: \"1\", z: \"{z}\"}}\n")
+    };
+    let csa = write(&dir, "cm-csa.yaml", &cm("2"));
+    cp.ok(&["apply", "-f", &csa]).unwrap();
+    let ssa = write(&dir, "cm-ssa.yaml", &cm("3"));
+    cp.ok(&["apply", "--server-side", "-f", &ssa]).unwrap();
+    let back = write(&dir, "cm-back.yaml", &cm("4"));
+    let o = cp.kubectl(&["apply", "-f", &back]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("rejected managed fields migration"),
+        "{}",
+        stderr(&o)
+    );
+    let got: serde_json::Value = serde_json::from_str(
+        &cp.ok(&["get", "cm", "moving", "-o", "json", "--show-managed-fields"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got["data"], serde_json::json!({"x": "1", "z": "4"}));
+
     // The Python client: its dynamic client's server_side_apply and typed apply patches.
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/server_side_apply.py");

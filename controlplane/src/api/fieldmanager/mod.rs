@@ -303,7 +303,7 @@ pub fn apply(live: Option<&Value>, config: &Value, req: &ApplyRequest) -> ApiRes
         }
     }
     if !conflicts.is_empty() {
-        if !req.force {
+        if !req.force && !upgrades_client_side_apply(live, req.manager, &conflicts) {
             return Err(conflict_error(&conflicts));
         }
         // Each manager loses its contested fields, in one difference.
@@ -371,8 +371,48 @@ pub fn apply(live: Option<&Value>, config: &Value, req: &ApplyRequest) -> ApiRes
         });
     }
     entries.retain(|e| !e.fields.is_empty());
+    keep_last_applied(&mut out, &config, req.manager);
     set_entries(&mut out, &entries);
     Ok(out)
+}
+
+/// kubectl's client-side apply manager, and the annotation it keeps the applied configuration
+/// in.
+const CSA_MANAGER: &str = "kubectl-client-side-apply";
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The move from `kubectl apply` to `kubectl apply --server-side`, as Kubernetes allows it:
+/// kubectl's default manager may take over the fields client-side apply set, when every
+/// conflict is with client-side apply and the last applied configuration names the field.
+fn upgrades_client_side_apply(live: &Value, manager: &str, conflicts: &[Conflict]) -> bool {
+    if manager != "kubectl" || conflicts.iter().any(|c| c.manager != CSA_MANAGER) {
+        return false;
+    }
+    let Some(last) = live["metadata"]["annotations"][LAST_APPLIED].as_str() else {
+        return false;
+    };
+    let Ok(last) = serde_json::from_str::<Value>(last) else {
+        return false;
+    };
+    let last = value::to_set(&last);
+    conflicts.iter().all(|c| last.has(&c.path))
+}
+
+/// After a server-side apply by kubectl, an object that carries the last-applied annotation
+/// gets the configuration just applied in it, so that a later client-side `kubectl apply`
+/// computes its patch from what was really applied (as Kubernetes does).
+fn keep_last_applied(out: &mut Value, config: &Value, manager: &str) {
+    if manager != "kubectl" || !out["metadata"]["annotations"][LAST_APPLIED].is_string() {
+        return;
+    }
+    let mut applied = config.clone();
+    if let Some(a) = applied["metadata"]
+        .get_mut("annotations")
+        .and_then(|a| a.as_object_mut())
+    {
+        a.remove(LAST_APPLIED);
+    }
+    out["metadata"]["annotations"][LAST_APPLIED] = Value::String(format!("{applied}\n"));
 }
 
 /// Whether `path` is a key field of the list item it ends in (`[name="web"].name`).
@@ -645,6 +685,44 @@ mod tests {
             left, n,
             "a still owns the items themselves (and their names)"
         );
+    }
+
+    #[test]
+    fn kubectl_moves_from_client_side_to_server_side_apply() {
+        let cfg = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+            "data": {"x": "1", "y": "2"}});
+        let mut live = cfg.clone();
+        live["metadata"]["annotations"] = json!({LAST_APPLIED: cfg.to_string()});
+        track_update(&json!({}), &mut live, CSA_MANAGER, "v1", None, NOW);
+        let mut next = cfg.clone();
+        next["data"]["y"] = json!("3");
+        // Another manager still conflicts; kubectl takes the fields over.
+        let other = ApplyRequest {
+            api_version: "v1",
+            ..req("other", false)
+        };
+        assert_eq!(apply(Some(&live), &next, &other).unwrap_err().code, 409);
+        let kubectl = ApplyRequest {
+            api_version: "v1",
+            ..req("kubectl", false)
+        };
+        let out = apply(Some(&live), &next, &kubectl).unwrap();
+        assert_eq!(out["data"]["y"], "3");
+        let last: Value = serde_json::from_str(
+            out["metadata"]["annotations"][LAST_APPLIED]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            last["data"]["y"], "3",
+            "the annotation follows the applied configuration"
+        );
+        // Not when the field is not in the last applied configuration (set by someone else
+        // through client-side apply's manager name).
+        let mut odd = live.clone();
+        odd["metadata"]["annotations"][LAST_APPLIED] = json!("{}");
+        assert_eq!(apply(Some(&odd), &next, &kubectl).unwrap_err().code, 409);
     }
 
     #[test]

@@ -258,19 +258,22 @@ impl Api {
                     other => return other,
                 }
             }
-            // Patched without the current resourceVersion, so that one found afterwards is
-            // the patch's own precondition (the revision to write over is `kv`'s).
-            if let Some(m) = cur["metadata"].as_object_mut() {
-                m.remove("resourceVersion");
+            // Merge patches apply to the object without its resourceVersion, so that one
+            // found afterwards is the patch's own precondition (the revision to write over
+            // is `kv`'s). A JSON patch sees it, as in Kubernetes: its `test` operations may
+            // check it (kubectl's move to server-side apply does).
+            let current = kv.mod_revision.to_string();
+            if kind != PatchType::Json {
+                if let Some(m) = cur["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
             }
             let patched = patch::apply(kind, &cur, body)?;
             let expected = patched["metadata"]["resourceVersion"]
                 .as_str()
+                .filter(|r| kind != PatchType::Json || *r != current)
                 .map(String::from);
-            if expected
-                .as_deref()
-                .is_some_and(|e| e != kv.mod_revision.to_string())
-            {
+            if expected.as_deref().is_some_and(|e| e != current) {
                 return Err(ApiError::conflict(info.plural, info.group, name));
             }
             // A patch cannot rename or re-home an object, nor give it another identity.
