@@ -2,7 +2,10 @@
 //! etcd, in the same run, each row measured the same way on both:
 //! - creates/s and updates/s of pods (durable: each is acknowledged after its commit),
 //!   64 requests in flight over one HTTP/2 connection;
-//! - a list of 10,000 pods (JSON, and the Table `kubectl get` asks for), median of 5;
+//! - server-side applies/s of the same pods (each its whole configuration plus a label, as
+//!   `kubectl apply --server-side` sends it) against the merge-patch updates/s above;
+//! - a list of 10,000 pods (JSON, and the Table `kubectl get` asks for), median of 5, and
+//!   its bytes with the pods' `managedFields` against the same list without them;
 //! - watch delivery latency to 1,000 concurrent watchers (each its own connection): a writer
 //!   updates a ConfigMap every 10 ms; latency is from sending the update to each watcher
 //!   reading the event.
@@ -176,6 +179,8 @@ struct Row {
     list_json_ms: f64,
     list_table_ms: f64,
     list_bytes: usize,
+    list_bytes_without_managed_fields: usize,
+    applies_per_s: f64,
     watch_p50_ms: f64,
     watch_p99_ms: f64,
     watch_events: usize,
@@ -265,6 +270,26 @@ async fn measure(
     })
     .await?;
 
+    eprintln!("[{name}] applying {pods} pods (server-side apply)");
+    let cc = c.clone();
+    row.applies_per_s = rate(pods, 64, move |i| {
+        let c = cc.clone();
+        Box::pin(async move {
+            let mut config = pod("bench", i);
+            config["metadata"]["labels"]["bench-apply"] = json!("1");
+            Ok(c.send(
+                Method::PATCH,
+                &format!("/api/v1/namespaces/bench/pods/web-{i:05}?fieldManager=bench-apply"),
+                "application/apply-patch+yaml",
+                serde_json::to_vec(&config)?,
+                None,
+            )
+            .await?
+            .0)
+        })
+    })
+    .await?;
+
     eprintln!("[{name}] listing {pods} pods");
     let table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
     for (accept, slot) in [(None, 0), (Some(table), 1)] {
@@ -290,7 +315,16 @@ async fn measure(
                 bail!("list returned {code} with {n} of {pods} pods");
             }
             if slot == 0 {
-                row.list_bytes = body.len();
+                // Both sizes from the same list written the same way, one without the
+                // field manager's records.
+                let mut v = v;
+                row.list_bytes = serde_json::to_vec(&v)?.len();
+                for item in v["items"].as_array_mut().into_iter().flatten() {
+                    if let Some(m) = item["metadata"].as_object_mut() {
+                        m.remove("managedFields");
+                    }
+                }
+                row.list_bytes_without_managed_fields = serde_json::to_vec(&v)?.len();
             }
         }
         let m = pct(&mut times, 0.5);
@@ -546,6 +580,52 @@ async fn main() -> Result<()> {
         etcd_row.watch_events,
         watchers * events
     );
+    let _ = writeln!(
+        md,
+        "\nServer-side apply and field ownership (`managedFields`), same run:\n\n| row | embedded | etcd | target |\n|---|---:|---:|---|"
+    );
+    let mb = |b: usize| b as f64 / 1e6;
+    let ssa_rows: [(&str, f64, f64, &str); 6] = [
+        (
+            "pod applies/s (server-side apply, whole pod, 64 in flight)",
+            embedded.applies_per_s,
+            etcd_row.applies_per_s,
+            "",
+        ),
+        (
+            "pod updates/s (merge patch)",
+            embedded.updates_per_s,
+            etcd_row.updates_per_s,
+            "",
+        ),
+        (
+            "applies/s vs merge-patch updates/s",
+            embedded.applies_per_s / embedded.updates_per_s,
+            etcd_row.applies_per_s / etcd_row.updates_per_s,
+            "",
+        ),
+        (
+            "list of 10,000 pods with managedFields (MB)",
+            mb(embedded.list_bytes),
+            mb(etcd_row.list_bytes),
+            "",
+        ),
+        (
+            "the same list without managedFields (MB)",
+            mb(embedded.list_bytes_without_managed_fields),
+            mb(etcd_row.list_bytes_without_managed_fields),
+            "",
+        ),
+        (
+            "with vs without (size ratio)",
+            embedded.list_bytes as f64 / embedded.list_bytes_without_managed_fields as f64,
+            etcd_row.list_bytes as f64 / etcd_row.list_bytes_without_managed_fields as f64,
+            "",
+        ),
+    ];
+    for (label, e, d, target) in ssa_rows {
+        let _ = writeln!(md, "| {label} | {e:.2} | {d:.2} | {target} |");
+    }
     args.report(
         "controlplane",
         &md,
