@@ -781,12 +781,14 @@ fn bad_requests_get_status_bodies_that_name_the_problem() {
     );
 }
 
-#[test]
-fn python_client_scenario() {
-    let cp = ControlPlane::start(&["--compaction-interval", "3s"]).unwrap();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/client_scenario.py");
+/// Runs `tests/python/<script>` with the official Python client as admin; it must succeed and
+/// print each of `steps`.
+fn python_script(cp: &ControlPlane, script: &str, steps: &[&str]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
     let out = Command::new(ferry_testbed::controlplane::python())
-        .arg(&script)
+        .arg(&path)
         .env("KUBECONFIG", cp.kubeconfig("admin"))
         .output()
         .expect("python3 runs");
@@ -795,13 +797,23 @@ fn python_client_scenario() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        out.status.success(),
-        "the Python client scenario failed:\n{text}"
-    );
-    for step in ["crud ok", "watch resume ok", "gone ok", "status ok"] {
-        assert!(text.contains(step), "missing step {step}:\n{text}");
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    for step in steps {
+        assert!(
+            text.contains(step),
+            "{script}: missing step {step}:\n{text}"
+        );
     }
+}
+
+#[test]
+fn python_client_scenario() {
+    let cp = ControlPlane::start(&["--compaction-interval", "3s"]).unwrap();
+    python_script(
+        &cp,
+        "client_scenario.py",
+        &["crud ok", "watch resume ok", "gone ok", "status ok"],
+    );
 }
 
 #[test]
@@ -2003,23 +2015,9 @@ fn server_side_apply_tracks_managers_refuses_conflicts_and_removes_dropped_field
     assert_eq!(got["data"], serde_json::json!({"x": "1", "z": "4"}));
 
     // The Python client: its dynamic client's server_side_apply and typed apply patches.
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/server_side_apply.py");
-    let out = Command::new(ferry_testbed::controlplane::python())
-        .arg(&script)
-        .env("KUBECONFIG", cp.kubeconfig("admin"))
-        .output()
-        .expect("python3 runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    python_script(
+        &cp,
+        "server_side_apply.py",
+        &["conflict ok", "force ok", "status ok", "bad requests ok"],
     );
-    assert!(
-        out.status.success(),
-        "the Python server-side apply script failed:\n{text}"
-    );
-    for step in ["conflict ok", "force ok", "status ok", "bad requests ok"] {
-        assert!(text.contains(step), "missing step {step}:\n{text}");
-    }
 }
