@@ -1781,6 +1781,77 @@ spec:
         &pod("f", "{}"),
         "failed quota: mem: must specify requests.memory",
     );
+
+    // Object counts, by `count/<resource>.<group>` and by a core resource's plain name.
+    cp.ok(&["create", "namespace", "counted"]).unwrap();
+    cp.ok(&[
+        "-n",
+        "counted",
+        "create",
+        "quota",
+        "objects",
+        "--hard=count/configmaps=2,secrets=1,count/deployments.apps=1",
+    ])
+    .unwrap();
+    let used = || {
+        cp.ok(&[
+            "-n",
+            "counted",
+            "get",
+            "quota",
+            "objects",
+            "-o",
+            "jsonpath={.status.used}",
+        ])
+        .unwrap()
+    };
+    eventually("the new quota's status", || {
+        used() == r#"{"count/configmaps":"0","count/deployments.apps":"0","secrets":"0"}"#
+    });
+    for cm in ["c1", "c2"] {
+        cp.ok(&["-n", "counted", "create", "configmap", cm])
+            .unwrap();
+    }
+    expect_err(
+        &cp.kubectl(&["-n", "counted", "create", "configmap", "c3"]),
+        "configmaps \"c3\" is forbidden: exceeded quota: objects, requested: count/configmaps=1, used: count/configmaps=2, limited: count/configmaps=2",
+    );
+    cp.ok(&["-n", "counted", "create", "secret", "generic", "s1"])
+        .unwrap();
+    expect_err(
+        &cp.kubectl(&["-n", "counted", "create", "secret", "generic", "s2"]),
+        "exceeded quota: objects, requested: secrets=1, used: secrets=1, limited: secrets=1",
+    );
+    cp.ok(&[
+        "-n",
+        "counted",
+        "create",
+        "deployment",
+        "d1",
+        "--image=busybox:1",
+    ])
+    .unwrap();
+    expect_err(
+        &cp.kubectl(&[
+            "-n",
+            "counted",
+            "create",
+            "deployment",
+            "d2",
+            "--image=busybox:1",
+        ]),
+        "deployments.apps \"d2\" is forbidden: exceeded quota: objects",
+    );
+    assert_eq!(
+        used(),
+        r#"{"count/configmaps":"2","count/deployments.apps":"1","secrets":"1"}"#
+    );
+    // A deleted object gives its place back.
+    cp.ok(&["-n", "counted", "delete", "configmap", "c1"])
+        .unwrap();
+    assert!(used().contains(r#""count/configmaps":"1""#), "{}", used());
+    cp.ok(&["-n", "counted", "create", "configmap", "c3"])
+        .unwrap();
 }
 
 const SSA_DEPLOYMENT: &str = r#"

@@ -1,18 +1,20 @@
-//! A namespace's limits on its pods, at admission, as Kubernetes' LimitRanger and
-//! ResourceQuota plugins: a LimitRange's `Container` defaults fill missing requests and limits
-//! and its min/max bound them; each ResourceQuota's `pods`, `requests.cpu|memory` (`cpu`,
-//! `memory`) and `limits.cpu|memory` are charged with the new pod against what the
-//! namespace's pods that have not finished already use, and a pod that would pass a hard
-//! limit, or leaves unset what a quota limits, is refused with Kubernetes' message. Admissions
-//! in a namespace with quotas are serialized in this API server, so two pods cannot both take
-//! the last place; `status.used` is written after each admitted pod, each deleted one and each
-//! that finishes.
+//! A namespace's limits, at admission, as Kubernetes' LimitRanger and ResourceQuota plugins:
+//! a LimitRange's `Container` defaults fill a new pod's missing requests and limits and its
+//! min/max bound them; each ResourceQuota's `pods`, `requests.cpu|memory` (`cpu`, `memory`)
+//! and `limits.cpu|memory` are charged with the new pod against what the namespace's pods
+//! that have not finished already use; its object counts (`count/<resource>[.<group>]`, and
+//! `configmaps`, `secrets`, `services`, `replicationcontrollers`, `resourcequotas`,
+//! `persistentvolumeclaims`) with any new object of that resource. An object that would pass
+//! a hard limit, or a pod that leaves unset what a quota limits, is refused with Kubernetes'
+//! message. Admissions in a namespace with quotas are serialized in this API server, so two
+//! objects cannot both take the last place; `status.used` is written when a quota is created
+//! or changed and after each admitted object, each deleted one and each pod that finishes.
 
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::resources;
+use super::resources::{self, ResourceInfo};
 use super::status::{ApiError, ApiResult};
 use super::{Api, Query};
 use crate::quantity;
@@ -27,6 +29,41 @@ const TRACKED: [&str; 7] = [
     "cpu",
     "memory",
 ];
+
+/// Core resources a quota may also count by their plain name.
+const PLAIN_COUNTS: [&str; 6] = [
+    "configmaps",
+    "secrets",
+    "services",
+    "replicationcontrollers",
+    "resourcequotas",
+    "persistentvolumeclaims",
+];
+
+/// The quota names that count objects of a resource.
+fn count_names(info: &ResourceInfo) -> Vec<String> {
+    let mut names = vec![if info.group.is_empty() {
+        format!("count/{}", info.plural)
+    } else {
+        format!("count/{}.{}", info.plural, info.group)
+    }];
+    if info.group.is_empty() && PLAIN_COUNTS.contains(&info.plural) {
+        names.push(info.plural.to_string());
+    }
+    names
+}
+
+/// The namespaced resource a quota name counts, if it is an object count.
+fn counted(name: &str) -> Option<&'static ResourceInfo> {
+    let (plural, group) = match name.strip_prefix("count/") {
+        Some(r) => r.split_once('.').unwrap_or((r, "")),
+        None if PLAIN_COUNTS.contains(&name) => (name, ""),
+        None => return None,
+    };
+    resources::RESOURCES
+        .iter()
+        .find(|i| i.namespaced && !i.create_only && i.plural == plural && i.group == group)
+}
 
 fn is_cpu(key: &str) -> bool {
     key.ends_with("cpu")
@@ -200,30 +237,95 @@ impl Api {
             .0)
     }
 
-    /// LimitRanges then ResourceQuotas for a new pod in `ns`. When the namespace has quotas the
-    /// returned guard serializes admissions until the caller has stored the pod.
-    pub(super) async fn admit_pod_limits(
+    /// A new object in `ns` against the namespace's LimitRanges (pods) and ResourceQuotas.
+    /// When the namespace has quotas the returned guard serializes admissions until the
+    /// caller has stored the object.
+    pub(super) async fn admit_quotas(
         &self,
+        info: &ResourceInfo,
         ns: &str,
-        pod: &mut Value,
+        obj: &mut Value,
     ) -> ApiResult<Option<tokio::sync::MutexGuard<'_, ()>>> {
-        let name = pod["metadata"]["name"]
+        let name = obj["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let forbidden =
-            |why: String| ApiError::forbidden(format!("pods \"{name}\" is forbidden: {why}"));
-        for range in self.in_namespace("limitranges", ns).await? {
-            limit_range(pod, &range).map_err(forbidden)?;
+        let is_pod = (info.group, info.plural) == ("", "pods");
+        let forbidden = |why: String| {
+            ApiError::forbidden(format!(
+                "{} \"{name}\" is forbidden: {why}",
+                info.qualified()
+            ))
+        };
+        if is_pod {
+            for range in self.in_namespace("limitranges", ns).await? {
+                limit_range(obj, &range).map_err(forbidden)?;
+            }
         }
         let quotas = self.in_namespace("resourcequotas", ns).await?;
-        if quotas.is_empty() {
+        let counts = count_names(info);
+        let applies = |q: &Value| {
+            q["spec"]["hard"].as_object().is_some_and(|h| {
+                h.keys()
+                    .any(|k| counts.contains(k) || (is_pod && TRACKED.contains(&k.as_str())))
+            })
+        };
+        if !quotas.iter().any(applies) {
             return Ok(None);
         }
         let guard = self.quota_gate.lock().await;
+        if is_pod {
+            self.charge_pod(ns, obj, &quotas, &forbidden).await?;
+        }
+        // Object counts: the objects of this resource in the namespace, and the new one.
+        let mut existing = None;
+        for q in &quotas {
+            let qname = q["metadata"]["name"].as_str().unwrap_or_default();
+            for (k, hard) in q["spec"]["hard"].as_object().into_iter().flatten() {
+                if !counts.contains(k) {
+                    continue;
+                }
+                let Some(limit) = parse("count", hard) else {
+                    continue;
+                };
+                let used = match existing {
+                    Some(n) => n,
+                    None => *existing.insert(self.count_in(info, ns).await?),
+                };
+                if used + 1 > limit {
+                    return Err(forbidden(format!(
+                        "exceeded quota: {qname}, requested: {k}=1, used: {k}={used}, limited: {k}={limit}"
+                    )));
+                }
+            }
+        }
+        Ok(Some(guard))
+    }
+
+    /// How many objects of a resource the namespace has.
+    async fn count_in(&self, info: &ResourceInfo, ns: &str) -> ApiResult<i64> {
+        let listed = self
+            .list_decoded(
+                info,
+                Some(ns),
+                &Query::parse(None),
+                super::decode_without_managed_fields,
+            )
+            .await?;
+        Ok(listed.0.len() as i64)
+    }
+
+    /// A new pod's charge against each quota's pod resources.
+    async fn charge_pod(
+        &self,
+        ns: &str,
+        pod: &Value,
+        quotas: &[Value],
+        forbidden: &(dyn Fn(String) -> ApiError + Sync),
+    ) -> ApiResult<()> {
         let (want, unset) = charge(pod);
         let used = self.used_in(ns).await?;
-        for q in &quotas {
+        for q in quotas {
             let qname = q["metadata"]["name"].as_str().unwrap_or_default();
             let hard = q["spec"]["hard"].as_object().cloned().unwrap_or_default();
             let tracked = || {
@@ -258,7 +360,7 @@ impl Api {
                 )));
             }
         }
-        Ok(Some(guard))
+        Ok(())
     }
 
     /// What the namespace's pods that have not finished use, per tracked resource.
@@ -275,7 +377,7 @@ impl Api {
         Ok(used)
     }
 
-    /// [`Api::refresh_quotas`] boxed, for the delete path (an update that finalizes a pod
+    /// [`Api::refresh_quotas`] boxed, for the delete path (an update that finalizes an object
     /// deletes it, and a quota status update is an update).
     pub(super) fn refresh_quotas_boxed<'a>(
         &'a self,
@@ -291,9 +393,26 @@ impl Api {
             if quotas.is_empty() {
                 return Ok(());
             }
-            let used = self.used_in(ns).await?;
+            let keys = || {
+                quotas
+                    .iter()
+                    .flat_map(|q| q["spec"]["hard"].as_object().into_iter().flatten())
+                    .map(|(k, _)| k.as_str())
+            };
+            let used = if keys().any(|k| TRACKED.contains(&k)) {
+                self.used_in(ns).await?
+            } else {
+                BTreeMap::new()
+            };
+            // Each counted resource listed once for all the quotas that name it.
+            let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+            for k in keys() {
+                if let (Some(info), false) = (counted(k), counts.contains_key(k)) {
+                    counts.insert(k, self.count_in(info, ns).await?);
+                }
+            }
             let info = resources::find("", "v1", "resourcequotas").expect("served");
-            for q in quotas {
+            for q in &quotas {
                 let name = q["metadata"]["name"].as_str().unwrap_or_default();
                 let hard = q["spec"]["hard"].clone();
                 let mut status_used = serde_json::Map::new();
@@ -301,6 +420,8 @@ impl Api {
                     if let Some(t) = TRACKED.iter().find(|t| **t == k.as_str()) {
                         status_used
                             .insert(k.clone(), json!(show(t, used.get(t).copied().unwrap_or(0))));
+                    } else if let Some(n) = counts.get(k.as_str()) {
+                        status_used.insert(k.clone(), json!(n.to_string()));
                     }
                 }
                 let status = json!({"hard": hard, "used": status_used});
@@ -355,6 +476,31 @@ mod tests {
         assert_eq!(show("cpu", 2000), "2");
         assert_eq!(show("memory", 64 << 20), "64Mi");
         assert_eq!(show("pods", 3), "3");
+    }
+
+    #[test]
+    fn object_counts_are_named_as_kubernetes_names_them() {
+        let find = |g, v, p| resources::find(g, v, p).unwrap();
+        assert_eq!(
+            count_names(find("", "v1", "configmaps")),
+            ["count/configmaps", "configmaps"]
+        );
+        assert_eq!(
+            count_names(find("apps", "v1", "deployments")),
+            ["count/deployments.apps"]
+        );
+        assert_eq!(count_names(find("", "v1", "pods")), ["count/pods"]);
+        assert_eq!(
+            counted("count/deployments.apps").map(|i| i.kind),
+            Some("Deployment")
+        );
+        assert_eq!(counted("secrets").map(|i| i.kind), Some("Secret"));
+        assert!(counted("count/nodes").is_none(), "nodes are not namespaced");
+        assert!(
+            counted("pods").is_none(),
+            "pods are charged, not counted, by that name"
+        );
+        assert!(counted("count/nonsense.example.com").is_none());
     }
 
     #[test]

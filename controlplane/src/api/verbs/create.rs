@@ -93,13 +93,15 @@ impl Api {
         }
         admission::default(info, &mut obj);
         admission::on_create(info, &mut obj);
-        // Held until the pod is stored: the quota's charge must not race another pod's.
-        let mut quota_guard = None;
         if hooks == Hooks::Pod {
             self.admit_pod_service_account(&mut obj).await?;
             self.admit_pod_priority(&mut obj).await?;
+        }
+        // Held until the object is stored: a quota's charge must not race another object's.
+        let mut quota_guard = None;
+        if info.namespaced {
             quota_guard = self
-                .admit_pod_limits(ns.unwrap_or_default(), &mut obj)
+                .admit_quotas(info, ns.unwrap_or_default(), &mut obj)
                 .await?;
         }
         if (info.group, info.kind) == ("scheduling.k8s.io", "PriorityClass") {
@@ -152,7 +154,8 @@ impl Api {
         {
             Ok((kv, _)) => {
                 debug!(key, rev = kv.mod_revision, "created");
-                if quota_guard.take().is_some() {
+                // A new quota's status, or the quotas that counted the new object.
+                if quota_guard.take().is_some() || hooks == Hooks::ResourceQuota {
                     self.refresh_quotas(ns.unwrap_or_default()).await;
                 }
                 Ok(with_rv(obj, kv.mod_revision))

@@ -22,6 +22,7 @@ pub(super) enum Hooks {
     Pod,
     Node,
     ReplicationController,
+    ResourceQuota,
     Plain,
 }
 
@@ -34,6 +35,7 @@ impl Hooks {
             ("", "Pod") => Hooks::Pod,
             ("", "Node") => Hooks::Node,
             ("", "ReplicationController") => Hooks::ReplicationController,
+            ("", "ResourceQuota") => Hooks::ResourceQuota,
             _ => Hooks::Plain,
         }
     }
@@ -123,7 +125,11 @@ impl Hooks {
         // A pod that finished stops counting against its namespace's quotas.
         let finished =
             |p: &Value| matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
-        if self == Hooks::Pod && finished(new) && !finished(cur) {
+        // A quota whose limits changed gets its status at once.
+        let hard_changed = self == Hooks::ResourceQuota
+            && sub.is_none()
+            && cur["spec"]["hard"] != new["spec"]["hard"];
+        if self == Hooks::Pod && finished(new) && !finished(cur) || hard_changed {
             let ns = new["metadata"]["namespace"].as_str().unwrap_or_default();
             api.refresh_quotas_boxed(ns).await;
         }
@@ -134,8 +140,11 @@ impl Hooks {
         if self == Hooks::Service {
             api.release_service(obj, None).await;
         }
-        if self == Hooks::Pod {
-            let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+        // Any namespaced object may be counted by a quota of its namespace.
+        if let Some(ns) = obj["metadata"]["namespace"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+        {
             api.refresh_quotas_boxed(ns).await;
         }
     }
